@@ -1,0 +1,545 @@
+"""Typed configuration: one dataclass per stage, every field documented.
+
+A config is built from (1) the dataclass defaults, (2) an optional YAML file, (3) dotted overrides
+from the command line (`train.lr=3e-4`), in that order. Every value is type-checked and
+range-checked before any work starts; an unknown key gets a did-you-mean. `describe(cls)` renders
+the options with their docs for `--help` and for docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
+        min: float | None = None, max: float | None = None, factory: Any = None) -> Any:
+    """A documented config field. `min`/`max` are inclusive bounds; `choices` lists legal values."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """Which model to start from, and how to adapt it."""
+
+    path: str = opt("tiny-gpt2", "Preset name (tiny-gpt2, tiny-llama, small-gpt2, ...) or a local "
+                    "Hugging Face model directory. Stages after SFT default to the previous stage's output.")
+    tokenizer: str = opt("", "Tokenizer directory; empty = the tokenizer saved in the model directory.")
+    lora_r: int = opt(0, "LoRA rank; 0 trains all weights.", min=0)
+    lora_alpha: float = opt(16.0, "LoRA scaling alpha.", min=0)
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.", min=0, max=1)
+    merge_lora: bool = opt(True, "Merge LoRA adapters into the weights when saving the stage output.")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule."""
+
+    lr: float = opt(1e-3, "Peak learning rate (AdamW).", min=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", min=0)
+    adam_beta1: float = opt(0.9, "AdamW beta1.", min=0, max=1)
+    adam_beta2: float = opt(0.95, "AdamW beta2.", min=0, max=1)
+    adam_eps: float = opt(1e-8, "AdamW epsilon.", min=0)
+    schedule: str = opt("cosine", "Learning-rate schedule after warm-up.",
+                        choices=("cosine", "linear", "constant"))
+    warmup_steps: int = opt(10, "Linear warm-up steps (optimizer steps).", min=0)
+    min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of the peak (cosine/linear).",
+                              min=0, max=1)
+    max_grad_norm: float = opt(1.0, "Gradient-norm clipping threshold; 0 disables clipping.", min=0)
+
+
+@dataclass
+class RunConfig:
+    """Bookkeeping common to every training stage."""
+
+    seed: int = opt(0, "Random seed (python, numpy, torch).")
+    log_every: int = opt(1, "Log metrics every N optimizer steps.", min=1)
+    eval_every: int = opt(50, "Evaluate every N optimizer steps (0 = only at the end).", min=0)
+    save_every: int = opt(100, "Save a checkpoint every N optimizer steps (0 = only at the end).", min=0)
+    keep_last: int = opt(2, "How many checkpoints to keep.", min=1)
+    tensorboard: bool = opt(True, "Write TensorBoard event files (out_dir/tb).")
+    wandb_project: str = opt("", "Weights & Biases project to log to (needs `pip install wandb`); empty = off.")
+    threads: int = opt(0, "torch CPU threads; 0 = torch's default.", min=0)
+    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
+    dtype: str = opt("float32", "Training precision: float32, or bfloat16 autocast on CUDA.",
+                     choices=("float32", "bfloat16"))
+    max_nonfinite: int = opt(5, "Stop after this many consecutive non-finite losses/gradients.", min=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TokenizerConfig:
+    """`ppo-rlhf tokenizer`: train a byte-level BPE on a task's text or your own."""
+
+    out_dir: str = opt("", "Directory to write the tokenizer to (required).")
+    task: str = opt("", "Built-in task whose text to train on (arithmetic, sentiment).")
+    texts: str = opt("", "JSONL file(s) of {\"text\"} (or SFT/preference records), comma-separated, "
+                     "instead of a task.")
+    vocab_size: int = opt(512, "Vocabulary size including special tokens.", min=64)
+    seed: int = opt(0, "Seed for the task's text generator.")
+
+
+@dataclass
+class DataConfig:
+    """`ppo-rlhf data`: write a built-in task's JSONL files."""
+
+    out_dir: str = opt("", "Directory to write the JSONL files to (required).")
+    task: str = opt("arithmetic", "Built-in task (arithmetic, sentiment).")
+    seed: int = opt(0, "Seed of the generators and the simulated labeller.")
+    n_sft: int = opt(4000, "SFT demonstrations (train).", min=1)
+    n_prefs: int = opt(4000, "Preference pairs (train).", min=1)
+    n_prompts: int = opt(2000, "PPO training prompts.", min=1)
+    n_eval: int = opt(400, "Held-out examples of each kind.", min=1)
+    noise_temperature: float = opt(0.1, "Bradley-Terry label-noise temperature of the simulated "
+                                   "labeller (0 = exact gold labels).", min=0)
+
+
+@dataclass
+class SFTConfig:
+    """`ppo-rlhf sft`: supervised fine-tuning on prompt/response demonstrations (loss on response tokens)."""
+
+    out_dir: str = opt("", "Output directory (model, tokenizer, metrics, checkpoints).")
+    train_file: str = opt("", "SFT JSONL: {\"prompt\", \"response\"} or {\"messages\"}.")
+    eval_file: str = opt("", "Held-out SFT JSONL for eval loss/perplexity (optional).")
+    task: str = opt("", "Built-in task for the gold reward of greedy samples at the end (optional).")
+    eval_prompts_file: str = opt("", "Prompts JSONL for the gold-reward evaluation (needs task).")
+    max_prompt_len: int = opt(64, "Prompt tokens kept (truncated from the left).", min=1)
+    max_len: int = opt(128, "Prompt + response tokens kept (truncated from the right).", min=2)
+    max_new_tokens: int = opt(0, "Tokens sampled in the gold-reward evaluation; 0 = the task's default.",
+                              min=0)
+    batch_size: int = opt(32, "Sequences per optimizer step (across all ranks).", min=1)
+    grad_accum: int = opt(1, "Micro-batches per optimizer step (batch_size must divide evenly).", min=1)
+    epochs: float = opt(3.0, "Passes over the training data (fractions allowed).", min=0)
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0 = from epochs).", min=0)
+    model: ModelConfig = opt(factory=ModelConfig, help="Model to fine-tune.")
+    optim: OptimConfig = opt(factory=OptimConfig, help="Optimiser.")
+    run: RunConfig = opt(factory=RunConfig, help="Run bookkeeping.")
+
+
+@dataclass
+class RewardConfig:
+    """`ppo-rlhf reward`: reward model from preference pairs with the Bradley-Terry loss."""
+
+    out_dir: str = opt("", "Output directory.")
+    train_file: str = opt("", "Preference JSONL: {\"prompt\",\"chosen\",\"rejected\"} or rankings {\"prompt\",\"responses\"}.")
+    eval_file: str = opt("", "Held-out preference JSONL for pairwise accuracy.")
+    norm_prompts_file: str = opt("", "Prompts whose SFT-policy responses define the reward "
+                                 "normalisation (mean 0, std 1); empty = use the training pairs' responses.")
+    norm_policy: str = opt("", "Policy (SFT) directory that samples the normalisation responses; "
+                           "empty = model.path.")
+    norm_samples: int = opt(256, "How many responses to sample for the normalisation.", min=2)
+    max_new_tokens: int = opt(16, "Tokens sampled per normalisation response.", min=1)
+    max_prompt_len: int = opt(64, "Prompt tokens kept (truncated from the left).", min=1)
+    max_len: int = opt(128, "Prompt + response tokens kept.", min=2)
+    batch_size: int = opt(32, "Pairs per optimizer step (across all ranks).", min=1)
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.", min=1)
+    epochs: float = opt(2.0, "Passes over the training pairs.", min=0)
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0 = from epochs).", min=0)
+    margin: float = opt(0.0, "Margin in -log sigmoid(r_chosen - r_rejected - margin).")
+    head_init_std: float = opt(0.0, "Std of the scalar head's initial weights (0 = zero init).", min=0)
+    model: ModelConfig = opt(factory=ModelConfig, help="Trunk to start from (the SFT model, as in InstructGPT).")
+    optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=5e-4), help="Optimiser.")
+    run: RunConfig = opt(factory=RunConfig, help="Run bookkeeping.")
+
+
+@dataclass
+class RolloutConfig:
+    """How responses are sampled."""
+
+    batch_size: int = opt(64, "Prompts per rollout (across all ranks).", min=1)
+    max_new_tokens: int = opt(0, "Maximum response tokens; 0 = the task's default (or 32).", min=0)
+    temperature: float = opt(0.7, "Sampling temperature (log-probs use the same temperature).", min=1e-3)
+    top_k: int = opt(0, "Top-k sampling (0 = off).", min=0)
+    top_p: float = opt(1.0, "Nucleus sampling threshold (1 = off).", min=0, max=1)
+    missing_eos_penalty: float = opt(-1.0, "Score given to responses truncated without EOS "
+                                     "(replaces the RM score); set `penalise_missing_eos=false` to keep the RM score.")
+    penalise_missing_eos: bool = opt(True, "Apply missing_eos_penalty to truncated responses.")
+
+
+@dataclass
+class RewardShapingConfig:
+    """Turning RM scores and KL into per-token rewards."""
+
+    kl_estimator: str = opt("k1", "Per-token KL estimator in the reward.", choices=("k1", "k2", "k3"))
+    kl_control: str = opt("fixed", "KL coefficient controller.", choices=("fixed", "adaptive"))
+    kl_coef: float = opt(0.05, "KL coefficient beta (initial value when adaptive).", min=0)
+    kl_target: float = opt(6.0, "Adaptive controller's target KL (nats per sequence).", min=1e-6)
+    kl_horizon: int = opt(10000, "Adaptive controller's horizon (samples).", min=1)
+    score_clip: float = opt(10.0, "Clip the (normalised) score to +-this; 0 = no clipping.", min=0)
+    normalize: bool = opt(False, "Running mean/std normalisation of scores during PPO.")
+    credit: str = opt("sparse", "Credit assignment: 'sparse' = score at the last token; 'dense' = "
+                      "per-token RM score differences (potential-based shaping) plus the sparse score.",
+                      choices=("sparse", "dense"))
+    dense_coef: float = opt(0.5, "Weight of the dense per-token credit when credit=dense.", min=0)
+
+
+@dataclass
+class PPOLossConfig:
+    """L = L_CLIP + c1 L_VF + c2 L_LM - entropy_coef * H."""
+
+    clip_eps: float = opt(0.2, "Policy ratio clip epsilon.", min=0)
+    value_clip_eps: float = opt(0.2, "Value clip epsilon (0 = unclipped value loss).", min=0)
+    vf_coef: float = opt(0.1, "Value-loss coefficient c1.", min=0)
+    entropy_coef: float = opt(0.0, "Entropy bonus coefficient.", min=0)
+    ptx_coef: float = opt(0.0, "PPO-ptx coefficient c2 on pretraining text (InstructGPT: 27.8 with beta 0.02).",
+                          min=0)
+    ptx_batch_size: int = opt(16, "Pretraining sequences per minibatch when ptx_coef > 0.", min=1)
+    gamma: float = opt(1.0, "GAE discount gamma.", min=0, max=1)
+    lam: float = opt(0.95, "GAE lambda.", min=0, max=1)
+    whiten_advantages: bool = opt(True, "Whiten advantages over the rollout.")
+
+
+@dataclass
+class PPOTrainConfig:
+    """The update schedule."""
+
+    updates: int = opt(60, "Rollout/update iterations.", min=1)
+    ppo_epochs: int = opt(2, "Passes over each rollout's experience.", min=1)
+    num_minibatches: int = opt(2, "Minibatches per epoch (optimizer steps per epoch).", min=1)
+    grad_accum: int = opt(1, "Micro-batches per minibatch (gradient accumulation).", min=1)
+    value_lr: float = opt(0.0, "Value model learning rate (0 = same as policy).", min=0)
+    critic_warmup_updates: int = opt(0, "First N iterations update only the value model.", min=0)
+    value_update_every: int = opt(1, "Update the value model every N iterations.", min=1)
+    target_kl: float = opt(0.0, "Stop an iteration's epochs early when approx_kl exceeds this (0 = off).",
+                           min=0)
+    value_model: str = opt("separate", "Value model: 'separate' (initialised from the RM) or "
+                           "'policy_head' (a head on the policy trunk).", choices=("separate", "policy_head"))
+
+
+@dataclass
+class PPOConfig:
+    """`ppo-rlhf ppo`: PPO against the reward model with a KL penalty to the SFT reference."""
+
+    out_dir: str = opt("", "Output directory.")
+    policy: str = opt("", "SFT model directory (policy init and frozen reference).")
+    reward_model: str = opt("", "Reward model directory (frozen; also the value model's init).")
+    prompts_file: str = opt("", "Training prompts JSONL {\"prompt\"}.")
+    eval_prompts_file: str = opt("", "Held-out prompts JSONL for periodic evaluation (optional).")
+    ptx_file: str = opt("", "Pretraining text JSONL {\"text\"} for PPO-ptx (needed when loss.ptx_coef > 0).")
+    task: str = opt("", "Built-in task for the gold reward (metrics only; never used for training).")
+    max_prompt_len: int = opt(64, "Prompt tokens kept (truncated from the left).", min=1)
+    eval_samples: int = opt(256, "Held-out prompts used per evaluation.", min=1)
+    sample_rows: int = opt(4, "Prompt/response rows kept in samples.jsonl per evaluation.", min=0)
+    model: ModelConfig = opt(factory=lambda: ModelConfig(path=""), help="LoRA options for the policy (path is ignored: see policy).")
+    rollout: RolloutConfig = opt(factory=RolloutConfig, help="Sampling.")
+    reward: RewardShapingConfig = opt(factory=RewardShapingConfig, help="Reward shaping.")
+    loss: PPOLossConfig = opt(factory=PPOLossConfig, help="Losses.")
+    train: PPOTrainConfig = opt(factory=PPOTrainConfig, help="Update schedule.")
+    optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=3e-4, warmup_steps=0, schedule="constant"),
+                             help="Optimiser (policy and value).")
+    run: RunConfig = opt(factory=lambda: RunConfig(eval_every=10, save_every=20), help="Run bookkeeping.")
+
+
+@dataclass
+class EvalConfig:
+    """`ppo-rlhf eval`: gold reward, RM score and KL of a policy on held-out prompts."""
+
+    policy: str = opt("", "Policy directory to evaluate.")
+    reference: str = opt("", "Reference (SFT) directory for the KL (optional).")
+    reward_model: str = opt("", "Reward model directory for the RM score (optional).")
+    prompts_file: str = opt("", "Prompts JSONL.")
+    task: str = opt("", "Built-in task for the gold reward (optional).")
+    out: str = opt("", "Write the results as JSON here (optional).")
+    n: int = opt(400, "Prompts to evaluate (first n).", min=1)
+    max_new_tokens: int = opt(0, "Response tokens; 0 = the task's default (or 32).", min=0)
+    temperature: float = opt(0.7, "Sampling temperature (0 = greedy).", min=0)
+    batch_size: int = opt(64, "Prompts per generation batch.", min=1)
+    max_prompt_len: int = opt(64, "Prompt tokens kept.", min=1)
+    seed: int = opt(1234, "Sampling seed.")
+
+
+@dataclass
+class PipelineConfig:
+    """`ppo-rlhf pipeline`: tokenizer -> data -> sft -> reward -> ppo -> eval on a built-in task."""
+
+    task: str = opt("arithmetic", "Built-in task.")
+    out_dir: str = opt("runs/demo", "Run directory; each stage is skipped when its output exists.")
+    seed: int = opt(0, "Seed of every stage.")
+    model: str = opt("tiny-gpt2", "Model preset or local HF directory to start from.")
+    tokenizer: TokenizerConfig = opt(factory=TokenizerConfig, help="Tokenizer stage.")
+    data: DataConfig = opt(factory=DataConfig, help="Data stage.")
+    sft: SFTConfig = opt(factory=SFTConfig, help="SFT stage.")
+    reward: RewardConfig = opt(factory=RewardConfig, help="Reward-model stage.")
+    ppo: PPOConfig = opt(factory=PPOConfig, help="PPO stage.")
+    eval: EvalConfig = opt(factory=EvalConfig, help="Final evaluation.")
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "tokenizer": TokenizerConfig, "data": DataConfig, "sft": SFTConfig, "reward": RewardConfig,
+    "ppo": PPOConfig, "eval": EvalConfig, "pipeline": PipelineConfig,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overriding, validating
+# ----------------------------------------------------------------------------------------------
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of a config class."""
+    keys = []
+    hints = _hints(cls)
+    for f in fields(cls):
+        t = hints[f.name]
+        if is_dataclass(t):
+            keys.extend(all_keys(t, f"{prefix}{f.name}."))
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _unknown_key(cls: type, key: str, where: str) -> UserError:
+    keys = all_keys(cls)
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+    if not close:  # match on the last component too: `lr` -> `optim.lr`
+        last = key.split(".")[-1]
+        close = [k for k in keys if k.split(".")[-1] == last][:3]
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return UserError(f"{where}unknown config key '{key}'.{hint} "
+                     f"(`ppo-rlhf <stage> --help` lists the options.)")
+
+
+def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
+    """Convert a YAML/CLI value to the field's type or raise a UserError naming the key."""
+    def bad(expected: str) -> UserError:
+        return UserError(f"{where}{key}: expected {expected}, got {value!r}.")
+
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise bad("true or false")
+    if typ is int:
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                try:
+                    f = float(value)
+                except ValueError:
+                    raise bad("an integer") from None
+                if f.is_integer():
+                    return int(f)
+        raise bad("an integer")
+    if typ is float:
+        if isinstance(value, bool):
+            raise bad("a number")
+        if isinstance(value, (int, float)):
+            out = float(value)
+        elif isinstance(value, str):
+            try:
+                out = float(value)
+            except ValueError:
+                raise bad("a number") from None
+        else:
+            raise bad("a number")
+        if not math.isfinite(out):
+            raise bad("a finite number")
+        return out
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value) if value is not None else ""
+        if value is None:
+            return ""
+        raise bad("a string")
+    raise bad(str(typ))
+
+
+def _check_range(value: Any, f: dataclasses.Field, key: str, where: str) -> None:
+    meta = f.metadata
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        close = difflib.get_close_matches(str(value), [str(c) for c in meta["choices"]], n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"{where}{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}.{hint}")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise UserError(f"{where}{key}: {value!r} is below the minimum {meta['min']}.")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise UserError(f"{where}{key}: {value!r} is above the maximum {meta['max']}.")
+
+
+def set_key(cfg: Any, key: str, value: Any, where: str = "") -> None:
+    """Set a dotted `key` on a config instance, coercing and range-checking `value`."""
+    parts = key.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        fmap = {f.name: f for f in fields(obj)}
+        if part not in fmap:
+            raise _unknown_key(type(cfg), key, where)
+        f = fmap[part]
+        typ = _hints(type(obj))[part]
+        if i < len(parts) - 1:
+            if not is_dataclass(typ):
+                raise _unknown_key(type(cfg), key, where)
+            obj = getattr(obj, part)
+            continue
+        if is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise UserError(f"{where}{key}: expected a mapping of options, got {value!r}.")
+            for k, v in value.items():
+                set_key(cfg, f"{key}.{k}", v, where)
+            return
+        coerced = _coerce(value, typ, key, where)
+        _check_range(coerced, f, key, where)
+        setattr(obj, part, coerced)
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        if not isinstance(k, str):
+            raise UserError(f"config key {k!r} must be a string")
+        if isinstance(v, dict):
+            out.extend(_flatten(v, f"{prefix}{k}."))
+        else:
+            out.append((prefix + k, v))
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config file into a dict, with errors that name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p} (see configs/ for examples)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: expected a mapping of options at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=3` -> ("a.b", 3); the value is parsed as YAML so numbers/bools/strings work naturally."""
+    if "=" not in text:
+        raise UserError(f"cannot read '{text}': overrides look like key=value (e.g. optim.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"cannot read '{text}': the key before '=' is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict, list)):
+        value = raw
+    return key, value
+
+
+def build_config(cls: type, yaml_path: str | Path | None = None, overrides: list[str] = (),
+                 base: dict | None = None) -> Any:
+    """Defaults <- `base` dict <- YAML file <- dotted overrides; validated."""
+    cfg = cls()
+    for k, v in _flatten(base or {}):
+        set_key(cfg, k, v)
+    if yaml_path:
+        for k, v in _flatten(load_yaml(yaml_path)):
+            set_key(cfg, k, v, where=f"{yaml_path}: ")
+    for text in overrides:
+        k, v = parse_override(text)
+        set_key(cfg, k, v, where="command line: ")
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain nested dict of a config (for summary.json and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) for every leaf option."""
+    rows = []
+    hints = _hints(cls)
+    inst = cls()
+    for f in fields(cls):
+        t = hints[f.name]
+        if is_dataclass(t):
+            rows.extend(describe_instance(getattr(inst, f.name), f"{prefix}{f.name}."))
+        else:
+            rows.append(_row(f, t, getattr(inst, f.name), prefix))
+    return rows
+
+
+def describe_instance(obj: Any, prefix: str) -> list[tuple[str, str, Any, str]]:
+    rows = []
+    hints = _hints(type(obj))
+    for f in fields(obj):
+        t = hints[f.name]
+        if is_dataclass(t):
+            rows.extend(describe_instance(getattr(obj, f.name), f"{prefix}{f.name}."))
+        else:
+            rows.append(_row(f, t, getattr(obj, f.name), prefix))
+    return rows
+
+
+def _row(f: dataclasses.Field, t: Any, default: Any, prefix: str) -> tuple[str, str, Any, str]:
+    help_text = f.metadata.get("help", "")
+    if f.metadata.get("choices"):
+        help_text += f" One of: {', '.join(map(str, f.metadata['choices']))}."
+    return prefix + f.name, getattr(t, "__name__", str(t)), default, help_text
+
+
+def help_text(cls: type) -> str:
+    """The option list shown by `--help`."""
+    lines = [(cls.__doc__ or "").strip(), "", "Options (set in a YAML file with --config, or as key=value):"]
+    for key, typ, default, doc in describe(cls):
+        lines.append(f"  {key}={default!r}  ({typ})")
+        if doc:
+            lines.append(f"      {doc}")
+    return "\n".join(lines)
+
+
+def markdown_reference() -> str:
+    """docs/configuration.md: every stage's options, generated from the docstrings."""
+    out = ["# Configuration reference", "",
+           "Generated from the config dataclasses in `src/ppo_rlhf/config.py` "
+           "(`python -m ppo_rlhf.config > docs/configuration.md`); a test keeps it in sync.", ""]
+    for name, cls in STAGE_CONFIGS.items():
+        if name == "pipeline":
+            continue
+        out += [f"## `ppo-rlhf {name}`", "", (cls.__doc__ or "").strip(), "",
+                "| key | type | default | meaning |", "|---|---|---|---|"]
+        for key, typ, default, doc in describe(cls):
+            out.append(f"| `{key}` | {typ} | `{default!r}` | {doc.replace('|', '/')} |")
+        out.append("")
+    out += ["## `ppo-rlhf pipeline`", "",
+            (PipelineConfig.__doc__ or "").strip(),
+            "", "Top-level keys: `task`, `out_dir`, `seed`, `model`; each stage's options nest under "
+            "its name (`sft.optim.lr=1e-3`, `ppo.train.updates=40`).", ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(markdown_reference())
