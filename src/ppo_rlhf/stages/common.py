@@ -1,0 +1,175 @@
+"""Pieces every training stage shares: device and seeding, optimiser + LR schedule, the guarded
+optimizer step, and the deterministic data order that makes resume exact."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .. import distributed as dist
+from ..config import ModelConfig, OptimConfig, RunConfig
+from ..errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda:LOCAL_RANK when available, else cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank())
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"run.device: '{name}' is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("run.device: CUDA was requested but is not available; use run.device=cpu")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup(run: RunConfig) -> torch.device:
+    """Threads, seeds, device and (under torchrun) the process group."""
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    device = resolve_device(run.device)
+    dist.init_distributed(device)
+    seed_everything(run.seed)
+    return device
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast on CUDA when asked for; a no-op context otherwise."""
+    enabled = dtype == "bfloat16" and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def require(value: str, key: str, what: str) -> str:
+    if not value:
+        raise UserError(f"{key} is required: {what}")
+    return value
+
+
+def require_file(path: str, key: str, hint: str = "") -> Path:
+    p = Path(require(path, key, hint or "give a path"))
+    if not p.exists():
+        raise UserError(f"{key}: no such file or directory: {p}" + (f" ({hint})" if hint else ""))
+    return p
+
+
+def tokenizer_source(model: ModelConfig) -> str:
+    """Where to load the tokenizer from: explicit, else the model directory."""
+    if model.tokenizer:
+        return model.tokenizer
+    if Path(model.path).is_dir():
+        return model.path
+    raise UserError(f"model.tokenizer is required when model.path is the preset '{model.path}': "
+                    "train one with `ppo-rlhf tokenizer --task arithmetic --out DIR` and pass "
+                    "model.tokenizer=DIR")
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, lr: float | None = None
+                   ) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise UserError("nothing to train: every parameter is frozen")
+    return torch.optim.AdamW(params, lr=lr if lr is not None else cfg.lr,
+                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                             weight_decay=cfg.weight_decay)
+
+
+def lr_lambda(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """LR multiplier: linear warm-up, then cosine/linear decay to min_lr_ratio, or constant."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        shape = 1.0 - progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total_steps, cfg))
+
+
+def clip_and_step(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, scheduler,
+                  max_grad_norm: float, guard, loss: torch.Tensor) -> tuple[bool, float]:
+    """Clip, check finiteness and step. Returns (stepped, grad_norm).
+
+    A non-finite loss or gradient skips the step (gradients are dropped) and is counted by the
+    guard, which raises after too many in a row. The scheduler always advances so that the LR
+    schedule stays aligned with the step counter (and resume stays exact).
+    """
+    grads = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    ok = bool(torch.isfinite(loss).all()) and bool(torch.isfinite(norm))
+    guard.record(ok)
+    if ok:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    return ok, float(norm)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled order of epoch `epoch`: a pure function of (seed, epoch) so resume is exact."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def global_batches(n: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[list[int]]:
+    """Endless stream of global batches (indices into the dataset), epoch after epoch, from
+    `start_step` on. Batches never straddle two epochs' orders (the tail wraps to the next)."""
+    if n == 0:
+        raise UserError("the training set is empty after filtering")
+    pos = start_step * batch_size
+    epoch, offset = divmod(pos, n)
+    order = epoch_order(n, seed, epoch)
+    while True:
+        batch = []
+        while len(batch) < batch_size:
+            take = order[offset: offset + batch_size - len(batch)]
+            batch.extend(take)
+            offset += len(take)
+            if offset >= n:
+                epoch += 1
+                offset = 0
+                order = epoch_order(n, seed, epoch)
+        yield batch
+
+
+def micro_batches(indices: list[int], grad_accum: int) -> list[list[int]]:
+    """Split a (rank-local) batch into grad_accum nearly equal micro-batches (none empty)."""
+    k = max(1, min(grad_accum, len(indices)))
+    size = math.ceil(len(indices) / k)
+    return [indices[i: i + size] for i in range(0, len(indices), size)]
+
+
+def total_steps(n_items: int, batch_size: int, epochs: float, max_steps: int) -> int:
+    if max_steps:
+        return max_steps
+    return max(1, math.ceil(epochs * n_items / batch_size))
+
+
+def check_batch(batch_size: int, grad_accum: int, key: str) -> None:
+    world = dist.world_size()
+    if batch_size % world:
+        raise UserError(f"{key}: batch size {batch_size} is not divisible by the world size {world}")
+    if (batch_size // world) < grad_accum:
+        raise UserError(f"{key}: per-rank batch {batch_size // world} is smaller than grad_accum "
+                        f"{grad_accum}; lower grad_accum or raise the batch size")

@@ -1,0 +1,150 @@
+"""Evaluation: sample a policy on held-out prompts and measure gold reward, RM score and KL.
+
+    ppo-rlhf eval policy=run/ppo/model reference=run/sft/model reward_model=run/reward/model \
+        prompts_file=run/data/prompts_eval.jsonl task=arithmetic
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import distributed as dist
+from ..config import EvalConfig
+from ..data.collate import collate_prompts
+from ..data.encode import encode_prompts
+from ..data.jsonl import read_prompts
+from ..fileio import atomic_write_json
+from ..generation import generate, response_logprobs, sequence_rewards
+from ..models import load_causal_lm, load_scalar_model
+from ..tasks import get_task
+from ..tokenizer import load_tokenizer
+from . import common
+
+
+@dataclass
+class PromptSet:
+    """Prompts as text (for the gold reward) and as token ids (for the model)."""
+
+    texts: list[str]
+    ids: list[list[int]]
+
+
+def load_eval_prompts(path: str, tokenizer, max_prompt_len: int, n: int | None = None) -> PromptSet:
+    examples, _ = read_prompts(path)
+    if n is not None:
+        examples = examples[:n]
+    texts = [e.prompt if isinstance(e.prompt, str) else e.prompt[-1]["content"] for e in examples]
+    ids, _ = encode_prompts(tokenizer, [e.prompt for e in examples], max_prompt_len)
+    return PromptSet(texts, ids)
+
+
+def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor
+                     ) -> tuple[list[str], list[bool]]:
+    """Text of each response (without EOS/pad) and whether it ended without EOS (truncated)."""
+    eos = tokenizer.eos_token_id
+    texts, truncated = [], []
+    for ids, mask in zip(response_ids.tolist(), response_mask.tolist()):
+        real = [t for t, m in zip(ids, mask) if m]
+        ended = bool(real) and real[-1] == eos
+        if ended:
+            real = real[:-1]
+        texts.append(tokenizer.decode(real, skip_special_tokens=True))
+        truncated.append(not ended)
+    return texts, truncated
+
+
+@torch.no_grad()
+def evaluate_policy(policy, tokenizer, prompts: PromptSet, *, task: str = "", device=None,
+                    reward_model=None, reference=None, max_new_tokens: int = 0,
+                    temperature: float = 0.7, batch_size: int = 64, seed: int = 1234,
+                    sample_rows: int = 0) -> dict:
+    """Gold reward (mean/std), RM score and KL(policy||reference) per sequence on `prompts`.
+
+    Prompts are sharded over ranks and the statistics combined. KL is the k1 sum over response
+    tokens under the sampling temperature, the quantity the PPO reward penalises.
+    """
+    device = device or next(policy.parameters()).device
+    task_obj = get_task(task) if task else None
+    if not max_new_tokens:
+        max_new_tokens = task_obj.default_max_new_tokens if task_obj else 32
+    greedy = temperature == 0
+    temp = 1.0 if greedy else temperature
+    gen = torch.Generator(device=device).manual_seed(seed + dist.rank())
+    was_training = policy.training
+    policy.eval()
+    golds, scores, kls, lengths, rows = [], [], [], [], []
+    mine = dist.shard(list(range(len(prompts.ids))))
+    for i in range(0, len(mine), batch_size):
+        idx = mine[i:i + batch_size]
+        batch = collate_prompts([prompts.ids[j] for j in idx], tokenizer.pad_token_id)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        resp, resp_mask = generate(policy, ids, mask, max_new_tokens=max_new_tokens,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                   temperature=0.0 if greedy else temp, generator=gen)
+        texts, truncated = decode_responses(tokenizer, resp, resp_mask)
+        lengths += resp_mask.sum(1).tolist()
+        seq = torch.cat([ids, resp], 1)
+        seq_mask = torch.cat([mask, resp_mask], 1)
+        if task_obj is not None:
+            golds += [task_obj.gold_reward(prompts.texts[j], t, truncated=tr)
+                      for j, t, tr in zip(idx, texts, truncated)]
+        if reward_model is not None:
+            scores += sequence_rewards(reward_model, seq, seq_mask).float().tolist()
+        if reference is not None:
+            lp, _ = response_logprobs(policy, seq, seq_mask, ids.size(1), temperature=temp)
+            ref_lp, _ = response_logprobs(reference, seq, seq_mask, ids.size(1), temperature=temp)
+            kls += ((lp - ref_lp) * resp_mask).sum(1).tolist()
+        for k, j in enumerate(idx[: max(0, sample_rows - len(rows))]):
+            rows.append({"prompt": prompts.texts[j], "response": texts[k],
+                         "gold_reward": golds[-len(idx) + k] if golds else None,
+                         "rm_score": scores[-len(idx) + k] if scores else None})
+    policy.train(was_training)
+    out = {"n": len(prompts.ids), "response_length": _mean(lengths)}
+    if task_obj is not None:
+        out["gold_reward"], out["gold_reward_std"] = _mean_std(golds)
+    if reward_model is not None:
+        out["rm_score"], out["rm_score_std"] = _mean_std(scores)
+    if reference is not None:
+        out["kl"], _ = _mean_std(kls)
+    out["samples"] = rows
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return _mean_std(values)[0]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and std over all ranks' values."""
+    t = torch.tensor(values, dtype=torch.float64)
+    s = dist.all_reduce_sum(torch.stack([t.sum(), (t * t).sum(), torch.tensor(float(len(values)),
+                                                                                dtype=torch.float64)]))
+    n = s[2].item()
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = s[0].item() / n
+    return mean, math.sqrt(max(0.0, s[1].item() / n - mean * mean))
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """`ppo-rlhf eval`: print (and optionally write) the evaluation of one policy."""
+    policy_dir = common.require_file(cfg.policy, "policy", "a model directory saved by a stage")
+    common.require_file(cfg.prompts_file, "prompts_file", "a prompts JSONL")
+    device = common.resolve_device("auto")
+    dist.init_distributed(device)
+    tokenizer = load_tokenizer(str(policy_dir))
+    policy = load_causal_lm(str(policy_dir), tokenizer).to(device)
+    reference = load_causal_lm(cfg.reference, tokenizer).to(device).eval() if cfg.reference else None
+    rm = load_scalar_model(cfg.reward_model, tokenizer).to(device).eval() if cfg.reward_model else None
+    prompts = load_eval_prompts(cfg.prompts_file, tokenizer, cfg.max_prompt_len, cfg.n)
+    res = evaluate_policy(policy, tokenizer, prompts, task=cfg.task, device=device, reward_model=rm,
+                          reference=reference, max_new_tokens=cfg.max_new_tokens,
+                          temperature=cfg.temperature, batch_size=cfg.batch_size, seed=cfg.seed,
+                          sample_rows=5)
+    if cfg.out and dist.is_main():
+        atomic_write_json(Path(cfg.out), res)
+    return res

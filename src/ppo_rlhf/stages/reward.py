@@ -1,0 +1,181 @@
+"""Stage 2, reward model: a scalar head on the SFT trunk, trained on preference pairs with the
+Bradley-Terry loss -log sigmoid(r_chosen - r_rejected); K-way rankings arrive as all C(K,2) pairs.
+
+    ppo-rlhf reward train_file=data/prefs_train.jsonl eval_file=data/prefs_eval.jsonl \
+        model.path=run/sft/model out_dir=run/reward
+
+After training the score is normalised (gain/bias stored in the model's config) so that the SFT
+policy's own responses score mean 0, std 1 -- the scale PPO's KL coefficient is tuned for.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .. import distributed as dist
+from ..algo.losses import pairwise_rm_loss
+from ..checkpoint import CheckpointManager, rng_state, set_rng_state
+from ..config import RewardConfig, to_dict
+from ..data.collate import collate_pairs, collate_prompts
+from ..data.encode import check_token_ids, encode_pairs
+from ..data.jsonl import read_preferences
+from ..generation import generate, sequence_rewards
+from ..guards import GracefulStop, NonFiniteGuard
+from ..metrics import MetricsLogger, Progress, write_summary
+from ..models import apply_lora, load_causal_lm, load_scalar_model, save_model, set_reward_normalisation
+from ..tokenizer import load_tokenizer
+from . import common
+from .evaluate import load_eval_prompts
+
+
+def pair_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the chosen (first half of the rows) and rejected (second half) sequences."""
+    scores = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+    half = scores.size(0) // 2
+    return scores[:half], scores[half:]
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs, pad_id: int, batch_size: int, device) -> dict[str, float]:
+    """Held-out pairwise accuracy and loss (ties count as wrong), combined over ranks."""
+    model.eval()
+    total = torch.zeros(3, dtype=torch.float64)
+    mine = dist.shard(list(range(len(pairs))))
+    for i in range(0, len(mine), batch_size):
+        batch = {k: v.to(device) for k, v in collate_pairs([pairs[j] for j in mine[i:i + batch_size]], pad_id).items()}
+        chosen, rejected = pair_scores(model, batch)
+        loss, acc = pairwise_rm_loss(chosen.float(), rejected.float())
+        n = chosen.size(0)
+        total += torch.tensor([float(loss) * n, float(acc) * n, n], dtype=torch.float64)
+    total = dist.all_reduce_sum(total)
+    n = total[2].clamp(min=1)
+    return {"loss": (total[0] / n).item(), "accuracy": (total[1] / n).item()}
+
+
+@torch.no_grad()
+def normalisation_scores(cfg: RewardConfig, model, tokenizer, train_pairs, device) -> torch.Tensor:
+    """Raw scores of the reference set: SFT-policy samples on prompts, or the training responses."""
+    model.eval()
+    pad = tokenizer.pad_token_id
+    scores = []
+    if cfg.norm_prompts_file:
+        policy = load_causal_lm(cfg.norm_policy or cfg.model.path, tokenizer).to(device).eval()
+        prompts = load_eval_prompts(cfg.norm_prompts_file, tokenizer, cfg.max_prompt_len, cfg.norm_samples)
+        gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
+        for i in range(0, len(prompts.ids), cfg.batch_size):
+            b = collate_prompts(prompts.ids[i:i + cfg.batch_size], pad)
+            ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+            resp, resp_mask = generate(policy, ids, mask, max_new_tokens=cfg.max_new_tokens,
+                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+                                       temperature=1.0, generator=gen)
+            scores.append(sequence_rewards(model, torch.cat([ids, resp], 1), torch.cat([mask, resp_mask], 1)))
+    else:
+        for i in range(0, min(len(train_pairs), cfg.norm_samples), cfg.batch_size):
+            b = collate_pairs(train_pairs[i:i + cfg.batch_size], pad)
+            scores.append(sequence_rewards(model, b["input_ids"].to(device), b["attention_mask"].to(device)))
+    return torch.cat(scores).float().cpu()
+
+
+def run_reward(cfg: RewardConfig, resume: bool = False) -> dict:
+    out_dir = Path(common.require(cfg.out_dir, "out_dir", "where to write the reward model"))
+    common.require_file(cfg.train_file, "train_file", "make one with `ppo-rlhf data --task arithmetic --out DIR`")
+    common.check_batch(cfg.batch_size, cfg.grad_accum, "batch_size")
+    device = common.setup(cfg.run)
+    t_start = time.time()
+
+    tokenizer = load_tokenizer(common.tokenizer_source(cfg.model))
+    pairs_raw, _ = read_preferences(cfg.train_file)
+    train, trunc = encode_pairs(tokenizer, pairs_raw, cfg.max_prompt_len, cfg.max_len)
+    evalset = []
+    if cfg.eval_file:
+        eval_raw, _ = read_preferences(cfg.eval_file)
+        evalset, _ = encode_pairs(tokenizer, eval_raw, cfg.max_prompt_len, cfg.max_len)
+
+    model = load_scalar_model(cfg.model.path, tokenizer, init_from_causal_lm=True,
+                              head_init_std=cfg.head_init_std, seed=cfg.run.seed).to(device)
+    check_token_ids(train[0].chosen_ids, model.config.vocab_size, cfg.train_file)
+    if cfg.model.lora_r:
+        model = apply_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout)
+    params = [p for p in model.parameters() if p.requires_grad]
+    steps = common.total_steps(len(train), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    opt = common.make_optimizer(params, cfg.optim)
+    sched = common.make_scheduler(opt, cfg.optim, steps)
+    ddp_model = dist.wrap_ddp(model, device)
+
+    ckpt = CheckpointManager(out_dir, keep_last=cfg.run.keep_last, enabled=dist.is_main())
+    start = 0
+    if resume and (path := ckpt.latest_valid()) is not None:
+        values = ckpt.load(path, {"model": model, "optimizer": opt, "scheduler": sched})
+        start = values["step"]
+        set_rng_state(values["rng"])
+    logger = MetricsLogger(out_dir, enabled=dist.is_main(), tensorboard=cfg.run.tensorboard,
+                           wandb_project=cfg.run.wandb_project or None)
+    if start:
+        logger.truncate_after(start)
+    if dist.is_main() and trunc.describe():
+        print(f"[reward] {cfg.train_file}: {trunc.describe()}")
+
+    guard = NonFiniteGuard(cfg.run.max_nonfinite)
+    progress = Progress(steps - start, "reward", enabled=dist.is_main())
+    batches = common.global_batches(len(train), cfg.batch_size, cfg.run.seed, start)
+    pad_id = tokenizer.pad_token_id
+    step = start
+    with GracefulStop() as stop:
+        while step < steps:
+            model.train()
+            global_idx = next(batches)
+            stats = torch.zeros(2, dtype=torch.float64)
+            for micro in common.micro_batches(dist.shard(global_idx), cfg.grad_accum):
+                batch = {k: v.to(device) for k, v in collate_pairs([train[i] for i in micro], pad_id).items()}
+                with common.autocast(device, cfg.run.dtype):
+                    chosen, rejected = pair_scores(ddp_model, batch)
+                loss, acc = pairwise_rm_loss(chosen.float(), rejected.float(), margin=cfg.margin or None)
+                # mean over the global batch: weight each micro-batch by its share of it
+                (loss * len(micro) * dist.world_size() / len(global_idx)).backward()
+                stats += torch.tensor([loss.item() * len(micro), float(acc) * len(micro)], dtype=torch.float64)
+            stats = dist.all_reduce_sum(stats) / len(global_idx)
+            ok, gnorm = common.clip_and_step(params, opt, sched, cfg.optim.max_grad_norm, guard,
+                                             stats[0].float())
+            step += 1
+            progress.update(loss=f"{stats[0].item():.3f}", acc=f"{stats[1].item():.2f}")
+            if step % cfg.run.log_every == 0 or step == steps:
+                logger.log(step, {"rm/train_loss": stats[0].item(), "rm/train_acc": stats[1].item(),
+                                  "rm/grad_norm": gnorm, "rm/lr": sched.get_last_lr()[0],
+                                  "rm/skipped_steps": guard.skipped_total}, stage="reward")
+            if evalset and cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < steps:
+                ev = evaluate_pairs(model, evalset, pad_id, cfg.batch_size, device)
+                logger.log(step, {"rm/eval_loss": ev["loss"], "rm/eval_acc": ev["accuracy"]}, stage="reward")
+            if (cfg.run.save_every and step % cfg.run.save_every == 0) or stop.requested:
+                ckpt.save(step, {"model": model, "optimizer": opt, "scheduler": sched,
+                                 "step": step, "rng": rng_state()})
+            if stop.requested:
+                progress.close()
+                logger.close()
+                print(f"[reward] stopped at step {step}; resume with: ppo-rlhf reward ... --resume")
+                return {"stopped_at": step}
+    progress.close()
+
+    final = model.merge_and_unload() if cfg.model.lora_r and cfg.model.merge_lora else model
+    summary = {"stage": "reward", "steps": steps, "train_pairs": len(train), "truncation": trunc.describe(),
+               "skipped_steps": guard.skipped_total}
+    if evalset:
+        ev = evaluate_pairs(final, evalset, pad_id, cfg.batch_size, device)
+        summary.update(eval_accuracy=ev["accuracy"], eval_loss=ev["loss"], eval_pairs=len(evalset))
+        logger.log(steps, {"rm/eval_loss": ev["loss"], "rm/eval_acc": ev["accuracy"]}, stage="reward")
+    raw = normalisation_scores(cfg, final, tokenizer, train, device)
+    set_reward_normalisation(final, raw)
+    gain, bias = final.config.reward_gain, final.config.reward_bias
+    summary.update(reward_gain=gain, reward_bias=bias, raw_score_mean=raw.mean().item(),
+                   raw_score_std=raw.std().item())
+    if dist.is_main():
+        save_model(final, tokenizer, out_dir / "model")
+        ckpt.save(steps, {"model": model, "optimizer": opt, "scheduler": sched, "step": steps,
+                          "rng": rng_state()})
+        summary.update(seconds=time.time() - t_start, config=to_dict(cfg))
+        write_summary(out_dir, summary)
+    logger.close()
+    dist.barrier()
+    return summary

@@ -1,0 +1,166 @@
+"""Stage 1, SFT: fine-tune a causal LM on demonstrations with the loss on response tokens only.
+
+    ppo-rlhf sft train_file=data/sft_train.jsonl eval_file=data/sft_eval.jsonl \
+        model.path=tiny-gpt2 model.tokenizer=run/tokenizer out_dir=run/sft
+
+The loss of a step is the sum of token losses over the whole global batch divided by its number of
+response tokens, however the batch is split into micro-batches and ranks -- so gradient
+accumulation and DDP compute exactly what one big batch would.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import distributed as dist
+from ..checkpoint import CheckpointManager, rng_state, set_rng_state
+from ..config import SFTConfig, to_dict
+from ..data.collate import collate_sft, position_ids_from_mask
+from ..data.encode import check_token_ids, encode_sft
+from ..data.jsonl import read_sft
+from ..guards import GracefulStop, NonFiniteGuard
+from ..metrics import MetricsLogger, Progress, write_summary
+from ..models import apply_lora, load_causal_lm, save_model
+from ..tokenizer import load_tokenizer
+from . import common
+from .evaluate import evaluate_policy, load_eval_prompts
+
+
+def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over loss-mask tokens, and their count. Shapes: batch (B, T)."""
+    ids, mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+    logits = out.logits[:, :-1].float()
+    targets = ids[:, 1:]
+    weights = loss_mask[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    nll = nll.view_as(targets) * weights
+    return nll.sum(), weights.sum()
+
+
+@torch.no_grad()
+def eval_loss(model, encoded, pad_id: int, batch_size: int, device) -> float:
+    """Mean response-token NLL over a dataset (all ranks' shares combined)."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    mine = dist.shard(list(range(len(encoded))))
+    for i in range(0, len(mine), batch_size):
+        batch = collate_sft([encoded[j] for j in mine[i:i + batch_size]], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        s, n = token_losses(model, batch)
+        total += torch.tensor([s.item(), n.item()], dtype=torch.float64)
+    total = dist.all_reduce_sum(total)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
+    out_dir = Path(common.require(cfg.out_dir, "out_dir", "where to write the SFT model"))
+    common.require_file(cfg.train_file, "train_file", "make one with `ppo-rlhf data --task arithmetic --out DIR`")
+    common.check_batch(cfg.batch_size, cfg.grad_accum, "batch_size")
+    device = common.setup(cfg.run)
+    t_start = time.time()
+
+    tokenizer = load_tokenizer(common.tokenizer_source(cfg.model))
+    examples, read_report = read_sft(cfg.train_file)
+    train, trunc = encode_sft(tokenizer, examples, cfg.max_prompt_len, cfg.max_len)
+    evalset = []
+    if cfg.eval_file:
+        eval_examples, _ = read_sft(cfg.eval_file)
+        evalset, _ = encode_sft(tokenizer, eval_examples, cfg.max_prompt_len, cfg.max_len)
+
+    model = load_causal_lm(cfg.model.path, tokenizer, seed=cfg.run.seed).to(device)
+    for enc in train[:1] + evalset[:1]:
+        check_token_ids(enc.input_ids, model.config.vocab_size, cfg.train_file)
+    if cfg.model.lora_r:
+        model = apply_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout)
+    params = [p for p in model.parameters() if p.requires_grad]
+    steps = common.total_steps(len(train), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    opt = common.make_optimizer(params, cfg.optim)
+    sched = common.make_scheduler(opt, cfg.optim, steps)
+    ddp_model = dist.wrap_ddp(model, device)
+
+    ckpt = CheckpointManager(out_dir, keep_last=cfg.run.keep_last, enabled=dist.is_main())
+    start = 0
+    if resume and (path := ckpt.latest_valid()) is not None:
+        values = ckpt.load(path, {"model": model, "optimizer": opt, "scheduler": sched})
+        start = values["step"]
+        set_rng_state(values["rng"])
+    logger = MetricsLogger(out_dir, enabled=dist.is_main(), tensorboard=cfg.run.tensorboard,
+                           wandb_project=cfg.run.wandb_project or None)
+    if start:
+        logger.truncate_after(start)
+    elif dist.is_main():
+        logger.log(0, {"data/examples": len(train), "data/truncated_prompts": trunc.truncated_prompts,
+                       "data/truncated_responses": trunc.truncated_responses,
+                       "data/dropped": trunc.dropped}, stage="sft")
+    if dist.is_main() and trunc.describe():
+        print(f"[sft] {cfg.train_file}: {trunc.describe()}")
+
+    guard = NonFiniteGuard(cfg.run.max_nonfinite)
+    progress = Progress(steps - start, "sft", enabled=dist.is_main())
+    batches = common.global_batches(len(train), cfg.batch_size, cfg.run.seed, start)
+    pad_id = tokenizer.pad_token_id
+    step = start
+    with GracefulStop() as stop:
+        while step < steps:
+            model.train()
+            global_idx = next(batches)
+            n_tokens = sum(int(sum(train[i].loss_mask[1:])) for i in global_idx)
+            loss_sum = torch.zeros((), device=device)
+            for micro in common.micro_batches(dist.shard(global_idx), cfg.grad_accum):
+                batch = {k: v.to(device) for k, v in collate_sft([train[i] for i in micro], pad_id).items()}
+                with common.autocast(device, cfg.run.dtype):
+                    s, _ = token_losses(ddp_model, batch)
+                # DDP averages gradients over ranks, hence the world-size factor.
+                (s * dist.world_size() / max(1, n_tokens)).backward()
+                loss_sum += s.detach()
+            loss = dist.all_reduce_sum(loss_sum) / max(1, n_tokens)
+            ok, gnorm = common.clip_and_step(params, opt, sched, cfg.optim.max_grad_norm, guard, loss)
+            step += 1
+            progress.update(loss=f"{loss.item():.3f}")
+            if step % cfg.run.log_every == 0 or step == steps:
+                logger.log(step, {"sft/train_loss": loss.item(), "sft/grad_norm": gnorm,
+                                  "sft/lr": sched.get_last_lr()[0],
+                                  "sft/skipped_steps": guard.skipped_total}, stage="sft")
+            if evalset and cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < steps:
+                el = eval_loss(model, evalset, pad_id, cfg.batch_size, device)
+                logger.log(step, {"sft/eval_loss": el, "sft/eval_ppl": math.exp(min(el, 50))}, stage="sft")
+            if (cfg.run.save_every and step % cfg.run.save_every == 0) or stop.requested:
+                ckpt.save(step, {"model": model, "optimizer": opt, "scheduler": sched,
+                                 "step": step, "rng": rng_state()})
+            if stop.requested:
+                progress.close()
+                logger.close()
+                print(f"[sft] stopped at step {step}; resume with: ppo-rlhf sft ... --resume")
+                return {"stopped_at": step}
+    progress.close()
+
+    summary = {"stage": "sft", "steps": steps, "train_examples": len(train),
+               "truncation": trunc.describe(), "duplicates_dropped": getattr(read_report, "duplicates", 0),
+               "final_train_loss": loss.item() if steps > start else None,
+               "skipped_steps": guard.skipped_total}
+    if evalset:
+        el = eval_loss(model, evalset, pad_id, cfg.batch_size, device)
+        summary.update(eval_loss=el, eval_ppl=math.exp(min(el, 50)))
+        logger.log(steps, {"sft/eval_loss": el, "sft/eval_ppl": summary["eval_ppl"]}, stage="sft")
+    if cfg.task and cfg.eval_prompts_file:
+        prompts = load_eval_prompts(cfg.eval_prompts_file, tokenizer, cfg.max_prompt_len)
+        res = evaluate_policy(model, tokenizer, prompts, task=cfg.task, device=device,
+                              max_new_tokens=cfg.max_new_tokens, seed=cfg.run.seed)
+        summary.update(gold_reward=res["gold_reward"], gold_reward_std=res["gold_reward_std"])
+        logger.log(steps, {"sft/gold_reward": res["gold_reward"]}, stage="sft")
+    if dist.is_main():
+        final = model.merge_and_unload() if cfg.model.lora_r and cfg.model.merge_lora else model
+        save_model(final, tokenizer, out_dir / "model")
+        ckpt.save(steps, {"model": model, "optimizer": opt, "scheduler": sched, "step": steps,
+                          "rng": rng_state()})
+        summary.update(seconds=time.time() - t_start, config=to_dict(cfg))
+        write_summary(out_dir, summary)
+    logger.close()
+    dist.barrier()
+    return summary
