@@ -1,0 +1,692 @@
+"""One self-contained HTML report per run: summary figures, training curves, samples.
+
+    ppo-rlhf report runs/demo            # writes runs/demo/report.html
+
+`write_report` reads what the stages left in a run directory -- `metrics.jsonl`, `samples.jsonl`
+and `summary.json` in `RUN/sft`, `RUN/reward`, `RUN/ppo` (or a single stage directory) -- and
+writes one HTML file with inline CSS and PNG plots embedded as base64 data URIs, so it can be
+mailed, attached to a ticket or opened from disk with no network. Metrics files are read
+leniently: a run may still be writing (torn last line) and a stage logs different keys on
+different lines, with `null` for values it could not compute. A missing metric drops its plot
+and leaves a note; only a directory with no metrics at all is an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import itertools
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from ppo_rlhf.errors import UserError
+from ppo_rlhf.fileio import atomic_write_text
+
+STAGE_ORDER = ("sft", "reward", "ppo")
+STAGE_TITLES = {"sft": "Supervised fine-tuning", "reward": "Reward model", "ppo": "PPO"}
+_STAGE_ALIASES = {"rm": "reward", "reward_model": "reward", "rlhf": "ppo"}
+_STAGE_PREFIXES = {"sft/": "sft", "rm/": "reward", "objective/": "ppo"}
+
+class PlotSpec(NamedTuple):
+    """One small figure: its curves are (metric key, legend label); `chance` draws a dashed line."""
+
+    title: str
+    ylabel: str
+    curves: list[tuple[str, str]]
+    chance: float | None = None
+
+
+PPO_PLOTS = [
+    PlotSpec("RLHF reward (RM score − β·KL)", "reward", [("objective/rlhf_reward", "rollout")]),
+    PlotSpec("Reward-model score", "RM score",
+             [("objective/rm_score", "rollout"), ("eval/rm_score", "held-out eval")]),
+    PlotSpec("Gold reward", "gold reward",
+             [("objective/gold_reward", "rollout"), ("eval/gold_reward", "held-out eval")]),
+    PlotSpec("KL(policy ‖ reference)", "nats", [("objective/kl", "rollout"), ("eval/kl", "held-out eval")]),
+    PlotSpec("KL coefficient β", "β", [("kl_ctl/beta", "β")]),
+    PlotSpec("Policy entropy", "nats / token", [("objective/entropy", "entropy")]),
+    PlotSpec("Response length", "tokens", [("rollout/response_length", "length")]),
+]
+PPO_DIAGNOSTICS = [
+    PlotSpec("Approximate KL per update (k3)", "nats", [("policy/approx_kl", "approx KL")]),
+    PlotSpec("Clip fraction", "fraction", [("policy/clipfrac", "policy"), ("value/clipfrac", "value")]),
+    PlotSpec("Value explained variance", "explained variance", [("value/explained_variance", "EV")]),
+    PlotSpec("Policy loss", "loss", [("loss/policy", "policy")]),
+    PlotSpec("Value loss", "loss", [("loss/value", "value")]),
+    PlotSpec("Pretraining (ptx) loss", "loss", [("loss/ptx", "ptx")]),
+    PlotSpec("Throughput", "tokens / s", [("perf/tokens_per_s", "tokens/s")]),
+    PlotSpec("Time per step", "seconds",
+             [("time/generate", "generate"), ("time/score", "score"), ("time/train", "train")]),
+]
+SFT_PLOTS = [
+    PlotSpec("SFT loss", "cross-entropy (nats / token)",
+             [("sft/train_loss", "train"), ("sft/eval_loss", "held-out")]),
+    PlotSpec("SFT held-out perplexity", "perplexity", [("sft/eval_ppl", "held-out")]),
+    PlotSpec("SFT learning rate", "learning rate", [("sft/lr", "lr")]),
+]
+REWARD_PLOTS = [
+    PlotSpec("Reward-model loss", "−log σ(r_chosen − r_rejected)",
+             [("rm/train_loss", "train"), ("rm/eval_loss", "held-out")]),
+    PlotSpec("Reward-model accuracy", "pairwise accuracy",
+             [("rm/train_acc", "train"), ("rm/eval_acc", "held-out")], chance=0.5),
+]
+STAGE_PLOTS = {"sft": SFT_PLOTS, "reward": REWARD_PLOTS, "ppo": PPO_PLOTS}
+STEP_LABELS = {"sft": "SFT step", "reward": "RM step", "ppo": "PPO step"}
+
+SUMMARY_LABELS = {
+    "sft_gold_reward": "Gold reward after SFT",
+    "ppo_gold_reward": "Gold reward after PPO",
+    "final_kl": "Final KL to reference (nats)",
+    "rm_accuracy": "Reward-model held-out accuracy",
+}
+_SAMPLES_PER_STEP = 3
+_MAX_TEXT_CHARS = 2000
+_COLORS = ("#2563eb", "#ea580c", "#16a34a", "#9333ea", "#dc2626")
+_RC = {
+    "font.size": 9,
+    "axes.titlesize": 10.5,
+    "axes.titleweight": "bold",
+    "axes.labelsize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.color": "#e5e7eb",
+    "grid.linewidth": 0.8,
+    "legend.fontsize": 8,
+    "legend.frameon": False,
+}
+
+
+@dataclass
+class Stage:
+    """What one stage directory holds, read leniently."""
+
+    kind: str
+    path: Path
+    records: list[dict] = field(default_factory=list)
+    bad_lines: list[int] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)
+    summary: dict | None = None
+
+
+def write_report(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
+    """Write the HTML report of a pipeline run dir (or a single stage dir); return its path.
+
+    The default output is `run_dir/report.html`. Raises `UserError` when `run_dir` is not a
+    directory or holds no metrics at all.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: not a directory; fix: pass the output directory of "
+                        "`ppo-rlhf pipeline` or of one stage")
+    stages = find_stages(run_dir)
+    if not any(stage.records for stage in stages):
+        raise UserError(
+            f"{run_dir}: no metrics found (looked for metrics.jsonl in {run_dir} and in its "
+            f"{', '.join(STAGE_ORDER)} subdirectories); fix: pass the output directory of a run "
+            "that has logged at least one step"
+        )
+    summary = _read_json(run_dir / "summary.json")
+    out = Path(out_path) if out_path is not None else run_dir / "report.html"
+    atomic_write_text(out, render_html(run_dir, stages, summary))
+    return out
+
+
+def find_stages(run_dir: Path) -> list[Stage]:
+    """The stages of `run_dir`: itself if it holds metrics.jsonl, else its stage subdirectories.
+
+    Known stages come first in pipeline order, other subdirectories with metrics after them.
+    """
+    if (run_dir / "metrics.jsonl").is_file():
+        return [read_stage(run_dir)]
+    subdirs = [d for d in sorted(run_dir.iterdir()) if d.is_dir() and (d / "metrics.jsonl").is_file()]
+    stages = [read_stage(d) for d in subdirs]
+    rank = {kind: i for i, kind in enumerate(STAGE_ORDER)}
+    return sorted(stages, key=lambda s: rank.get(s.kind, len(rank)))
+
+
+def read_stage(stage_dir: Path) -> Stage:
+    """Read metrics.jsonl, samples.jsonl and summary.json of one stage directory."""
+    records, bad_lines = read_jsonl_lenient(stage_dir / "metrics.jsonl")
+    samples, _ = read_jsonl_lenient(stage_dir / "samples.jsonl")
+    return Stage(
+        kind=stage_kind(stage_dir, records),
+        path=stage_dir,
+        records=[r for r in records if _as_step(r.get("step")) is not None],
+        bad_lines=bad_lines,
+        samples=[s for s in samples if _as_step(s.get("step")) is not None],
+        summary=_read_json(stage_dir / "summary.json"),
+    )
+
+
+def stage_kind(stage_dir: Path, records: Sequence[dict]) -> str:
+    """'sft', 'reward', 'ppo' or the directory name: from the dir name, the `stage` field or the keys."""
+    name = _STAGE_ALIASES.get(stage_dir.name, stage_dir.name)
+    if name in STAGE_ORDER:
+        return name
+    for record in records:
+        stage = record.get("stage")
+        if isinstance(stage, str) and _STAGE_ALIASES.get(stage, stage) in STAGE_ORDER:
+            return _STAGE_ALIASES.get(stage, stage)
+    for record in records:
+        for key in record:
+            for prefix, kind in _STAGE_PREFIXES.items():
+                if key.startswith(prefix):
+                    return kind
+    return stage_dir.name
+
+
+def read_jsonl_lenient(path: Path) -> tuple[list[dict], list[int]]:
+    """Objects of a JSONL file that may still be being written; also the numbers of unreadable lines.
+
+    A missing file gives no records. Lines that are not JSON objects (a torn last line, a crash
+    mid-write) are skipped and their 1-based numbers returned, so the report can say so.
+    """
+    if not path.is_file():
+        return [], []
+    records, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                bad.append(lineno)
+                continue
+            if isinstance(obj, dict):
+                records.append(obj)
+            else:
+                bad.append(lineno)
+    return records, bad
+
+
+def series(records: Iterable[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of metric `key`, sorted by step; nulls, non-numbers and NaN/inf left out."""
+    points = []
+    for record in records:
+        value = _as_float(record.get(key))
+        if value is not None:
+            points.append((_as_step(record["step"]), value))
+    points.sort(key=lambda p: p[0])
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def paired_by_step(records: Iterable[dict], x_key: str, y_key: str) -> tuple[list[float], list[float]]:
+    """(x, y) at the steps where both metrics were logged (possibly on different lines)."""
+    merged: dict[int, dict] = {}
+    for record in records:
+        merged.setdefault(_as_step(record["step"]), {}).update(
+            {k: v for k, v in record.items() if v is not None}
+        )
+    xs, ys = [], []
+    for step in sorted(merged):
+        x, y = _as_float(merged[step].get(x_key)), _as_float(merged[step].get(y_key))
+        if x is not None and y is not None:
+            xs.append(x)
+            ys.append(y)
+    return xs, ys
+
+
+def ema(values: Sequence[float], weight: float) -> list[float]:
+    """Debiased exponential moving average (as TensorBoard's smoothing): starts at values[0]."""
+    out, avg, norm = [], 0.0, 0.0
+    for value in values:
+        avg = weight * avg + (1 - weight) * value
+        norm = weight * norm + (1 - weight)
+        out.append(avg / norm)
+    return out
+
+
+def smoothing_weight(values: Sequence[float]) -> float:
+    """EMA weight for a curve: none for short or smooth curves (schedules, converging losses).
+
+    A curve counts as noisy when its total variation is several times its range -- a monotone
+    curve has ratio 1 -- and only noisy curves are smoothed, so schedules are drawn as logged.
+    """
+    if len(values) < 20:
+        return 0.0
+    span = max(values) - min(values)
+    variation = sum(abs(b - a) for a, b in itertools.pairwise(values))
+    if span == 0 or variation < 4 * span:
+        return 0.0
+    return 0.9 if len(values) >= 100 else 0.6
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+
+
+def line_plot(spec: PlotSpec, curves: list[tuple[str, list[int], list[float]]], xlabel: str) -> str:
+    """The figure of `spec` for its (label, steps, values) curves, as a PNG data URI.
+
+    Long noisy curves are drawn faintly with an exponential moving average over them; short
+    curves (e.g. periodic held-out evals) get markers.
+    """
+    with matplotlib.rc_context(_RC):
+        fig = Figure(figsize=(4.6, 2.9), dpi=140, layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for color, (label, steps, values) in zip(_COLORS, curves):
+            weight = smoothing_weight(values)
+            if weight:
+                ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+                ax.plot(steps, ema(values, weight), color=color, linewidth=1.8, label=label)
+            else:
+                marker = "o" if len(values) < 40 else None
+                ax.plot(steps, values, color=color, linewidth=1.5, marker=marker, markersize=3.5, label=label)
+        ax.set_title(spec.title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(spec.ylabel)
+        if spec.chance is not None:
+            ax.axhline(spec.chance, color="#9ca3af", linestyle="--", linewidth=0.9, label="chance")
+        if len(curves) > 1 or spec.chance is not None:
+            ax.legend(loc="best")
+        return figure_data_uri(fig)
+
+
+def overoptimisation_plot(records: Sequence[dict]) -> tuple[str | None, str]:
+    """Gold reward and RM score against √KL (Gao et al. 2022), as a data URI, plus a caption.
+
+    Uses the held-out eval/* metrics when they were logged, else the per-rollout objective/*
+    ones. k1 KL estimates of a batch can be slightly negative; they are clipped at 0 for the √.
+    Returns (None, reason) when KL or both rewards are missing.
+    """
+    source = "eval" if paired_by_step(records, "eval/kl", "eval/gold_reward")[0] else "objective"
+    curves = []
+    for name, label in (("gold_reward", "gold reward"), ("rm_score", "RM score")):
+        kls, rewards = paired_by_step(records, f"{source}/kl", f"{source}/{name}")
+        if kls:
+            curves.append((label, [math.sqrt(max(kl, 0.0)) for kl in kls], rewards))
+    if not curves:
+        return None, f"needs {source}/kl with {source}/gold_reward or {source}/rm_score"
+    with matplotlib.rc_context(_RC):
+        fig = Figure(figsize=(6.4, 3.6), dpi=140, layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        axes = [ax, ax.twinx()] if len(curves) == 2 else [ax]
+        if len(axes) == 2:
+            axes[1].spines["right"].set_visible(True)
+            axes[1].grid(False)
+        handles = []
+        for axis, color, (label, xs, ys) in zip(axes, _COLORS, curves):
+            weight = smoothing_weight(ys)
+            if weight:
+                axis.scatter(xs, ys, color=color, s=6, alpha=0.25, linewidths=0)
+                handles += axis.plot(ema(xs, weight), ema(ys, weight), color=color, linewidth=1.8, label=label)
+            else:
+                marker = "o" if len(ys) < 40 else None
+                handles += axis.plot(xs, ys, color=color, linewidth=1.5, marker=marker, markersize=3.5,
+                                     label=label)
+            axis.set_ylabel(label, color=color)
+        ax.set_title(f"Over-optimisation: reward vs √KL ({source}/*)")
+        ax.set_xlabel("√KL(policy ‖ reference)   [√nats]")
+        ax.legend(handles=handles, loc="best")
+        origin = "held-out evaluation" if source == "eval" else "per-rollout values, no eval/* metrics logged"
+        caption = (
+            f"From {source}/kl, {source}/gold_reward and {source}/rm_score ({origin}). Gold reward rising "
+            "with the RM score means the policy really improves; gold reward falling while the RM score "
+            "still rises is reward over-optimisation."
+        )
+        return figure_data_uri(fig), caption
+
+
+def figure_data_uri(fig: Figure) -> str:
+    """Render a matplotlib figure with Agg to a base64 PNG data URI."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", facecolor="white")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML
+
+
+def render_html(run_dir: Path, stages: list[Stage], summary: dict | None) -> str:
+    """The whole report page as one string.
+
+    After the summary comes PPO -- what the run is for -- with its over-optimisation plot and the
+    samples, then the earlier stages in pipeline order.
+    """
+    sections = [_summary_section(run_dir, stages, summary)]
+    nav = [("summary", "Summary")]
+    with_metrics = [s for s in stages if s.records]
+    for stage in [s for s in with_metrics if s.kind == "ppo"]:
+        nav += [("stage-ppo", STAGE_TITLES["ppo"]), ("overopt", "Over-optimisation")]
+        sections += [_stage_section(stage, "stage-ppo"), _overopt_section(stage)]
+    sample_stages = [s for s in stages if s.samples]
+    if sample_stages:
+        nav.append(("samples", "Samples"))
+        sections.append(_samples_section(sample_stages))
+    for stage in [s for s in with_metrics if s.kind != "ppo"]:
+        anchor = f"stage-{stage.kind}"
+        nav.append((anchor, STAGE_TITLES.get(stage.kind, stage.kind)))
+        sections.append(_stage_section(stage, anchor))
+    nav_html = " ".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t in nav)
+    title = f"ppo-rlhf report — {run_dir.resolve().name}"
+    generated = time.strftime("%Y-%m-%d %H:%M:%S")
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy"
+      content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<title>{_esc(title)}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<header>
+<h1>{_esc(title)}</h1>
+<p class="meta"><code>{_esc(str(run_dir))}</code> · generated {_esc(generated)}</p>
+<nav>{nav_html}</nav>
+</header>
+<main>
+{"".join(sections)}
+</main>
+</body>
+</html>
+"""
+
+
+def _summary_section(run_dir: Path, stages: list[Stage], summary: dict | None) -> str:
+    if summary is None and len(stages) == 1 and stages[0].summary is not None:
+        summary = stages[0].summary
+    parts = ['<section id="summary"><h2>Summary</h2>']
+    if summary:
+        parts.append(_summary_cards(summary))
+        rest = {k: v for k, v in summary.items() if k not in _CARD_KEYS}
+        if rest:
+            parts.append(_kv_table(_flatten_summary(rest)))
+    else:
+        parts.append(f'<p class="note">No summary.json in <code>{_esc(str(run_dir))}</code>; '
+                     "the figures below come from the metrics files.</p>")
+    rows = []
+    for stage in stages:
+        steps = [_as_step(r["step"]) for r in stage.records]
+        span = f"{min(steps)} – {max(steps)}" if steps else "—"
+        where = stage.path.relative_to(run_dir) if stage.path != run_dir else Path(".")
+        rows.append(
+            f"<tr><td>{_esc(STAGE_TITLES.get(stage.kind, stage.kind))}</td>"
+            f"<td><code>{_esc(str(where))}/</code></td><td class=num>{len(stage.records)}</td>"
+            f"<td class=num>{span}</td><td class=num>{len(stage.samples)}</td></tr>"
+        )
+    parts.append(
+        '<table class="grid"><thead><tr><th>stage</th><th>directory</th><th>metric lines</th>'
+        f"<th>steps</th><th>samples</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+    parts.append("</section>")
+    return "".join(parts)
+
+
+_CARD_KEYS = ("sft_gold_reward", "ppo_gold_reward", "rm_accuracy", "final_kl", "stage_seconds")
+
+
+def _summary_cards(summary: dict) -> str:
+    """Headline figures as cards: gold reward SFT → PPO, RM accuracy, final KL, wall time."""
+    cards = []
+    sft, ppo = _as_float(summary.get("sft_gold_reward")), _as_float(summary.get("ppo_gold_reward"))
+    if ppo is not None:
+        value = f"{_fmt(sft)} → {_fmt(ppo)}" if sft is not None else _fmt(ppo)
+        delta = f"{ppo - sft:+.4g} from PPO" if sft is not None else "after PPO"
+        cards.append(("Gold reward", value, delta))
+    acc = _as_float(summary.get("rm_accuracy"))
+    if acc is not None:
+        cards.append(("RM held-out accuracy", f"{acc:.1%}", "pairwise, chance = 50%"))
+    kl = _as_float(summary.get("final_kl"))
+    if kl is not None:
+        cards.append(("Final KL", f"{_fmt(kl)} nats", f"√KL = {math.sqrt(max(kl, 0.0)):.3g}"))
+    seconds = summary.get("stage_seconds")
+    if isinstance(seconds, dict):
+        total = sum(v for v in (_as_float(s) for s in seconds.values()) if v is not None)
+        cards.append(("Wall time", _fmt_duration(total), " · ".join(
+            f"{k} {_fmt_duration(_as_float(v) or 0.0)}" for k, v in seconds.items())))
+    if not cards:
+        return ""
+    return '<div class="cards">' + "".join(
+        f'<div class="card"><div class="label">{_esc(label)}</div><div class="value">{_esc(value)}</div>'
+        f'<div class="sub">{_esc(sub)}</div></div>'
+        for label, value, sub in cards
+    ) + "</div>"
+
+
+def _flatten_summary(summary: dict) -> list[tuple[str, str]]:
+    """(label, formatted value) rows; one level of nesting flattened, durations humanised."""
+    rows = []
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            for sub, sub_value in value.items():
+                if key == "stage_seconds" and _as_float(sub_value) is not None:
+                    rows.append((f"time: {sub}", _fmt_duration(_as_float(sub_value))))
+                else:
+                    rows.append((f"{key}.{sub}", _fmt_value(sub_value)))
+        else:
+            rows.append((SUMMARY_LABELS.get(key, key), _fmt_value(value)))
+    return rows
+
+
+def _stage_section(stage: Stage, anchor: str) -> str:
+    title = STAGE_TITLES.get(stage.kind, stage.kind)
+    parts = [f'<section id="{anchor}"><h2>{_esc(title)}</h2>']
+    if stage.bad_lines:
+        shown = ", ".join(str(n) for n in stage.bad_lines[:10]) + (" …" if len(stage.bad_lines) > 10 else "")
+        parts.append(f'<p class="note">{len(stage.bad_lines)} unreadable line(s) of '
+                     f"<code>{_esc(str(stage.path / 'metrics.jsonl'))}</code> skipped (line {_esc(shown)}); "
+                     "a torn last line is normal while a run is still writing.</p>")
+    if stage.kind == "reward":
+        steps, accs = series(stage.records, "rm/eval_acc")
+        if accs:
+            parts.append(f'<p class="headline">Held-out accuracy: <b>{accs[-1]:.1%}</b> '
+                         f"at step {steps[-1]} (best {max(accs):.1%})</p>")
+    if stage.summary and stage.kind in STAGE_ORDER:
+        parts.append("<details><summary>stage summary.json</summary>"
+                     + _kv_table(_flatten_summary(stage.summary)) + "</details>")
+    xlabel = STEP_LABELS.get(stage.kind, "step")
+    plots = STAGE_PLOTS.get(stage.kind) or _generic_plots(stage.records)
+    parts.append(_plot_grid(stage.records, plots, xlabel))
+    if stage.kind == "ppo":
+        parts.append("<h3>PPO diagnostics</h3>")
+        parts.append(_plot_grid(stage.records, PPO_DIAGNOSTICS, xlabel))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _plot_grid(records: list[dict], plots: list[PlotSpec], xlabel: str) -> str:
+    figures, missing, smoothed = [], [], False
+    for spec in plots:
+        curves = []
+        for key, label in spec.curves:
+            steps, values = series(records, key)
+            if values:
+                curves.append((label, steps, values))
+            else:
+                missing.append(key)
+        if curves:
+            uri = line_plot(spec, curves, xlabel)
+            figures.append(f'<figure><img src="{uri}" alt="{_esc(spec.title)}"></figure>')
+            smoothed = smoothed or any(smoothing_weight(values) for _, _, values in curves)
+    parts = []
+    if figures:
+        parts.append('<div class="plots">' + "".join(figures) + "</div>")
+    if smoothed:
+        parts.append('<p class="hint">Noisy curves: faint line = value per step, solid line = exponential '
+                     "moving average.</p>")
+    if missing:
+        parts.append('<p class="note">Not plotted (not in metrics.jsonl): '
+                     + ", ".join(f"<code>{_esc(k)}</code>" for k in missing) + "</p>")
+    return "".join(parts)
+
+
+def _generic_plots(records: list[dict]) -> list[PlotSpec]:
+    """One plot per numeric metric, for a stage this report has no layout for."""
+    keys = sorted({k for r in records for k, v in r.items()
+                   if k not in ("step", "time") and _as_float(v) is not None})
+    return [PlotSpec(key, key.rsplit("/", 1)[-1], [(key, key)]) for key in keys]
+
+
+def _overopt_section(stage: Stage) -> str:
+    uri, caption = overoptimisation_plot(stage.records)
+    parts = ['<section id="overopt"><h2>Over-optimisation</h2>']
+    if uri is None:
+        parts.append(f'<p class="note">Not plotted: {_esc(caption)}.</p>')
+    else:
+        parts.append(f'<figure class="wide"><img src="{uri}" alt="Over-optimisation: reward vs sqrt KL">'
+                     f"<figcaption>{_esc(caption)}</figcaption></figure>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def pick_sample_steps(samples: Sequence[dict]) -> list[int]:
+    """The first, middle and last distinct steps of the samples (fewer if there are fewer)."""
+    steps = sorted({_as_step(s["step"]) for s in samples})
+    if not steps:
+        return []
+    picks = [steps[0], steps[len(steps) // 2], steps[-1]]
+    return sorted(set(picks))
+
+
+def _samples_section(stages: list[Stage]) -> str:
+    parts = ['<section id="samples"><h2>Samples</h2>']
+    for stage in stages:
+        title = STAGE_TITLES.get(stage.kind, stage.kind)
+        parts.append(f"<h3>{_esc(title)} — first, middle and last logged steps</h3>")
+        rows = []
+        for step in pick_sample_steps(stage.samples):
+            at_step = [s for s in stage.samples if _as_step(s["step"]) == step][:_SAMPLES_PER_STEP]
+            for i, sample in enumerate(at_step):
+                step_cell = f'<td class="num step" rowspan="{len(at_step)}">{step}</td>' if i == 0 else ""
+                rows.append(
+                    f"<tr>{step_cell}"
+                    f"<td class=txt><div class=text>{_esc(_clip(sample.get('prompt')))}</div></td>"
+                    f"<td class=txt><div class=text>{_esc(_clip(sample.get('response')))}</div></td>"
+                    f"<td class=num>{_esc(_fmt(_as_float(sample.get('rm_score'))))}</td>"
+                    f"<td class=num>{_esc(_fmt(_as_float(sample.get('gold_reward'))))}</td></tr>"
+                )
+        parts.append(
+            '<table class="grid samples"><thead><tr><th>step</th><th>prompt</th><th>response</th>'
+            f"<th>RM score</th><th>gold reward</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        )
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _kv_table(rows: list[tuple[str, str]]) -> str:
+    body = "".join(f"<tr><th>{_esc(k)}</th><td class=num>{_esc(v)}</td></tr>" for k, v in rows)
+    return f'<table class="kv"><tbody>{body}</tbody></table>'
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON object file, or None when it is missing or unreadable (a report never fails on it)."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _as_step(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return int(value)
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+def _fmt_value(value: Any) -> str:
+    number = _as_float(value)
+    if number is not None and not isinstance(value, int):
+        return _fmt(number)
+    if isinstance(value, (list, dict)):
+        return _clip(json.dumps(value), 200)
+    return "—" if value is None else str(value)
+
+
+def _fmt_duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _clip(text: Any, limit: int = _MAX_TEXT_CHARS) -> str:
+    text = "" if text is None else str(text)
+    return text if len(text) <= limit else text[:limit] + f" … [{len(text) - limit} more characters]"
+
+
+def _esc(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+_CSS = """
+:root { --fg: #111827; --muted: #6b7280; --line: #e5e7eb; --bg: #f9fafb; --accent: #2563eb; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
+       color: var(--fg); background: var(--bg); }
+header { background: #fff; border-bottom: 1px solid var(--line); padding: 18px 32px 10px; position: sticky;
+         top: 0; z-index: 1; }
+h1 { font-size: 20px; margin: 0 0 2px; }
+h2 { font-size: 17px; margin: 0 0 12px; }
+h3 { font-size: 14px; margin: 20px 0 8px; color: #374151; }
+.meta { color: var(--muted); margin: 0 0 8px; font-size: 12px; }
+nav a { color: var(--accent); text-decoration: none; margin-right: 16px; font-size: 13px; }
+nav a:hover { text-decoration: underline; }
+main { padding: 20px 32px 48px; max-width: 1480px; }
+section { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 18px 20px;
+          margin-bottom: 20px; scroll-margin-top: 96px; }
+code { font: 12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; color: #374151; }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; margin-bottom: 16px; }
+.card { flex: 1 1 200px; border: 1px solid var(--line); border-radius: 8px; padding: 12px 16px;
+        background: var(--bg); }
+.card .label { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
+.card .value { font-size: 22px; font-weight: 600; margin: 2px 0; }
+.card .sub { color: var(--muted); font-size: 12px; }
+table { border-collapse: collapse; margin: 8px 0 4px; }
+table.kv th { text-align: left; font-weight: 500; color: #374151; padding: 3px 24px 3px 0; }
+table.kv td { padding: 3px 0; }
+table.grid { width: 100%; font-size: 13px; }
+table.grid th { white-space: nowrap; text-align: left; color: var(--muted); font-weight: 600;
+                border-bottom: 2px solid var(--line); padding: 6px 10px; }
+table.grid td { border-bottom: 1px solid var(--line); padding: 6px 10px; vertical-align: top; }
+td.num { font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.step { font-weight: 600; }
+table.samples td.txt { width: 40%; }
+.text { white-space: pre-wrap; word-break: break-word; max-height: 16em; overflow: auto;
+        font: 12.5px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+.plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(400px, 1fr)); gap: 12px; }
+figure { margin: 0; border: 1px solid var(--line); border-radius: 6px; padding: 6px; background: #fff; }
+figure img { width: 100%; height: auto; display: block; }
+figure.wide { max-width: 760px; }
+figcaption { color: var(--muted); font-size: 12.5px; padding: 6px 4px 2px; }
+.note { color: #92400e; background: #fffbeb; border: 1px solid #fde68a; border-radius: 6px; padding: 6px 10px;
+        font-size: 12.5px; }
+.hint { color: var(--muted); font-size: 12px; margin: 6px 0 0; }
+.headline { font-size: 15px; margin: 0 0 10px; }
+details { margin: 0 0 10px; font-size: 13px; }
+summary { cursor: pointer; color: var(--muted); }
+"""
