@@ -28,12 +28,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _default_mode() -> int:
+    """Permissions of a normally created file (mkstemp's are 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Replace `path` with `data` atomically (tmp file + fsync + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _default_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -38,7 +38,7 @@ def load_eval_prompts(path: str, tokenizer, max_prompt_len: int, n: int | None =
     if n is not None:
         examples = examples[:n]
     texts = [e.prompt if isinstance(e.prompt, str) else e.prompt[-1]["content"] for e in examples]
-    ids, _ = encode_prompts(tokenizer, [e.prompt for e in examples], max_prompt_len)
+    ids, _ = encode_prompts(tokenizer, examples, max_prompt_len)
     return PromptSet(texts, ids)
 
 

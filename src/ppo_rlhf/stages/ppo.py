@@ -117,9 +117,9 @@ class PPOTrainer:
                 m.eval()
 
         examples, _ = read_prompts(cfg.prompts_file)
-        self.prompt_ids, trunc = encode_prompts(tok, [e.prompt for e in examples], cfg.max_prompt_len)
+        self.prompt_ids, trunc = encode_prompts(tok, examples, cfg.max_prompt_len)
         check_token_ids(self.prompt_ids[0], self.policy.config.vocab_size, cfg.prompts_file)
-        self.truncation = trunc.describe()
+        self.truncation = trunc.describe() if (trunc.prompts_truncated or trunc.dropped) else ""
         self.eval_prompts = (load_eval_prompts(cfg.eval_prompts_file, tok, cfg.max_prompt_len, cfg.eval_samples)
                              if cfg.eval_prompts_file else None)
         self.prompt_texts = [e.prompt if isinstance(e.prompt, str) else e.prompt[-1]["content"] for e in examples]

@@ -115,7 +115,7 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict:
                            wandb_project=cfg.run.wandb_project or None)
     if start:
         logger.truncate_after(start)
-    if dist.is_main() and trunc.describe():
+    if dist.is_main() and (trunc.prompts_truncated or trunc.responses_truncated or trunc.dropped):
         print(f"[reward] {cfg.train_file}: {trunc.describe()}")
 
     guard = NonFiniteGuard(cfg.run.max_nonfinite)

@@ -95,10 +95,10 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     if start:
         logger.truncate_after(start)
     elif dist.is_main():
-        logger.log(0, {"data/examples": len(train), "data/truncated_prompts": trunc.truncated_prompts,
-                       "data/truncated_responses": trunc.truncated_responses,
+        logger.log(0, {"data/examples": len(train), "data/truncated_prompts": trunc.prompts_truncated,
+                       "data/truncated_responses": trunc.responses_truncated,
                        "data/dropped": trunc.dropped}, stage="sft")
-    if dist.is_main() and trunc.describe():
+    if dist.is_main() and (trunc.prompts_truncated or trunc.responses_truncated or trunc.dropped):
         print(f"[sft] {cfg.train_file}: {trunc.describe()}")
 
     guard = NonFiniteGuard(cfg.run.max_nonfinite)
