@@ -289,7 +289,8 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> dict:
         trainer.gen.manual_seed(cfg.run.seed + 1000 * dist.rank())
         trainer.shuffle_gen.manual_seed(cfg.run.seed + 17)
     logger = MetricsLogger(out_dir, enabled=dist.is_main(), tensorboard=cfg.run.tensorboard,
-                           wandb_project=cfg.run.wandb_project or None)
+                           wandb_project=cfg.run.wandb_project or None,
+                           console_every=max(1, cfg.train.updates // 10))
     if trainer.step:
         logger.truncate_after(trainer.step)
     elif trainer.truncation and dist.is_main():

@@ -91,7 +91,8 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
         start = values["step"]
         set_rng_state(values["rng"])
     logger = MetricsLogger(out_dir, enabled=dist.is_main(), tensorboard=cfg.run.tensorboard,
-                           wandb_project=cfg.run.wandb_project or None)
+                           wandb_project=cfg.run.wandb_project or None,
+                           console_every=max(1, steps // 10))
     if start:
         logger.truncate_after(start)
     elif dist.is_main():
