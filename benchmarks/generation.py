@@ -1,0 +1,156 @@
+"""Sampling throughput: `ppo_rlhf.generation.generate` vs Hugging Face `model.generate`.
+
+    python benchmarks/generation.py --out bench_generation.json
+    python benchmarks/generation.py --models tiny-gpt2 small-gpt2 --threads 1 --out gen.json
+    python benchmarks/generation.py --device cuda --models qwen-0.5b-like --out gen_gpu.json
+
+Random models built from presets with a random word-level vocabulary (~512 tokens), left-padded
+prompts of random length, pure sampling (temperature 1, no top-k/top-p) with a KV cache in both,
+and no early stop: the EOS id is outside the vocabulary so every row runs to max_new_tokens.
+Each case is timed `--repeats` times after a warm-up, ours and HF interleaved (the machine may be
+shared), and the medians are reported as generated tokens per second. One CPU thread by default
+(`--threads`): both sides are overhead-bound at these sizes, and with two threads on a shared
+2-core machine every small op stalls whenever another process holds the other core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from ppo_rlhf.fileio import atomic_write_json
+from ppo_rlhf.generation import generate
+from ppo_rlhf.models import count_parameters, load_causal_lm
+
+# (batch, longest prompt, new tokens): the two shapes of the TRL anchors in PERFORMANCE.md.
+CASES = [(8, 8, 16), (32, 16, 64)]
+
+
+def random_vocab_tokenizer(size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with `size` tokens: <|pad|>, <|eos|>, <|bos|>, <unk>, w0, w1, ..."""
+    specials = ["<|pad|>", "<|eos|>", "<|bos|>", "<unk>"]
+    words = [f"w{i}" for i in range(size - len(specials))]
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<|pad|>", eos_token="<|eos|>",
+        bos_token="<|bos|>", unk_token="<unk>", padding_side="left",
+    )
+
+
+def left_padded_prompts(batch: int, max_len: int, vocab: int, pad_id: int, seed: int, device):
+    """(B, P) random prompts with lengths in [P/2, P], left-padded, and their mask."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (batch, max_len), generator=gen)
+    lengths = torch.randint(max_len // 2, max_len + 1, (batch,), generator=gen)
+    mask = torch.arange(max_len)[None, :] >= (max_len - lengths)[:, None]
+    return ids.masked_fill(~mask, pad_id).to(device), mask.to(device)
+
+
+def time_call(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bench_case(model, tokenizer, batch, prompt_len, new_tokens, repeats, device, dtype) -> dict:
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded_prompts(batch, prompt_len, len(tokenizer), pad, 0, device)
+    never = len(tokenizer) + 1  # an EOS id the model can never sample: full-length rows
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def ours():
+        response, _ = generate(
+            model, ids, mask, max_new_tokens=new_tokens, eos_token_id=never,
+            pad_token_id=tokenizer.pad_token_id, temperature=1.0, generator=generator,
+        )
+        assert response.shape == (batch, new_tokens)
+
+    def hf():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask.long(), do_sample=True, temperature=1.0, top_k=0,
+            top_p=1.0, max_new_tokens=new_tokens, eos_token_id=never,
+            pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        )
+        assert out.shape == (batch, prompt_len + new_tokens)
+
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        ours(), hf()  # warm-up
+        times = {"ours": [], "hf": []}
+        for _ in range(repeats):
+            times["ours"].append(time_call(ours, device))
+            times["hf"].append(time_call(hf, device))
+    tokens = batch * new_tokens
+    ours_tps = tokens / statistics.median(times["ours"])
+    hf_tps = tokens / statistics.median(times["hf"])
+    return {
+        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "ours_tokens_per_s": round(ours_tps, 1), "hf_tokens_per_s": round(hf_tps, 1),
+        "ratio": round(ours_tps / hf_tps, 3), "seconds": times,
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="where to write the JSON results")
+    parser.add_argument("--models", nargs="+", default=["tiny-gpt2"], help="model presets")
+    parser.add_argument("--vocab", type=int, default=512, help="tokenizer size")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (0: torch's default). 1 by default: with 2 threads on a shared "
+        "2-core machine each small op waits whenever another process holds the other core",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.bf16 else None
+    tokenizer = random_vocab_tokenizer(args.vocab)
+    results = []
+    for name in args.models:
+        model = load_causal_lm(name, tokenizer).to(device).eval()
+        for batch, prompt_len, new_tokens in CASES:
+            row = bench_case(
+                model, tokenizer, batch, prompt_len, new_tokens, args.repeats, device, dtype
+            )
+            row.update(model=name, parameters=count_parameters(model))
+            results.append(row)
+            print(
+                f"{name:14s} B={batch:<3d} P={prompt_len:<3d} R={new_tokens:<3d} "
+                f"ours {row['ours_tokens_per_s']:>9.0f} tok/s   HF generate "
+                f"{row['hf_tokens_per_s']:>9.0f} tok/s   x{row['ratio']:.2f}",
+                flush=True,
+            )
+    report = {
+        "benchmark": "generation",
+        "device": (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        ),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "vocab": args.vocab,
+        "bf16": args.bf16,
+        "results": results,
+    }
+    atomic_write_json(args.out, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,435 @@
+"""Fast sampling and scoring: the hot path of PPO rollouts.
+
+    response_ids, response_mask = generate(policy, prompt_ids, prompt_mask, max_new_tokens=64,
+                                           eos_token_id=tok.eos_token_id,
+                                           pad_token_id=tok.pad_token_id, temperature=0.7)
+    sequences = torch.cat([prompt_ids, response_ids], 1)
+    mask = torch.cat([prompt_mask, response_mask], 1)
+    logprobs, _ = response_logprobs(policy, sequences, mask, prompt_ids.shape[1], temperature=0.7)
+
+Layout (docs/CONTRIBUTING-INTERNAL.md): prompts (B, P) are left-padded, responses (B, R) start at
+the first generated token and are right-padded after EOS; masks are True on real tokens; positions
+are counted over real tokens only (cumsum - 1), which left-padded GPT-2 needs.
+
+Why not `model.generate`: for the small models PPO is tested and demoed on, decoding is bound by
+per-token framework overhead (logits processors, cache objects, mask rebuilding on every step),
+not arithmetic. Here GPT-2 and Llama/Qwen2 models decode through a short forward of their own
+(`_GPT2Decoder`, `_LlamaDecoder`) that calls the model's own submodules -- so LoRA adapters and
+`adapters_disabled` still apply -- with a preallocated KV cache, a precomputed mask, the LM head on
+the last position only and inverse-CDF sampling from one uniform per row. Other architectures
+decode through the model's own forward with a KV cache (`_HFDecoder`). Tests check the fast paths
+against `model.generate` (greedy) and against `response_logprobs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache, PreTrainedModel
+
+from ppo_rlhf.errors import UserError
+from ppo_rlhf.models import capture_output, sequence_scores, token_scores, unwrap
+
+# A chunk of the LM head's output is at most this many float32 logits (256 MiB).
+_MAX_CHUNK_LOGITS = 64 * 1024 * 1024
+
+
+def _lm_parts(model: nn.Module) -> tuple[PreTrainedModel, nn.Module]:
+    """The HF model inside `model` and its LM head, which must map hidden states to logits as is.
+
+    Log-probs here apply the head to chosen hidden states; models that post-process logits
+    (soft-capping, scaling) would silently get wrong log-probs, so they are refused.
+    """
+    hf = unwrap(model)
+    for name in ("final_logit_softcapping", "logits_scaling", "logit_scale"):
+        if getattr(hf.config, name, None) not in (None, 1, 1.0):
+            raise UserError(
+                f"{hf.config.model_type} models transform their logits ({name}="
+                f"{getattr(hf.config, name)}), which generation and scoring here do not apply; "
+                "fix: use a GPT-2, Llama, Qwen or Mistral-style model"
+            )
+    return hf, hf.get_output_embeddings()
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counted over real tokens (cumsum - 1); 0 on left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(B,) token ids drawn from (B, V) logits; temperature 0 is greedy (argmax).
+
+    Same order as HF: temperature, then top-k, then top-p (keep the smallest set of most likely
+    tokens whose probability reaches top_p). Draws by inverse CDF, one uniform per row, which is
+    far cheaper than `torch.multinomial` or Gumbel noise over the whole vocabulary.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    index = None
+    if 0 < top_k < logits.shape[-1]:
+        logits, index = logits.topk(top_k, dim=-1)  # sorted, most likely first
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        if index is None:
+            probs, index = probs.sort(dim=-1, descending=True)
+        mass_before = probs.cumsum(-1) - probs
+        probs = probs.masked_fill(mass_before >= top_p, 0.0)  # the first token always stays
+    cdf = probs.cumsum(-1)
+    # u in (0, total]: the first index with cdf >= u is never a zero-probability token.
+    uniform = torch.rand(
+        probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype
+    )
+    choice = torch.searchsorted(cdf, (1.0 - uniform) * cdf[:, -1:]).squeeze(-1)
+    choice = choice.clamp_(max=probs.shape[-1] - 1)
+    return choice if index is None else index.gather(-1, choice[:, None]).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoders: run the trunk over new tokens, keeping the KV cache. Each takes the full (B, P + R)
+# attention mask at construction; `decoder(prompt_ids, 0)` then runs the prompt (prefill) and
+# `decoder(token_ids, start)` one new token per row at position `start`. Both return the final
+# hidden states (B, T, D).
+
+
+class _Decoder:
+    """Shared state: positions, masks and a preallocated KV cache of P + R slots per layer."""
+
+    def __init__(self, trunk: nn.Module, full_mask: torch.Tensor, prompt_len: int):
+        self.trunk = trunk
+        self.positions = _position_ids(full_mask)
+        self.max_len = full_mask.shape[1]
+        key_mask = full_mask.bool()
+        # Prefill: causal and not padding; a padding query also sees itself, so that no softmax
+        # row is empty (an all-masked row gives NaN that would reach real tokens through V).
+        arange = torch.arange(prompt_len, device=full_mask.device)
+        causal = arange[None, :] <= arange[:, None]
+        self.prefill_mask = (causal & key_mask[:, None, :prompt_len]) | torch.eye(
+            prompt_len, dtype=torch.bool, device=full_mask.device
+        )
+        self.prefill_mask = self.prefill_mask[:, None]  # (B, 1, P, P)
+        # Decoding: a new token sees the real prompt tokens and every generated token (tokens
+        # after a row's EOS only feed that row's own discarded continuation).
+        self.step_mask = key_mask[:, None, None, :]  # (B, 1, 1, P + R)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def mask(self, start: int) -> torch.Tensor:
+        """Boolean attention mask: (B, 1, P, P) for the prefill, (B, 1, 1, start + 1) for a step."""
+        return self.prefill_mask if start == 0 else self.step_mask[..., : start + 1]
+
+    def cache(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Store (B, Hkv, T, hd) keys/values at [start, start + T); return all so far."""
+        if layer == len(self.keys):  # first call: allocate with the dtype autocast produced
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.keys.append(k.new_empty(shape))
+            self.values.append(v.new_empty(shape))
+        end = start + k.shape[2]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+def _attend(q, k, v, mask, scale):
+    """Causal attention with grouped KV heads: q (B, H, T, hd), k/v (B, Hkv, L, hd).
+
+    Grouped queries are folded into the query-length axis, so K/V are never repeated.
+    """
+    batch, heads, length, head_dim = q.shape
+    groups = heads // k.shape[1]
+    if groups > 1:
+        q = q.reshape(batch, k.shape[1], groups * length, head_dim)
+        mask = mask.repeat(1, 1, groups, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(batch, heads, length, head_dim)
+
+
+class _GPT2Decoder(_Decoder):
+    """GPT-2 (`GPT2Model`): learned positions, pre-LayerNorm blocks, fused QKV projection."""
+
+    def __init__(self, trunk: nn.Module, full_mask: torch.Tensor, prompt_len: int):
+        super().__init__(trunk, full_mask, prompt_len)
+        longest, context = int(self.positions[:, -1].max()) + 1, trunk.wpe.num_embeddings
+        if longest > context:
+            new_tokens = full_mask.shape[1] - prompt_len
+            raise UserError(
+                f"generate: the longest prompt plus max_new_tokens={new_tokens} is {longest} "
+                f"tokens, more than the model's {context}-token context; fix: lower "
+                "max_new_tokens or the maximum prompt length"
+            )
+
+    def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        trunk, (batch, length) = self.trunk, ids.shape
+        hidden = trunk.wte(ids) + trunk.wpe(self.positions[:, start : start + length])
+        mask = self.mask(start)
+        for i, block in enumerate(trunk.h):
+            attn = block.attn
+            q, k, v = attn.c_attn(block.ln_1(hidden)).split(attn.split_size, dim=2)
+            q, k, v = (x.view(batch, length, -1, attn.head_dim).transpose(1, 2) for x in (q, k, v))
+            k, v = self.cache(i, start, k, v)
+            out = _attend(q, k, v, mask, attn.scaling).transpose(1, 2).reshape(batch, length, -1)
+            hidden = hidden + attn.c_proj(out)
+            hidden = hidden + block.mlp(block.ln_2(hidden))
+        return trunk.ln_f(hidden)
+
+
+class _LlamaDecoder(_Decoder):
+    """Llama / Qwen2 (`LlamaModel`-shaped): rotary positions, RMSNorm, grouped KV heads."""
+
+    def __init__(self, trunk: nn.Module, full_mask: torch.Tensor, prompt_len: int):
+        super().__init__(trunk, full_mask, prompt_len)
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        trunk, (batch, length) = self.trunk, ids.shape
+        hidden = trunk.embed_tokens(ids)
+        if self.rope is None:  # cos/sin of every position once, (B, 1, P + R, hd)
+            cos, sin = trunk.rotary_emb(hidden, self.positions)
+            # HF's rotate_half(x) * sin == x.roll(hd / 2) * sin with its first half negated.
+            half = sin.shape[-1] // 2
+            sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+            self.rope = cos[:, None], sin[:, None]
+        cos, sin = (x[:, :, start : start + length] for x in self.rope)
+        half = cos.shape[-1] // 2
+        mask = self.mask(start)
+        for i, layer in enumerate(trunk.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q, k, v = (
+                proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+            )
+            q = q * cos + q.roll(half, dims=-1) * sin
+            k = k * cos + k.roll(half, dims=-1) * sin
+            k, v = self.cache(i, start, k, v)
+            out = _attend(q, k, v, mask, attn.scaling).transpose(1, 2).reshape(batch, length, -1)
+            hidden = hidden + attn.o_proj(out)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return trunk.norm(hidden)
+
+
+class _HFDecoder:
+    """Any other architecture: the trunk's own forward with a `DynamicCache` and 2-D mask."""
+
+    def __init__(self, trunk: nn.Module, full_mask: torch.Tensor, prompt_len: int):
+        self.trunk, self.full_mask = trunk, full_mask
+        self.positions = _position_ids(full_mask)
+        self.kv_cache = DynamicCache(config=trunk.config)
+
+    def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        end = start + ids.shape[1]
+        return self.trunk(
+            input_ids=ids,
+            attention_mask=self.full_mask[:, :end],
+            position_ids=self.positions[:, start:end],
+            cache=self.kv_cache,
+            use_cache=True,
+        ).last_hidden_state
+
+
+def _decoder_class(trunk: nn.Module) -> type:
+    """The fast decoder for architectures whose forward it reproduces, else `_HFDecoder`."""
+    model_type = trunk.config.model_type
+    if model_type == "gpt2" and not trunk.config.add_cross_attention:
+        return _GPT2Decoder
+    if model_type not in ("llama", "qwen2"):
+        return _HFDecoder
+    full_attention = all(
+        getattr(layer.self_attn, "sliding_window", None) is None for layer in trunk.layers
+    )
+    # Rotary tables computed once for all positions: not for length-dependent ("dynamic") RoPE.
+    rope_type = getattr(trunk.rotary_emb, "rope_type", "default")
+    static_rope = rope_type in ("default", "linear", "llama3")
+    return _LlamaDecoder if full_attention and static_rope else _HFDecoder
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def _eos_tensor(eos_token_id: int | Sequence[int] | None, device) -> torch.Tensor:
+    """The stop ids as a 1-D tensor (empty: never stop early)."""
+    if eos_token_id is None:
+        eos_token_id = []
+    elif isinstance(eos_token_id, int):
+        eos_token_id = [eos_token_id]
+    return torch.tensor(list(eos_token_id), dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    return_logprobs: bool = False,
+):
+    """Sample responses to left-padded prompts with a KV cache.
+
+    input_ids, attention_mask: (B, P) left-padded prompts. Returns `(response_ids, response_mask)`,
+    both (B, R): a row keeps its EOS (mask True) and is then padded with `pad_token_id` (mask
+    False); R is the longest response (decoding stops once every row has produced EOS). With
+    `return_logprobs`, also returns (B, R) float32 log-probs of the sampled tokens under
+    log_softmax(logits / temperature) (temperature 1 when greedy), 0 where the mask is False.
+
+    Deterministic given `generator` (on the model's device). Dropout is off while sampling.
+    """
+    hf, head = _lm_parts(model)
+    trunk = hf.base_model
+    batch, prompt_len = input_ids.shape
+    device = input_ids.device
+    full_mask = torch.cat(
+        [attention_mask.bool(), attention_mask.new_ones(batch, max_new_tokens, dtype=torch.bool)], 1
+    )
+    decoder = _decoder_class(trunk)(trunk, full_mask, prompt_len)
+    eos = _eos_tensor(eos_token_id, device)
+    response = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
+    logprobs = torch.empty(batch, max_new_tokens, device=device) if return_logprobs else None
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    # A CPU sync is free; on an accelerator it would stall the queued kernels, so check rarely.
+    check_every = 1 if device.type == "cpu" else 8
+
+    modes = [(module, module.training) for module in hf.modules()]
+    hf.eval()
+    try:
+        steps = 0
+        hidden = decoder(input_ids, 0)
+        while steps < max_new_tokens:
+            logits = head(hidden[:, -1]).float()
+            token = sample_tokens(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            )
+            response[:, steps] = token
+            if logprobs is not None:
+                scaled = logits / (temperature or 1.0)
+                chosen = scaled.gather(-1, token[:, None]).squeeze(-1) - scaled.logsumexp(-1)
+                logprobs[:, steps] = chosen
+            finished |= (token[:, None] == eos).any(-1)
+            steps += 1
+            if steps == max_new_tokens or (steps % check_every == 0 and bool(finished.all())):
+                break
+            hidden = decoder(token[:, None], prompt_len + steps - 1)
+    finally:
+        for module, training in modes:
+            module.training = training
+
+    # Rows keep their first EOS; what they sampled after it becomes padding.
+    is_eos = (response[:, :steps, None] == eos).any(-1)
+    response_mask = (is_eos.cumsum(-1) - is_eos.long()) == 0
+    length = int(response_mask.sum(-1).max()) if batch else 0
+    response_mask = response_mask[:, :length]
+    response = response[:, :length].masked_fill(~response_mask, pad_token_id)
+    if logprobs is None:
+        return response, response_mask
+    return response, response_mask, logprobs[:, :length].masked_fill(~response_mask, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def _token_logprobs(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) log-probs of `targets` and (N,) entropies (empty unless asked) from (N, D) states."""
+    logits = head(hidden).float() / temperature
+    logsumexp = logits.logsumexp(-1)
+    logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - logsumexp
+    if not with_entropy:
+        return logprobs, logprobs.new_zeros(0)
+    entropy = logsumexp - (torch.softmax(logits, -1) * logits).sum(-1)
+    return logprobs, entropy
+
+
+def response_logprobs(
+    model: nn.Module,
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_len: int,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) of the response tokens under log_softmax(logits / temperature).
+
+    sequences, attention_mask: (B, P + R), prompt left-padded, response right-padded.
+    Returns (B, R) float32 log-probs and, with `with_entropy`, (B, R) entropies; both 0 where the
+    response mask is False. One forward of `model` (plain, peft or DDP-wrapped); the LM head
+    then runs only on the hidden states that predict real response tokens, `chunk_size` of them
+    at a time (default: as many as fit in 256 MiB of float32 logits), so no (B, R, V) float32
+    tensor is built. Differentiable: with several chunks under autograd each chunk's logits are
+    recomputed in backward (checkpoint) rather than kept.
+    """
+    hf, head = _lm_parts(model)
+    # Through the wrapper (DDP must see the forward); the logits of only one position are made.
+    with capture_output(hf.base_model) as outputs:
+        model(
+            input_ids=sequences, attention_mask=attention_mask,
+            position_ids=_position_ids(attention_mask), use_cache=False, logits_to_keep=1,
+        )
+    hidden = outputs[-1].last_hidden_state
+    response_mask = attention_mask[:, prompt_len:].bool()
+    states = hidden[:, prompt_len - 1 : -1][response_mask]  # (N, D), N real response tokens
+    targets = sequences[:, prompt_len:][response_mask]
+    if chunk_size is None:
+        chunk_size = max(1, _MAX_CHUNK_LOGITS // head.weight.shape[0])
+    chunks = []
+    use_checkpoint = torch.is_grad_enabled() and states.shape[0] > chunk_size
+    for start in range(0, states.shape[0], chunk_size):
+        end = start + chunk_size
+        args = (head, states[start:end], targets[start:end], temperature, with_entropy)
+        if use_checkpoint:
+            chunks.append(checkpoint(_token_logprobs, *args, use_reentrant=False))
+        else:
+            chunks.append(_token_logprobs(*args))
+    logprobs = _scatter(response_mask, [c[0] for c in chunks])
+    entropy = _scatter(response_mask, [c[1] for c in chunks]) if with_entropy else None
+    return logprobs, entropy
+
+
+def _scatter(mask: torch.Tensor, chunks: list[torch.Tensor]) -> torch.Tensor:
+    """(B, R) float32 tensor holding the concatenated chunks at the True places of `mask`."""
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    return out.masked_scatter(mask, torch.cat(chunks)) if chunks else out
+
+
+def response_values(
+    value_model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int
+) -> torch.Tensor:
+    """(B, R) float32 values V(s_t) of the state before each response token; 0 past the mask.
+
+    Position P - 1 + t holds the state that response token t is sampled from.
+    """
+    values = token_scores(value_model, sequences, attention_mask, _position_ids(attention_mask))
+    return values[:, prompt_len - 1 : -1].masked_fill(~attention_mask[:, prompt_len:].bool(), 0.0)
+
+
+def sequence_rewards(
+    reward_model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """(B,) float32 normalised reward-model score at the last real token of each sequence."""
+    return sequence_scores(reward_model, sequences, attention_mask, _position_ids(attention_mask))

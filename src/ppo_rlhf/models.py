@@ -1,0 +1,411 @@
+"""Models: causal LMs (policy, reference) and scalar models (reward, value), built or loaded.
+
+Every model is a plain Hugging Face model so that a saved directory loads with `transformers` (and
+TRL) without this package:
+
+- policy / reference: `AutoModelForCausalLM` (GPT-2, Llama, Qwen2, ... shapes);
+- reward / value: `AutoModelForSequenceClassification` with `num_labels=1`, i.e. the causal LM's
+  trunk (`model.base_model`) plus a linear head `model.score` applied at every position.
+
+A spec is either a preset name from `MODEL_PRESETS` (random init from a config, sized to the
+tokenizer) or a local directory written by `save_pretrained`. Nothing is ever fetched from a hub.
+
+Reward normalisation (InstructGPT: RM scores shifted/scaled so that a reference set has mean 0 and
+std 1) is stored as `config.reward_gain` / `config.reward_bias`, so it travels with config.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+)
+
+from ppo_rlhf.errors import UserError
+from ppo_rlhf.fileio import atomic_directory
+
+# GPT-2 presets use "gelu_pytorch_tanh": the same tanh-approximate GELU as GPT-2's "gelu_new", in
+# one fused kernel instead of six elementwise ops (a measurable share of a tiny model's step).
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # CPU test bed: two blocks, overhead-bound.
+    "tiny-gpt2": {
+        "model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 128,
+        "activation_function": "gelu_pytorch_tanh",
+    },
+    "tiny-llama": {
+        "model_type": "llama", "num_hidden_layers": 2, "hidden_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256,
+        "max_position_embeddings": 128, "tie_word_embeddings": True,
+    },
+    # CPU demo that does measurable arithmetic (the 4-layer d=256 row of PERFORMANCE.md).
+    "small-gpt2": {
+        "model_type": "gpt2", "n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 256,
+        "activation_function": "gelu_pytorch_tanh",
+    },
+    # GPU benchmark shape: Qwen2-0.5B's dimensions (~360M parameters without the embedding).
+    "qwen-0.5b-like": {
+        "model_type": "qwen2", "num_hidden_layers": 24, "hidden_size": 896,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "intermediate_size": 4864,
+        "max_position_embeddings": 4096, "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+    },
+}
+
+# Config fields holding dropout probabilities, per architecture family (GPT-2 / Llama-like).
+_DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout")
+
+_LORA_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    **{
+        name: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        for name in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")
+    },
+}
+
+
+def unwrap(model: nn.Module) -> PreTrainedModel:
+    """The Hugging Face model inside DDP and peft wrappers (LoRA layers stay injected in it)."""
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+@contextmanager
+def capture_output(module: nn.Module) -> Iterator[list]:
+    """Collect what `module` returns while the block runs.
+
+    Scoring calls the whole model -- so that a DDP wrapper sees the forward and synchronises the
+    gradients -- and takes the trunk's or the head's output on the way.
+    """
+    outputs: list = []
+    handle = module.register_forward_hook(lambda _module, _args, output: outputs.append(output))
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+def load_causal_lm(
+    spec: str | Path,
+    tokenizer,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    dropout: float = 0.0,
+) -> PreTrainedModel:
+    """A causal LM from a preset name (seeded random init) or a local `save_pretrained` directory.
+
+    Presets get `vocab_size = len(tokenizer)` and the tokenizer's pad/eos/bos ids; `dropout` sets
+    every dropout probability of a preset (directories keep their saved config).
+    """
+    path = Path(spec)
+    if path.is_dir():
+        _require_config(path)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    else:
+        config = _preset_config(str(spec), tokenizer, dropout)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config)
+        if dtype is not None:
+            model = model.to(dtype)
+    _check_vocab(model, tokenizer, spec)
+    _set_special_ids(model.config, tokenizer)
+    return model
+
+
+def load_scalar_model(
+    spec_or_dir: str | Path,
+    tokenizer,
+    *,
+    init_from_causal_lm: bool = False,
+    head_init_std: float = 0.0,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> PreTrainedModel:
+    """A reward/value model: `AutoModelForSequenceClassification` with one output.
+
+    With `init_from_causal_lm`, `spec_or_dir` is a causal LM (SFT directory or preset): its trunk is
+    copied and the head `score` is drawn from N(0, head_init_std) (zeros when 0), as InstructGPT
+    initialises the RM from the SFT model. Otherwise `spec_or_dir` is a saved scalar model (an RM,
+    to initialise the value model from) and is loaded as is.
+    """
+    if init_from_causal_lm:
+        causal = load_causal_lm(spec_or_dir, tokenizer, seed=seed, dtype=dtype)
+        config = copy.deepcopy(causal.config)
+        config.num_labels = 1
+        config.architectures = None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_config(config)
+            model.base_model.load_state_dict(causal.base_model.state_dict())
+            _init_head(model.score, head_init_std)
+        model = model.to(next(causal.parameters()).dtype)
+        model.config.reward_gain = 1.0
+        model.config.reward_bias = 0.0
+    else:
+        path = Path(spec_or_dir)
+        if not path.is_dir():
+            raise UserError(
+                f"scalar model '{spec_or_dir}': no such directory; fix: give the directory a "
+                "reward stage saved, or set init_from_causal_lm to start from an SFT model or "
+                "preset"
+            )
+        _require_config(path)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        architectures = config.architectures or []
+        if config.num_labels != 1 or not any("SequenceClassification" in a for a in architectures):
+            raise UserError(
+                f"{path}/config.json: architectures={architectures}, num_labels="
+                f"{config.num_labels}; a reward/value model is a *ForSequenceClassification with "
+                "num_labels=1; fix: point at a directory saved by the reward stage, or set "
+                "init_from_causal_lm to start a reward model from this causal LM"
+            )
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, local_files_only=True, dtype=dtype
+        )
+        _check_vocab(model, tokenizer, spec_or_dir)
+    _set_special_ids(model.config, tokenizer)
+    return model
+
+
+def _preset_config(name: str, tokenizer, dropout: float):
+    if name not in MODEL_PRESETS:
+        close = difflib.get_close_matches(name, MODEL_PRESETS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise UserError(
+            f"model '{name}' is neither a local model directory nor a preset.{hint} "
+            f"Presets: {', '.join(MODEL_PRESETS)}; fix: pass a preset name or the path of a "
+            "directory written by save_pretrained (models are never downloaded)"
+        )
+    kwargs = dict(MODEL_PRESETS[name])
+    model_type = kwargs.pop("model_type")
+    special = {
+        key: getattr(tokenizer, key)
+        for key in ("pad_token_id", "eos_token_id", "bos_token_id")
+        if getattr(tokenizer, key, None) is not None
+    }
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **special, **kwargs)
+    for field in _DROPOUT_FIELDS:
+        if isinstance(getattr(config, field, None), float):
+            setattr(config, field, float(dropout))
+    return config
+
+
+def _require_config(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise UserError(
+            f"{path}: no config.json, so this is not a saved model directory; fix: point at a "
+            "directory written by save_pretrained (e.g. a stage's output) or use a preset"
+        )
+
+
+def _check_vocab(model: PreTrainedModel, tokenizer, spec) -> None:
+    model_vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > model_vocab:
+        raise UserError(
+            f"model '{spec}': the tokenizer has {len(tokenizer)} tokens but the model's embedding "
+            f"has only {model_vocab}; fix: use the tokenizer the model was trained with, or build "
+            "the model from a preset with this tokenizer"
+        )
+
+
+def _set_special_ids(config, tokenizer) -> None:
+    """Pad/eos/bos ids from the tokenizer; HF pooling and generation read them from the config."""
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            setattr(config, name, value)
+    if config.pad_token_id is None:
+        config.pad_token_id = config.eos_token_id
+
+
+def _init_head(head: nn.Linear, std: float) -> None:
+    if std > 0:
+        nn.init.normal_(head.weight, std=std)
+    else:
+        nn.init.zeros_(head.weight)
+    if head.bias is not None:
+        nn.init.zeros_(head.bias)
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counted over real tokens only (cumsum - 1), 0 on left padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+def token_scores(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, T) float32 raw head output at every position (per-token values for a value model).
+
+    `model` may be wrapped (peft, DDP): the forward goes through the wrapper.
+    """
+    if position_ids is None:
+        position_ids = _position_ids(attention_mask)
+    with capture_output(unwrap(model).score) as outputs:
+        model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            use_cache=False,
+        )
+    return outputs[-1].squeeze(-1).float()
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last True of each row: the last real token, left or right padding."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.bool()).argmax(-1)
+
+
+def sequence_scores(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    *,
+    normalise: bool = True,
+) -> torch.Tensor:
+    """(B,) float32 score at the last real token of each row (left or right padding).
+
+    With `normalise`, returns `reward_gain * raw + reward_bias` from the model's config.
+    """
+    scores = token_scores(model, input_ids, attention_mask, position_ids)
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    raw = scores[rows, last_token_index(attention_mask)]
+    if not normalise:
+        return raw
+    config = unwrap(model).config
+    return getattr(config, "reward_gain", 1.0) * raw + getattr(config, "reward_bias", 0.0)
+
+
+def set_reward_normalisation(model: nn.Module, raw_scores: torch.Tensor) -> tuple[float, float]:
+    """Set config gain/bias so `raw_scores` map to mean 0, std 1 (biased std); returns them."""
+    raw = raw_scores.detach().double().flatten()
+    mean, std = raw.mean().item(), raw.std(unbiased=False).item()
+    if not std > 1e-12:
+        raise UserError(
+            f"reward normalisation: all {raw.numel()} reference scores equal {mean:.6g}, so they "
+            "cannot be scaled to std 1; fix: use a larger or more varied reference set, or train "
+            "the reward model longer"
+        )
+    config = unwrap(model).config
+    config.reward_gain = 1.0 / std
+    config.reward_bias = -mean / std
+    return config.reward_gain, config.reward_bias
+
+
+def save_model(
+    model: nn.Module, tokenizer, out_dir: str | Path, extra_json: dict[str, Any] | None = None
+) -> Path:
+    """Write `model` (safetensors) and `tokenizer` to `out_dir` atomically; returns the path.
+
+    A LoRA model is saved merged (a plain HF model: loadable without peft). `extra_json` maps file
+    names (".json" added when missing) to objects written next to the weights.
+    """
+    if callable(getattr(model, "merge_and_unload", None)):
+        model = copy.deepcopy(model).merge_and_unload()
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, obj in (extra_json or {}).items():
+            filename = name if name.endswith(".json") else f"{name}.json"
+            (tmp / filename).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    return Path(out_dir)
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability to 0 (PPO convention), keeping the module's train/eval mode.
+
+    Besides `nn.Dropout` modules, attention layers such as Llama's read a float attribute
+    `attention_dropout` in train mode, and the config is updated so a saved copy agrees.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for attr in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+    config = getattr(unwrap(model), "config", None)
+    for field in _DROPOUT_FIELDS:
+        if isinstance(getattr(config, field, None), float):
+            setattr(config, field, 0.0)
+    return model
+
+
+def _import_peft():
+    try:
+        import peft
+    except ImportError as err:
+        raise UserError(
+            "LoRA needs the 'peft' package, which is not installed; fix: pip install ppo-rlhf[lora]"
+        ) from err
+    return peft
+
+
+def default_lora_targets(model: nn.Module) -> list[str] | str:
+    """Attention and MLP projections for GPT-2 / Llama-like models, else peft's "all-linear"."""
+    return _LORA_TARGETS.get(unwrap(model).config.model_type, "all-linear")
+
+
+def apply_lora(
+    model: PreTrainedModel,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str] | str | None = None,
+) -> nn.Module:
+    """Wrap `model` with LoRA adapters (only adapters, and a scalar model's head, train)."""
+    peft = _import_peft()
+    is_scalar = hasattr(model, "score")
+    config = peft.LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules or default_lora_targets(model),
+        task_type=peft.TaskType.SEQ_CLS if is_scalar else peft.TaskType.CAUSAL_LM,
+        # GPT-2's projections are Conv1D, whose weight is stored transposed.
+        fan_in_fan_out=model.config.model_type == "gpt2",
+    )
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as err:
+        raise UserError(
+            f"LoRA: {err}; fix: set the LoRA target_modules to module names of this "
+            f"{model.config.model_type} model"
+        ) from err
+
+
+def merge_lora(model: nn.Module) -> PreTrainedModel:
+    """Fold LoRA adapters into the weights and return the plain HF model."""
+    return model.merge_and_unload() if callable(getattr(model, "merge_and_unload", None)) else model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the LoRA model as its frozen base (the PPO reference policy without a second copy)."""
+    if not callable(getattr(model, "disable_adapter", None)):
+        raise TypeError(f"{type(model).__name__} has no LoRA adapters to disable")
+    with model.disable_adapter():
+        yield model
+
+
+def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of (distinct; tied weights once) parameters, optionally only those with grad."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
