@@ -253,14 +253,10 @@ class PPOTrainer:
                     ok, gn = common.clip_and_step(self.policy_params, self.policy_opt, self.policy_sched,
                                                   cfg.optim.max_grad_norm, self.guard, loss_total)
                     mb_stats["policy/grad_norm"] = torch.tensor(gn)
-                else:
-                    self.policy_sched.step()
                 if update_value:
                     ok, gn = common.clip_and_step(self.value_params, self.value_opt, self.value_sched,
                                                   cfg.optim.max_grad_norm, self.guard, loss_total)
                     mb_stats["value/grad_norm"] = torch.tensor(gn)
-                else:
-                    self.value_sched.step()
                 reduced = dist.reduce_metrics({k: float(v) for k, v in mb_stats.items()})
                 for k, v in reduced.items():
                     sums[k] = sums.get(k, 0.0) + v
