@@ -143,6 +143,13 @@ def test_exact_duplicates_are_dropped_and_reported(tmp_path):
     assert "dropped 2 exact duplicates" in report.describe()
 
 
+def test_empty_preference_response_is_kept_and_counted(tmp_path):
+    p = tmp_path / "prefs.jsonl"
+    p.write_text('{"prompt": "p", "chosen": "a", "rejected": ""}\n')
+    pairs, report = read_preferences(p)
+    assert pairs[0].rejected == "" and report.empty_fields == 1
+
+
 def test_empty_system_message_is_counted_not_an_error(tmp_path):
     chat = [
         {"role": "system", "content": ""},
@@ -151,7 +158,7 @@ def test_empty_system_message_is_counted_not_an_error(tmp_path):
     ]
     _, report = read_sft(write_lines(tmp_path / "sft.jsonl", {"messages": chat}))
     assert report.empty_fields == 1
-    assert "1 empty message contents kept" in report.describe()
+    assert "1 empty message contents or responses kept" in report.describe()
 
 
 def test_load_records_dispatches_and_rejects_unknown_kind(tmp_path):
@@ -178,11 +185,6 @@ BAD_RECORDS = [
     (read_sft, {"prompt": "", "response": "r"}, r':1: field "prompt" is empty'),
     (read_sft, {"prompt": "  \n", "response": "r"}, r':1: field "prompt" is empty'),
     (read_sft, {"prompt": "p", "response": ""}, r':1: field "response" is empty'),
-    (
-        read_preferences,
-        {"prompt": "p", "chosen": "", "rejected": "r"},
-        r':1: field "chosen" is empty',
-    ),
     (
         read_preferences,
         {"prompt": "p", "chosen": "same", "rejected": "same"},

@@ -101,7 +101,8 @@ class ReadReport:
 
     `records` counts the JSON objects read, `examples` what was returned (rankings expand into
     several pairs, duplicates are dropped). `empty_fields` counts tolerated empty strings (the
-    content of a system or earlier message); empty prompts and responses are errors instead.
+    content of a system or earlier message, or an empty chosen/rejected response); empty prompts and
+    SFT responses are errors instead.
     """
 
     path: str
@@ -136,7 +137,7 @@ class ReadReport:
             more = " ..." if self.duplicates > len(self.duplicate_examples) else ""
             parts.append(f"dropped {self.duplicates} exact duplicates ({shown}{more})")
         if self.empty_fields:
-            parts.append(f"{self.empty_fields} empty message contents kept")
+            parts.append(f"{self.empty_fields} empty message contents or responses kept")
         return "; ".join(parts)
 
 
@@ -312,7 +313,10 @@ def _parse_preferences(record: dict) -> tuple[list[tuple], int]:
                 'supported: put the conversation in "prompt" as a messages list and '
                 "the answers in chosen/rejected as strings"
             )
-    chosen, rejected = _string(record, "chosen"), _string(record, "rejected")
+    # An empty response (the policy stopped at once) is a legitimate thing to compare: kept, counted.
+    chosen = _string(record, "chosen", allow_empty=True)
+    rejected = _string(record, "rejected", allow_empty=True)
+    empty += (not chosen.strip()) + (not rejected.strip())
     if chosen == rejected:
         raise _Invalid(
             'fields "chosen" and "rejected" are identical, so the pair says nothing; '
