@@ -1,0 +1,153 @@
+"""Arithmetic: "Q: 7+12=" -> " 19". The gold reward is 1 for the exact answer, else 0.
+
+Operands 0..19 with + and - give 800 prompts and answers -19..38, at most two digits and a sign:
+with the tokenizer's one-token-per-digit split, a 2-layer transformer learns the training table on
+CPU in minutes (greedy accuracy ~0.93 from the default 2,000 demonstrations with 35% mistakes) and
+part of the held-out 20% (~0.6); `max_operand` widens the table. Gold is exact (no partial
+credit), so mean gold reward is accuracy.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from ppo_rlhf.errors import UserError
+from ppo_rlhf.tasks.base import Task
+
+_PROMPT_RE = re.compile(r"Q: (\d+)([+-])(\d+)=")
+
+# Text a policy may add after its answer; only characters that prompts and answers already use.
+_TRAILING = [".", " .", "=", " =", " Q", "+1", " 0", "-"]
+
+# Demonstration mistakes of a careless human writer; a policy produces the same and more.
+_DEMO_FLAWS = {
+    "off_by_one": 0.3,
+    "off_by_ten": 0.15,
+    "swap_digits": 0.15,
+    "trailing": 0.3,
+    "wrong_operation": 0.1,
+}
+# Near misses (off by one) are rarer among candidates than in demonstrations: a 2-layer reward
+# model judges them barely above chance (~55%), against ~99% for format errors and ~85% for gross
+# ones, and these weights keep its held-out pairwise accuracy near 0.88.
+_CANDIDATE_FLAWS = {
+    "off_by_one": 0.1,
+    "off_by_ten": 0.1,
+    "swap_digits": 0.1,
+    "trailing": 0.2,
+    "wrong_operation": 0.1,
+    "repeat": 0.1,
+    "random": 0.2,
+    "empty": 0.1,
+}
+
+
+class ArithmeticTask(Task):
+    """Addition and subtraction of two small non-negative integers; exact-answer gold reward."""
+
+    name = "arithmetic"
+    description = "Q: a+b= / Q: a-b= with operands 0..19; gold 1 for the exact answer, else 0"
+    default_max_new_tokens = 6
+    default_max_prompt_len = 12
+    default_vocab_size = 512
+    default_noise_temperature = 0.5
+    """Gold steps are 0/1: a labeller picks the correct answer w.p. sigmoid(2) = 0.88."""
+
+    def __init__(
+        self,
+        demo_error_rate: float = 0.35,
+        max_operand: int = 19,
+        candidate_correct_rate: float = 0.5,
+    ):
+        super().__init__(demo_error_rate)
+        if max_operand < 1:
+            raise UserError(f"max_operand={max_operand}; fix: use an integer >= 1")
+        self.max_operand = max_operand
+        self.candidate_correct_rate = candidate_correct_rate
+
+    def all_prompts(self) -> list[str]:
+        return [
+            f"Q: {a}{op}{b}="
+            for op in "+-"
+            for a in range(self.max_operand + 1)
+            for b in range(self.max_operand + 1)
+        ]
+
+    def answer(self, prompt: str) -> int:
+        """The exact integer answer to an arithmetic prompt."""
+        match = _PROMPT_RE.fullmatch(prompt)
+        if match is None:
+            raise UserError(
+                f"prompt {prompt!r} is not an arithmetic prompt like 'Q: 7+12='; "
+                "fix: score only prompts of the arithmetic task with its gold reward"
+            )
+        a, op, b = int(match[1]), match[2], int(match[3])
+        return a + b if op == "+" else a - b
+
+    def gold_reward(self, prompt: str, response: str, *, truncated: bool = False) -> float:
+        """1.0 if `response` is the exact answer (leading spaces allowed, nothing after it)."""
+        return 1.0 if response.lstrip() == str(self.answer(prompt)) else 0.0
+
+    def demonstration(self, prompt: str, rng: random.Random) -> str:
+        if rng.random() < self.demo_error_rate:
+            return self._flawed(prompt, _pick(_DEMO_FLAWS, rng), rng)
+        return f" {self.answer(prompt)}"
+
+    def candidate(self, prompt: str, rng: random.Random) -> str:
+        if rng.random() < self.candidate_correct_rate:
+            return f" {self.answer(prompt)}"
+        return self._flawed(prompt, _pick(_CANDIDATE_FLAWS, rng), rng)
+
+    def _flawed(self, prompt: str, flaw: str, rng: random.Random) -> str:
+        """A response with the given kind of mistake; always scores gold 0."""
+        answer = self.answer(prompt)
+        if flaw == "trailing":
+            return f" {answer}{rng.choice(_TRAILING)}"
+        if flaw == "repeat":
+            return f" {answer} {answer}"
+        if flaw == "empty":
+            return ""
+        wrong = self._wrong_number(prompt, answer, flaw, rng)
+        return f" {wrong}"
+
+    def _wrong_number(self, prompt: str, answer: int, flaw: str, rng: random.Random) -> int:
+        sign = rng.choice((-1, 1))
+        if flaw == "off_by_ten":
+            return answer + 10 * sign
+        if flaw == "swap_digits":
+            digits = str(abs(answer))
+            swapped = int(digits[::-1]) * (1 if answer >= 0 else -1)
+            if swapped != answer:
+                return swapped
+        if flaw == "wrong_operation":
+            # The other operation on the same operands (b - a for subtraction: a sign slip).
+            a, op, b = _PROMPT_RE.fullmatch(prompt).groups()
+            other = int(a) - int(b) if op == "+" else int(b) - int(a)
+            if other != answer:
+                return other
+        if flaw == "random":
+            wrong = rng.randint(-self.max_operand, 2 * self.max_operand)
+            if wrong != answer:
+                return wrong
+        return answer + sign
+
+    def pretrain_texts(self, n: int, rng: random.Random) -> list[str]:
+        """Lines of correctly solved train-split problems, 1-4 per text (no eval answers leak)."""
+        texts = []
+        for _ in range(n):
+            prompts = self.sample_prompts(rng.randint(1, 4), rng)
+            texts.append("\n".join(f"{p} {self.answer(p)}" for p in prompts))
+        return texts
+
+    def tokenizer_corpus(self, rng: random.Random) -> list[str]:
+        """Every prompt with its answer, each kind of flawed answer and some pretraining text."""
+        corpus = [f"{p} {self.answer(p)}" for p in self.all_prompts()]
+        for prompt in self.all_prompts():
+            corpus.append(prompt + self._flawed(prompt, _pick(_CANDIDATE_FLAWS, rng), rng))
+        corpus += [f"Q: 1{t}" for t in _TRAILING]
+        return corpus + self.pretrain_texts(200, rng)
+
+
+def _pick(weights: dict[str, float], rng: random.Random) -> str:
+    return rng.choices(list(weights), weights=list(weights.values()))[0]
