@@ -127,7 +127,7 @@ def test_blank_lines_crlf_bom_and_odd_unicode_are_fine(tmp_path):
     assert "skipped 2 blank lines" in report.describe()
 
 
-def test_exact_duplicates_are_dropped_and_reported(tmp_path):
+def test_exact_duplicates_are_kept_and_reported(tmp_path):
     record = {"prompt": "p", "response": "r"}
     path = write_lines(
         tmp_path / "sft.jsonl",
@@ -137,10 +137,10 @@ def test_exact_duplicates_are_dropped_and_reported(tmp_path):
         record,
     )
     examples, report = read_sft(path)
-    assert [e.source for e in examples] == [f"{path}:1", f"{path}:2"]
+    assert [e.source for e in examples] == [f"{path}:{i}" for i in (1, 2, 3, 4)]
     assert report.duplicates == 2
     assert f"{path}:3 repeats {path}:1" in report.describe()
-    assert "dropped 2 exact duplicates" in report.describe()
+    assert "2 exact duplicates kept" in report.describe()
 
 
 def test_empty_preference_response_is_kept_and_counted(tmp_path):

@@ -19,8 +19,10 @@ what is wrong and how to fix it; up to `MAX_ERRORS` problems are listed in one m
 read line by line in binary mode, so a line longer than `MAX_LINE_BYTES` is an error rather than
 a memory blow-up, and undecodable bytes are reported with their line.
 
-Exact duplicates (records that give the same training content) are dropped and counted in the
-`ReadReport`; `ReadReport.describe()` says so in a sentence for the run log.
+Exact duplicates (records that give the same training content) are counted and named in the
+`ReadReport` but kept: in generated or sampled data, repetition is the data's distribution (a
+demonstration written twice weighs twice), and dropping repeats would skew it towards the rare
+records. `ReadReport.describe()` says so in a sentence for the run log.
 
     examples, report = read_preferences("data/prefs.jsonl")
     print(report.describe())
@@ -100,7 +102,7 @@ class ReadReport:
     """What reading one data file found; `describe()` is the sentence for the run log.
 
     `records` counts the JSON objects read, `examples` what was returned (rankings expand into
-    several pairs, duplicates are dropped). `empty_fields` counts tolerated empty strings (the
+    several pairs; duplicates are kept and counted). `empty_fields` counts tolerated empty strings (the
     content of a system or earlier message, or an empty chosen/rejected response); empty prompts and
     SFT responses are errors instead.
     """
@@ -135,7 +137,7 @@ class ReadReport:
         if self.duplicates:
             shown = ", ".join(self.duplicate_examples)
             more = " ..." if self.duplicates > len(self.duplicate_examples) else ""
-            parts.append(f"dropped {self.duplicates} exact duplicates ({shown}{more})")
+            parts.append(f"{self.duplicates} exact duplicates kept ({shown}{more})")
         if self.empty_fields:
             parts.append(f"{self.empty_fields} empty message contents or responses kept")
         return "; ".join(parts)
@@ -518,12 +520,12 @@ def load_records(path: str | Path, kind: str) -> tuple[list, ReadReport]:
             report.duplicates += 1
             if len(report.duplicate_examples) < 3:
                 report.duplicate_examples.append(f"{source} repeats {seen[key]}")
-            continue
-        seen[key] = source
+        else:
+            seen[key] = source
         report.empty_fields += empty
         if len(items) > 1:
             report.rankings += 1
-        group = {"group": len(seen) - 1} if kind == "preferences" else {}
+        group = {"group": report.records - 1} if kind == "preferences" else {}
         examples.extend(make(*item, source, **group) for item in items)
 
     if n_errors:
