@@ -1,0 +1,151 @@
+"""What would make our PPO update faster: measured ablations, without editing the library.
+
+    python benchmarks/ablate_ppo.py                         # 2 layers d=64, B=32, 16+64
+    python benchmarks/ablate_ppo.py --layers 4 --d 256      # the compute-bound configuration
+
+Each variant runs in its own process (same fixtures and PPOConfig as ppo_vs_trl.py's ours side)
+and patches one thing at run time, to show what a change in src/ would buy before anyone makes it:
+
+- baseline: the library as it is;
+- fused_adamw: `torch.optim.AdamW(fused=True)` instead of the default per-tensor loop on CPU;
+- gelu_fused: GPT-2's MLP activation as one `F.gelu(approximate="tanh")` kernel (HF's
+  "gelu_pytorch_tanh", the same function) instead of NewGELUActivation's five elementwise ops;
+- sampler_logprobs: old log-probs taken from the sampler (`generate(return_logprobs=True)`), so the
+  scoring phase skips one policy forward (entropy metric returned as zeros: an upper bound);
+- threads1: one torch thread instead of two;
+- all: fused_adamw + gelu_fused + sampler_logprobs.
+
+Prints median s/update and the phase split per variant, and writes
+benchmarks/results/ablate_<config>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_common as bc  # noqa: E402
+
+VARIANTS = ["baseline", "fused_adamw", "gelu_fused", "sampler_logprobs", "threads1", "all"]
+
+
+def apply_patches(names: set[str]) -> None:
+    """Monkeypatch the library in this process (run before the trainer is built)."""
+    import torch
+
+    from ppo_rlhf import rollout
+    from ppo_rlhf.stages import common, ppo
+
+    if "fused_adamw" in names:
+        def make_optimizer(params, cfg, lr=None):
+            params = [p for p in params if p.requires_grad]
+            return torch.optim.AdamW(params, lr=lr if lr is not None else cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                     eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=True)
+        common.make_optimizer = make_optimizer
+    if "gelu_fused" in names:
+        from transformers.activations import ACT2FN
+        orig_init = ppo.PPOTrainer.__init__
+
+        def init(self, *a, **k):
+            orig_init(self, *a, **k)
+            for model in (self.policy, self.reference, self.value_model, self.reward_model):
+                for module in model.modules():
+                    if hasattr(module, "act") and type(module).__name__ == "GPT2MLP":
+                        module.act = ACT2FN["gelu_pytorch_tanh"]
+        ppo.PPOTrainer.__init__ = init
+    if "sampler_logprobs" in names:
+        stash: dict = {}
+        orig_generate, orig_logprobs = rollout.generate, rollout.response_logprobs
+
+        def generate(*a, **k):
+            ids, mask, logprobs = orig_generate(*a, **k, return_logprobs=True)
+            stash["logprobs"] = logprobs
+            return ids, mask
+
+        def response_logprobs(model, sequences, attention_mask, prompt_len, **k):
+            if k.get("with_entropy") and "logprobs" in stash:  # make_experience's old log-probs call
+                lp = stash.pop("logprobs")
+                return lp, torch.zeros_like(lp)
+            return orig_logprobs(model, sequences, attention_mask, prompt_len, **k)
+        rollout.generate, rollout.response_logprobs = generate, response_logprobs
+
+
+def child(case_json: str, paths_json: str, updates: int, threads: int, variant: str) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    import ours_worker
+
+    names = {"fused_adamw", "gelu_fused", "sampler_logprobs"} if variant == "all" else {variant}
+    apply_patches(names)
+    return ours_worker.main(case_json, paths_json, updates, threads)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--d", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--response", type=int, default=64)
+    ap.add_argument("--updates", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--work-dir", default="/tmp/ppo_vs_trl_work")
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        c, p, u, t, v = args.child
+        print("RESULT_JSON: " + json.dumps(child(c, p, int(u), int(t), v)), flush=True)
+        return 0
+    case = bc.Case(bc.ModelShape(args.layers, args.d), args.batch, args.prompt, args.response)
+    paths = bc.prepare(case, Path(args.work_dir))
+    results: dict[str, list[dict]] = {}
+    for rnd in range(args.rounds):
+        for variant in args.variants.split(","):
+            threads = 1 if variant == "threads1" else args.threads
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE", PYTHONWARNINGS="ignore")
+            cmd = [sys.executable, __file__, "--child", json.dumps(case.to_json()), json.dumps(paths),
+                   str(args.updates), str(threads), variant]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT_JSON: ")]
+            if not line:
+                print(f"{variant}: failed\n{proc.stderr[-2000:]}")
+                continue
+            res = json.loads(line[0][len("RESULT_JSON: "):])
+            res["median_s"] = statistics.median(res["update_s"])
+            res["phases_median_s"] = {k: statistics.median(v) for k, v in res["phases_s"].items()}
+            res["load"] = os.getloadavg()[0]
+            results.setdefault(variant, []).append(res)
+            print(f"round {rnd + 1} {variant:<17} {res['median_s']:.3f} s/update", flush=True)
+    base = min(r["median_s"] for r in results["baseline"])
+    print(f"\n{case.label}: best of {args.rounds} rounds, median of {args.updates} updates each")
+    print(f"{'variant':<17} | s/update | speed-up | generate | score | train | peak RSS MB")
+    summary = {}
+    for variant, runs in results.items():
+        best = min(runs, key=lambda r: r["median_s"])
+        ph = best["phases_median_s"]
+        print(f"{variant:<17} | {best['median_s']:8.3f} | {base / best['median_s']:7.2f}x | {ph['generate']:8.3f} | "
+              f"{ph['score']:5.3f} | {ph['train']:5.3f} | {best['peak_rss_mb']:11,.0f}")
+        summary[variant] = {"median_s": best["median_s"], "speedup": base / best["median_s"], "phases_median_s": ph,
+                            "peak_rss_mb": best["peak_rss_mb"], "round_medians_s": [r["median_s"] for r in runs]}
+    label = case.label.replace(" ", "_").replace("=", "").replace("+", "-")
+    out = HERE / "results" / f"ablate_{label}.json"
+    out.write_text(json.dumps({"case": case.to_json(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                               "threads": args.threads, "variants": summary}, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
