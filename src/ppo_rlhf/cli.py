@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from pathlib import Path
+
+# Before torch is imported: idle OpenMP threads sleep instead of spinning. On a busy or shared
+# machine the default (spinning) policy made a PPO update 5-25x slower (benchmarks/README.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .config import STAGE_CONFIGS, build_config, help_text
 from .errors import UserError
