@@ -34,9 +34,11 @@ class PromptSet:
 
 
 def load_eval_prompts(path: str, tokenizer, max_prompt_len: int, n: int | None = None) -> PromptSet:
+    """The first `n` prompts of a file; a file with fewer is cycled (several samples per prompt),
+    so that small prompt spaces still give `n` samples and a stable mean."""
     examples, _ = read_prompts(path)
     if n is not None:
-        examples = examples[:n]
+        examples = [examples[i % len(examples)] for i in range(n)]
     texts = [e.prompt if isinstance(e.prompt, str) else e.prompt[-1]["content"] for e in examples]
     ids, _ = encode_prompts(tokenizer, examples, max_prompt_len)
     return PromptSet(texts, ids)
@@ -64,8 +66,9 @@ def evaluate_policy(policy, tokenizer, prompts: PromptSet, *, task: str = "", de
                     sample_rows: int = 0) -> dict:
     """Gold reward (mean/std), RM score and KL(policy||reference) per sequence on `prompts`.
 
-    Prompts are sharded over ranks and the statistics combined. KL is the k1 sum over response
-    tokens under the sampling temperature, the quantity the PPO reward penalises.
+    Prompts are sharded over ranks and the statistics combined; prompt j samples from its own
+    stream seeded from (seed, j), so the result does not depend on the number of ranks. KL is the
+    k1 sum over response tokens under the sampling temperature, the quantity the PPO reward penalises.
     """
     device = device or next(policy.parameters()).device
     task_obj = get_task(task) if task else None
@@ -73,7 +76,6 @@ def evaluate_policy(policy, tokenizer, prompts: PromptSet, *, task: str = "", de
         max_new_tokens = task_obj.default_max_new_tokens if task_obj else 32
     greedy = temperature == 0
     temp = 1.0 if greedy else temperature
-    gen = torch.Generator(device=device).manual_seed(seed + dist.rank())
     was_training = policy.training
     policy.eval()
     golds, scores, kls, lengths, rows = [], [], [], [], []
@@ -84,7 +86,8 @@ def evaluate_policy(policy, tokenizer, prompts: PromptSet, *, task: str = "", de
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         resp, resp_mask = generate(policy, ids, mask, max_new_tokens=max_new_tokens,
                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                   temperature=0.0 if greedy else temp, generator=gen)
+                                   temperature=0.0 if greedy else temp,
+                                   row_seeds=[seed * 2**32 + j for j in idx])
         texts, truncated = decode_responses(tokenizer, resp, resp_mask)
         lengths += resp_mask.sum(1).tolist()
         seq = torch.cat([ids, resp], 1)
