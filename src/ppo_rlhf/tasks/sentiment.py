@@ -24,6 +24,8 @@ cafe hotel museum restaurant bakery park library cinema gym bookshop bar pizzeri
 spa zoo theatre market diner garden gallery bistro salon pub resort beach aquarium
 """.split()
 PROMPT_TEMPLATES = ["Review of the {}:", "Write a review of the {}:", "Your review of the {}:"]
+QUALIFIERS = ["", "old ", "small ", "large ", "busy ", "quiet ", "modern "]
+"""Optional neutral words before the subject: 546 prompts, ~110 of them held out for eval."""
 
 ASPECTS = """
 food staff service coffee room view music price menu location decor seating lighting bed
@@ -94,7 +96,7 @@ class SentimentTask(Task):
     """A 1/3 gold step (one sentiment word) is labelled right with probability ~0.9."""
 
     def all_prompts(self) -> list[str]:
-        return [t.format(s) for t in PROMPT_TEMPLATES for s in SUBJECTS]
+        return [t.format(q + s) for t in PROMPT_TEMPLATES for q in QUALIFIERS for s in SUBJECTS]
 
     def gold_reward(self, prompt: str, response: str, *, truncated: bool = False) -> float:
         return sentiment_gold(response)
