@@ -79,6 +79,11 @@ class RunConfig:
     dtype: str = opt("float32", "Training precision: float32, or bfloat16 autocast on CUDA.",
                      choices=("float32", "bfloat16"))
     max_nonfinite: int = opt(5, "Stop after this many consecutive non-finite losses/gradients.", min=1)
+    fsdp: bool = opt(False, "Under torchrun, shard the models with FSDP2 (fully_shard per transformer "
+                     "block) instead of replicating them with DDP; with dtype=bfloat16 on CUDA, bf16 "
+                     "compute and fp32 gradient reduction. Not with LoRA.")
+    activation_checkpointing: bool = opt(False, "Recompute each transformer block's activations in "
+                                         "backward instead of storing them (less memory, ~1/3 more compute).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +97,8 @@ class TokenizerConfig:
     task: str = opt("", "Built-in task whose text to train on (arithmetic, sentiment).")
     texts: str = opt("", "JSONL file(s) of {\"text\"} (or SFT/preference records), comma-separated, "
                      "instead of a task.")
-    vocab_size: int = opt(512, "Vocabulary size including special tokens.", min=64)
+    vocab_size: int = opt(0, "Vocabulary size including special tokens; 0 = the task's default "
+                          "(512 for arithmetic, 768 for sentiment; 512 for your own text).", min=0)
     seed: int = opt(0, "Seed for the task's text generator.")
 
 

@@ -42,7 +42,7 @@ def train_tokenizer(
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise UserError(
             f"vocab_size={vocab_size} is below the {256 + len(SPECIAL_TOKENS)} byte and special "
-            "tokens of a byte-level BPE; fix: use --vocab-size 512 or more"
+            "tokens of a byte-level BPE; fix: use vocab_size=512 or more"
         )
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence(

@@ -17,12 +17,12 @@ from pathlib import Path
 from .. import distributed as dist
 from ..config import PipelineConfig, to_dict
 from ..fileio import atomic_write_json
-from ..tasks import get_task, write_task_data
-from ..tokenizer import train_tokenizer
+from ..tasks import get_task
 from .evaluate import run_eval
 from .ppo import run_ppo
 from .reward import run_reward
 from .sft import run_sft
+from .tools import run_data, run_tokenizer
 
 STAGES = ("tokenizer", "data", "sft", "reward", "ppo", "eval")
 
@@ -103,23 +103,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         fn()
         seconds[name] = round(time.time() - t0, 2)
 
-    def tokenizer() -> None:
-        task = get_task(cfg.tokenizer.task)
-        import random
-
-        texts = task.tokenizer_corpus(random.Random(cfg.tokenizer.seed))
-        train_tokenizer(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.out_dir)
-        atomic_write_json(Path(cfg.tokenizer.out_dir) / "summary.json", {"stage": "tokenizer", "task": task.name})
-
-    def data() -> None:
-        d = cfg.data
-        write_task_data(get_task(d.task), d.out_dir, d.seed, n_sft=d.n_sft, n_prefs=d.n_prefs,
-                        n_prompts=d.n_prompts, n_eval=d.n_eval, noise_temperature=d.noise_temperature)
-        atomic_write_json(Path(d.out_dir) / "summary.json", {"stage": "data", **to_dict(d)})
-
     if dist.is_main():
-        stage("tokenizer", tokenizer, Path(cfg.tokenizer.out_dir))
-        stage("data", data, Path(cfg.data.out_dir))
+        stage("tokenizer", lambda: run_tokenizer(cfg.tokenizer), Path(cfg.tokenizer.out_dir))
+        stage("data", lambda: run_data(cfg.data), Path(cfg.data.out_dir))
     dist.barrier()
     stage("sft", lambda: run_sft(cfg.sft), Path(cfg.sft.out_dir))
     stage("reward", lambda: run_reward(cfg.reward), Path(cfg.reward.out_dir))

@@ -38,8 +38,11 @@ def run_tokenizer(cfg: TokenizerConfig) -> dict:
     out = common.require(cfg.out_dir, "out_dir", "where to save the tokenizer (--out DIR)")
     if bool(cfg.task) == bool(cfg.texts):
         raise UserError("give exactly one of --task NAME or texts=FILE.jsonl[,FILE2.jsonl]")
+    vocab_size = cfg.vocab_size or 512
     if cfg.task:
-        texts = get_task(cfg.task).tokenizer_corpus(random.Random(cfg.seed))
+        task = get_task(cfg.task)
+        texts = task.tokenizer_corpus(random.Random(cfg.seed))
+        vocab_size = cfg.vocab_size or task.default_vocab_size
     else:
         texts = []
         for path in cfg.texts.split(","):
@@ -47,7 +50,7 @@ def run_tokenizer(cfg: TokenizerConfig) -> dict:
             records, _ = load_records(path, kind)
             for r in records:
                 texts.extend(_texts_of(r))
-    tok = train_tokenizer(texts, cfg.vocab_size, out)
+    tok = train_tokenizer(texts, vocab_size, out)
     summary = {"stage": "tokenizer", **tokenizer_summary(tok), "config": to_dict(cfg)}
     atomic_write_json(Path(out) / "summary.json", summary)
     return summary

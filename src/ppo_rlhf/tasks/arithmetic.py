@@ -20,13 +20,16 @@ _PROMPT_RE = re.compile(r"Q: (\d+)([+-])(\d+)=")
 # Text a policy may add after its answer; only characters that prompts and answers already use.
 _TRAILING = [".", " .", "=", " =", " Q", "+1", " 0", "-"]
 
-# Demonstration mistakes of a careless human writer; a policy produces the same and more.
+# Demonstration mistakes of a careless human writer; a policy produces the same and more. Most
+# are sloppy form (text after the answer, the answer written twice) -- the kind of flaw a reward
+# model learns to see from preferences, and so the kind PPO can remove; the rest are wrong numbers.
 _DEMO_FLAWS = {
-    "off_by_one": 0.3,
-    "off_by_ten": 0.15,
-    "swap_digits": 0.15,
-    "trailing": 0.3,
-    "wrong_operation": 0.1,
+    "off_by_one": 0.1,
+    "off_by_ten": 0.1,
+    "swap_digits": 0.05,
+    "trailing": 0.5,
+    "repeat": 0.2,
+    "wrong_operation": 0.05,
 }
 # Near misses (off by one) are rarer among candidates than in demonstrations: a 2-layer reward
 # model judges them barely above chance (~55%), against ~99% for format errors and ~85% for gross
