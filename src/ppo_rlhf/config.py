@@ -113,8 +113,12 @@ class DataConfig:
     n_prefs: int = opt(4000, "Preference pairs (train).", min=1)
     n_prompts: int = opt(2000, "PPO training prompts.", min=1)
     n_eval: int = opt(400, "Held-out examples of each kind.", min=1)
-    noise_temperature: float = opt(0.1, "Bradley-Terry label-noise temperature of the simulated "
-                                   "labeller (0 = exact gold labels).", min=0)
+    noise_temperature: float = opt(-1.0, "Bradley-Terry label-noise temperature of the simulated "
+                                   "labeller (0 = exact gold labels; -1 = the task's default).", min=-1)
+    holdout: str = opt("ppo", "What the eval prompts are held out from: 'ppo' = the PPO prompts "
+                       "(SFT and preference data cover the whole prompt space, as in InstructGPT); "
+                       "'problems' = every training file (a generalisation test).",
+                       choices=("ppo", "problems"))
 
 
 @dataclass

@@ -49,11 +49,12 @@ def eval_loss(model, encoded, pad_id: int, batch_size: int, device) -> float:
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
     mine = dist.shard(list(range(len(encoded))))
-    for i in range(0, len(mine), batch_size):
-        batch = collate_sft([encoded[j] for j in mine[i:i + batch_size]], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        s, n = token_losses(model, batch)
-        total += torch.tensor([s.item(), n.item()], dtype=torch.float64)
+    with dist.full_params(model):  # ranks may run different numbers of batches
+        for i in range(0, len(mine), batch_size):
+            batch = collate_sft([encoded[j] for j in mine[i:i + batch_size]], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            s, n = token_losses(model, batch)
+            total += torch.tensor([s.item(), n.item()], dtype=torch.float64)
     total = dist.all_reduce_sum(total)
     return (total[0] / total[1].clamp(min=1)).item()
 
@@ -78,31 +79,37 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
         check_token_ids(enc.input_ids, model.config.vocab_size, cfg.train_file)
     if cfg.model.lora_r:
         model = apply_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout)
+    ddp_model = dist.wrap_model(model, device, cfg.run)  # before the optimizer: FSDP swaps the parameters
     params = [p for p in model.parameters() if p.requires_grad]
     steps = common.total_steps(len(train), cfg.batch_size, cfg.epochs, cfg.max_steps)
     opt = common.make_optimizer(params, cfg.optim)
     sched = common.make_scheduler(opt, cfg.optim, steps)
-    ddp_model = dist.wrap_ddp(model, device)
 
     ckpt = CheckpointManager(out_dir, keep_last=cfg.run.keep_last, enabled=dist.is_main())
+    guard = NonFiniteGuard(cfg.run.max_nonfinite)
     start = 0
-    if resume and (path := ckpt.latest_valid()) is not None:
-        values = ckpt.load(path, {"model": model, "optimizer": opt, "scheduler": sched})
+    if resume and (last_ckpt := ckpt.latest_valid()) is not None:
+        values = ckpt.load(last_ckpt, dist.for_loading({"model": model, "optimizer": opt, "scheduler": sched}))
         start = values["step"]
         set_rng_state(values["rng"])
+        common.load_guard_state(guard, values)
+        common.use_config_lr(opt, sched, cfg.optim.lr)
+        if (done := common.finished_summary(out_dir, start, steps, "sft")) is not None:
+            return done
+    else:
+        last_ckpt = None
     logger = MetricsLogger(out_dir, enabled=dist.is_main(), tensorboard=cfg.run.tensorboard,
                            wandb_project=cfg.run.wandb_project or None,
                            console_every=max(1, steps // 10))
-    if start:
-        logger.truncate_after(start)
-    elif dist.is_main():
+    # Drop what an interrupted attempt logged after the checkpoint (all of it when starting afresh).
+    logger.truncate_after(start if start else -1)
+    if not start and dist.is_main():
         logger.log(0, {"data/examples": len(train), "data/truncated_prompts": trunc.prompts_truncated,
                        "data/truncated_responses": trunc.responses_truncated,
                        "data/dropped": trunc.dropped}, stage="sft")
     if dist.is_main() and (trunc.prompts_truncated or trunc.responses_truncated or trunc.dropped):
         print(f"[sft] {cfg.train_file}: {trunc.describe()}")
 
-    guard = NonFiniteGuard(cfg.run.max_nonfinite)
     progress = Progress(steps - start, "sft", enabled=dist.is_main())
     batches = common.global_batches(len(train), cfg.batch_size, cfg.run.seed, start)
     pad_id = tokenizer.pad_token_id
@@ -121,7 +128,8 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
                 (s * dist.world_size() / max(1, n_tokens)).backward()
                 loss_sum += s.detach()
             loss = dist.all_reduce_sum(loss_sum) / max(1, n_tokens)
-            ok, gnorm = common.clip_and_step(params, opt, sched, cfg.optim.max_grad_norm, guard, loss)
+            ok, gnorm = common.clip_and_step(params, opt, sched, cfg.optim.max_grad_norm, guard, loss,
+                                             step=step + 1, last_checkpoint=last_ckpt)
             step += 1
             progress.update(loss=f"{loss.item():.3f}")
             if step % cfg.run.log_every == 0 or step == steps:
@@ -132,17 +140,18 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
                 el = eval_loss(model, evalset, pad_id, cfg.batch_size, device)
                 logger.log(step, {"sft/eval_loss": el, "sft/eval_ppl": math.exp(min(el, 50))}, stage="sft")
             if (cfg.run.save_every and step % cfg.run.save_every == 0) or stop.requested:
-                ckpt.save(step, {"model": model, "optimizer": opt, "scheduler": sched,
-                                 "step": step, "rng": rng_state()})
+                last_ckpt = ckpt.save(step, dist.for_saving({"model": model, "optimizer": opt, "scheduler": sched,
+                                                             "step": step, "rng": rng_state(),
+                                                             **common.guard_state(guard)}))
             if stop.requested:
                 progress.close()
                 logger.close()
-                print(f"[sft] stopped at step {step}; resume with: ppo-rlhf sft ... --resume")
+                print(f"[sft] stopped at step {step}; resume with: {common.resume_command('sft')}")
                 return {"stopped_at": step}
     progress.close()
 
     summary = {"stage": "sft", "steps": steps, "train_examples": len(train),
-               "truncation": trunc.describe(), "duplicates_dropped": getattr(read_report, "duplicates", 0),
+               "truncation": trunc.describe(), "duplicates": read_report.duplicates,
                "final_train_loss": loss.item() if steps > start else None,
                "skipped_steps": guard.skipped_total}
     if evalset:
@@ -151,15 +160,17 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
         logger.log(steps, {"sft/eval_loss": el, "sft/eval_ppl": summary["eval_ppl"]}, stage="sft")
     if cfg.task and cfg.eval_prompts_file:
         prompts = load_eval_prompts(cfg.eval_prompts_file, tokenizer, cfg.max_prompt_len)
-        res = evaluate_policy(model, tokenizer, prompts, task=cfg.task, device=device,
-                              max_new_tokens=cfg.max_new_tokens, seed=cfg.run.seed)
+        with dist.full_params(model):
+            res = evaluate_policy(model, tokenizer, prompts, task=cfg.task, device=device,
+                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.run.seed)
         summary.update(gold_reward=res["gold_reward"], gold_reward_std=res["gold_reward_std"])
         logger.log(steps, {"sft/gold_reward": res["gold_reward"]}, stage="sft")
+    state = dist.for_saving({"model": model, "optimizer": opt, "scheduler": sched, "step": steps,
+                             "rng": rng_state(), **common.guard_state(guard)})  # on every rank: FSDP gathers the shards to rank 0
     if dist.is_main():
-        final = model.merge_and_unload() if cfg.model.lora_r and cfg.model.merge_lora else model
-        save_model(final, tokenizer, out_dir / "model")
-        ckpt.save(steps, {"model": model, "optimizer": opt, "scheduler": sched, "step": steps,
-                          "rng": rng_state()})
+        save_model(state["model"], tokenizer, out_dir / "model")  # merges a copy of a LoRA model
+        if last_ckpt != ckpt.path_for(steps):  # not already saved by the loop (or resumed from)
+            ckpt.save(steps, state)
         summary.update(seconds=time.time() - t_start, config=to_dict(cfg))
         write_summary(out_dir, summary)
     logger.close()

@@ -83,7 +83,8 @@ def _guess_kind(path: str) -> str:
 def run_data(cfg: DataConfig) -> dict:
     out = common.require(cfg.out_dir, "out_dir", "where to write the JSONL files (--out DIR)")
     paths = write_task_data(get_task(cfg.task), out, cfg.seed, n_sft=cfg.n_sft, n_prefs=cfg.n_prefs,
-                            n_prompts=cfg.n_prompts, n_eval=cfg.n_eval, noise_temperature=cfg.noise_temperature)
+                            n_prompts=cfg.n_prompts, n_eval=cfg.n_eval, holdout=cfg.holdout,
+                            noise_temperature=None if cfg.noise_temperature < 0 else cfg.noise_temperature)
     summary = {"stage": "data", "files": {k: str(v) for k, v in paths.items()}, "config": to_dict(cfg)}
     atomic_write_json(Path(out) / "summary.json", summary)
     return summary

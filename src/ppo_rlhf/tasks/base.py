@@ -103,9 +103,11 @@ class Task(ABC):
         return by_split
 
     def prompts(self, split: str = "train") -> list[str]:
-        """All prompts of one split ("train" or "eval"), in a fixed order."""
+        """All prompts of one split ("train", "eval", or "all" for both), in a fixed order."""
+        if split == "all":
+            return self.all_prompts()
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            raise ValueError(f"split must be one of {SPLITS} or 'all', got {split!r}")
         return self._prompts_by_split[split]
 
     def sample_prompts(self, n: int, rng: random.Random, split: str = "train") -> list[str]:
@@ -241,15 +243,24 @@ def write_task_data(
     n_eval: int = 200,
     noise_temperature: float | None = None,
     k: int = 2,
+    holdout: str = "problems",
 ) -> dict[str, Path]:
     """Write a task's datasets as JSONL files (plus task.json) into `out_dir`; return their paths.
 
     Files: sft_train / sft_eval ({"prompt", "response"}), prefs_train (labeller noise
     `noise_temperature`, default the task's; rankings if k > 2) / prefs_eval (exact gold labels,
     pairs), prompts_train / prompts_eval ({"prompt"}, distinct, so at most the split's size),
-    pretrain ({"text"}, n_sft texts). Train and eval files use disjoint prompts. Each file comes
-    from its own seeded random stream and is written atomically.
+    pretrain ({"text"}, n_sft texts). Each file comes from its own seeded random stream and is
+    written atomically.
+
+    `holdout` says what the eval prompts are held out from: "problems" -- from every training
+    file (SFT, preferences, PPO prompts: a test of generalisation to unseen prompts); "ppo" -- from
+    the PPO prompts only, while SFT demonstrations and preferences cover the task's whole prompt
+    space, as in InstructGPT where every stage draws from one distribution of user prompts.
     """
+    if holdout not in ("problems", "ppo"):
+        raise UserError(f"holdout={holdout!r}; fix: use 'problems' or 'ppo'")
+    sft_split = "train" if holdout == "problems" else "all"
     if noise_temperature is None:
         noise_temperature = task.default_noise_temperature
     if noise_temperature < 0:
@@ -262,10 +273,10 @@ def write_task_data(
         return random.Random(f"{seed}/{task.name}/{kind}")
 
     datasets: dict[str, list[dict]] = {
-        "sft_train": task.sft_records(n_sft, stream("sft_train"), "train"),
+        "sft_train": task.sft_records(n_sft, stream("sft_train"), sft_split),
         "sft_eval": task.sft_records(n_eval, stream("sft_eval"), "eval"),
         "prefs_train": task.preference_pairs(
-            n_prefs, stream("prefs_train"), noise_temperature, k=k, split="train"
+            n_prefs, stream("prefs_train"), noise_temperature, k=k, split=sft_split
         ),
         "prefs_eval": task.preference_pairs(n_eval, stream("prefs_eval"), 0.0, split="eval"),
         "prompts_train": _prompt_records(task.distinct_prompts(n_prompts, stream("prompts_train"))),
@@ -286,6 +297,7 @@ def write_task_data(
             "sizes": {kind: len(records) for kind, records in datasets.items()},
             "noise_temperature": noise_temperature,
             "k": k,
+            "holdout": holdout,
             "demo_error_rate": task.demo_error_rate,
             "default_max_new_tokens": task.default_max_new_tokens,
             "default_max_prompt_len": task.default_max_prompt_len,
