@@ -86,10 +86,12 @@ def test_critic_warmup_updates_only_the_value_model(dirs):
 def test_gradient_accumulation_equals_one_big_minibatch(dirs):
     """grad_accum splits a minibatch into micro-batches weighted by their token share: the update
     must equal the one computed on the whole minibatch at once."""
+    # Adam's first step is lr * g / (|g| + eps): with the default eps, float32 summation noise in
+    # gradients near 1e-8 moves such weights by up to lr, so eps is raised to compare the updates.
     a = make_trainer(dirs, "train.ppo_epochs=1", "train.num_minibatches=1", "train.grad_accum=1",
-                     "optim.max_grad_norm=0")
+                     "optim.max_grad_norm=0", "optim.adam_eps=1e-4")
     b = make_trainer(dirs, "train.ppo_epochs=1", "train.num_minibatches=1", "train.grad_accum=4",
-                     "optim.max_grad_norm=0")
+                     "optim.max_grad_norm=0", "optim.adam_eps=1e-4")
     a.iteration(list(range(8)), PhaseTimer())
     b.iteration(list(range(8)), PhaseTimer())
     for (n, pa), pb in zip(a.policy.named_parameters(), b.policy.parameters()):
@@ -116,7 +118,7 @@ def test_adaptive_kl_controller_moves_beta(dirs):
 def test_minibatches_partition_the_rollout():
     parts = minibatch_indices(10, 3, torch.Generator().manual_seed(0))
     assert sorted(torch.cat(parts).tolist()) == list(range(10))
-    assert [len(p) for p in parts] == [4, 4, 2]
+    assert [len(p) for p in parts] == [4, 3, 3]  # sizes differ by at most one (every rank gets rows)
 
 
 def test_missing_eos_penalty_and_clip():

@@ -71,12 +71,14 @@ def sample_tokens(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B,) token ids drawn from (B, V) logits; temperature 0 is greedy (argmax).
 
     Same order as HF: temperature, then top-k, then top-p (keep the smallest set of most likely
     tokens whose probability reaches top_p). Draws by inverse CDF, one uniform per row, which is
-    far cheaper than `torch.multinomial` or Gumbel noise over the whole vocabulary.
+    far cheaper than `torch.multinomial` or Gumbel noise over the whole vocabulary. `uniform`
+    (B,) in [0, 1) supplies those draws instead of `generator` (see `row_uniforms`).
     """
     if temperature == 0:
         return logits.argmax(-1)
@@ -92,12 +94,27 @@ def sample_tokens(
         probs = probs.masked_fill(mass_before >= top_p, 0.0)  # the first token always stays
     cdf = probs.cumsum(-1)
     # u in (0, total]: the first index with cdf >= u is never a zero-probability token.
-    uniform = torch.rand(
-        probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype
-    )
+    if uniform is None:
+        uniform = torch.rand(
+            probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype
+        )
+    else:
+        uniform = uniform.to(cdf.dtype).view(-1, 1)
     choice = torch.searchsorted(cdf, (1.0 - uniform) * cdf[:, -1:]).squeeze(-1)
     choice = choice.clamp_(max=probs.shape[-1] - 1)
     return choice if index is None else index.gather(-1, choice[:, None]).squeeze(-1)
+
+
+def row_uniforms(row_seeds: Sequence[int], n: int) -> torch.Tensor:
+    """(B, n) float32 uniforms in [0, 1) on the CPU, row i from a generator seeded with row_seeds[i].
+
+    Drawn up front, one generator per row per call (not per token), so per-row streams cost
+    next to nothing; on the CPU so that a seed gives the same draws on every device.
+    """
+    out = torch.empty(len(row_seeds), n)
+    for row, seed in enumerate(row_seeds):
+        out[row] = torch.rand(n, generator=torch.Generator().manual_seed(int(seed) % 2**63))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +320,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    row_seeds: Sequence[int] | None = None,
     return_logprobs: bool = False,
 ):
     """Sample responses to left-padded prompts with a KV cache.
@@ -313,7 +331,10 @@ def generate(
     `return_logprobs`, also returns (B, R) float32 log-probs of the sampled tokens under
     log_softmax(logits / temperature) (temperature 1 when greedy), 0 where the mask is False.
 
-    Deterministic given `generator` (on the model's device). Dropout is off while sampling.
+    Deterministic given `generator` (on the model's device). With `row_seeds` (one int per row)
+    each row draws from its own stream instead (`row_uniforms`), so a row's sample does not depend
+    on which other rows share its batch -- the same prompts give the same responses whether they
+    are generated in one process or sharded over DDP ranks. Dropout is off while sampling.
     """
     hf, head = _lm_parts(model)
     trunk = hf.base_model
@@ -327,6 +348,11 @@ def generate(
     response = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
     logprobs = torch.empty(batch, max_new_tokens, device=device) if return_logprobs else None
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    uniforms = None
+    if row_seeds is not None and temperature != 0:
+        if len(row_seeds) != batch:
+            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {batch} rows")
+        uniforms = row_uniforms(row_seeds, max_new_tokens).to(device)
     # A CPU sync is free; on an accelerator it would stall the queued kernels, so check rarely.
     check_every = 1 if device.type == "cpu" else 8
 
@@ -338,7 +364,8 @@ def generate(
         while steps < max_new_tokens:
             logits = head(hidden[:, -1]).float()
             token = sample_tokens(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                uniform=None if uniforms is None else uniforms[:, steps],
             )
             response[:, steps] = token
             if logprobs is not None:

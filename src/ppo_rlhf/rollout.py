@@ -44,12 +44,13 @@ class Experience(NamedTuple):
 
 @torch.no_grad()
 def sample(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: PPOConfig,
-           max_new_tokens: int, eos_id: int, pad_id: int, generator: torch.Generator):
-    """Responses (B, R) and their mask from the current policy."""
+           max_new_tokens: int, eos_id: int, pad_id: int, generator: torch.Generator | None = None,
+           row_seeds: list[int] | None = None):
+    """Responses (B, R) and their mask from the current policy (per-row streams with `row_seeds`)."""
     r = cfg.rollout
     return generate(policy, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
                     pad_token_id=pad_id, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                    generator=generator)
+                    generator=generator, row_seeds=row_seeds)
 
 
 def truncated_rows(response_ids: torch.Tensor, response_mask: torch.Tensor, eos_id: int) -> torch.Tensor:

@@ -63,7 +63,9 @@ def value_loss(
     vf_losses = (values - returns).square()
     if clip_eps is None:
         return 0.5 * masked_mean(vf_losses, mask), {"clipfrac": 0.0}
-    values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    # = V_old + clip(V - V_old, -eps, eps), but exactly V inside the band: the other form rounds,
+    # and "clipped term larger" then counts rounding noise as clipping in the clipfrac.
+    values_clipped = torch.clamp(values, old_values - clip_eps, old_values + clip_eps)
     vf_losses_clipped = (values_clipped - returns).square()
     loss = 0.5 * masked_mean(torch.maximum(vf_losses, vf_losses_clipped), mask)
     clipfrac = float(masked_mean((vf_losses_clipped > vf_losses).float(), mask))

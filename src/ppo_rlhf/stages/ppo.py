@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .. import distributed as dist
 from ..algo.advantages import RunningMeanStd, explained_variance, masked_mean
@@ -24,7 +25,7 @@ from ..algo.kl_control import make_kl_controller
 from ..algo.losses import lm_loss, policy_loss, value_loss
 from ..checkpoint import CheckpointManager, rng_state, set_rng_state
 from ..config import PPOConfig, to_dict
-from ..data.collate import collate_prompts, pad_right, position_ids_from_mask
+from ..data.collate import pad_left, pad_right, position_ids_from_mask
 from ..data.encode import check_token_ids, encode_prompts
 from ..data.jsonl import read_prompts, read_texts
 from ..errors import UserError
@@ -40,9 +41,10 @@ from .evaluate import decode_responses, evaluate_policy, load_eval_prompts
 
 
 def minibatch_indices(n: int, num_minibatches: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """A shuffled split of range(n) into num_minibatches nearly equal parts."""
+    """A shuffled split of range(n) into num_minibatches parts whose sizes differ by at most one
+    (so with n >= world * num_minibatches * grad_accum every rank gets grad_accum rows of each)."""
     perm = torch.randperm(n, generator=generator)
-    return [chunk for chunk in perm.chunk(num_minibatches) if chunk.numel()]
+    return [chunk for chunk in perm.tensor_split(num_minibatches) if chunk.numel()]
 
 
 def ppo_losses(policy, value_model, exp: Experience, idx: torch.Tensor, cfg: PPOConfig,
@@ -96,6 +98,8 @@ class PPOTrainer:
         if cfg.rollout.batch_size // dist.world_size() < cfg.train.num_minibatches * cfg.train.grad_accum:
             raise UserError("rollout.batch_size per rank must be at least train.num_minibatches * "
                             f"train.grad_accum ({cfg.train.num_minibatches} * {cfg.train.grad_accum})")
+        if cfg.loss.ptx_coef > 0:
+            common.check_batch(cfg.loss.ptx_batch_size, 1, "loss.ptx_batch_size")
         tok = self.tokenizer = load_tokenizer(cfg.policy)
         self.task = get_task(cfg.task) if cfg.task else None
         self.max_new_tokens = cfg.rollout.max_new_tokens or (self.task.default_max_new_tokens if self.task else 32)
@@ -130,6 +134,12 @@ class PPOTrainer:
             self.ptx_ids = [ids[:max_len] for ids in
                             tok([t.text for t in texts], add_special_tokens=False)["input_ids"] if ids]
 
+        # Before the optimizers: FSDP swaps the parameters (and shards the frozen models too).
+        self.policy_ddp = dist.wrap_model(self.policy, device, cfg.run)
+        self.value_ddp = dist.wrap_model(self.value_model, device, cfg.run)
+        for frozen in (self.reference, self.reward_model):
+            if frozen is not None:
+                dist.wrap_model(frozen, device, cfg.run)
         self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
         self.value_params = [p for p in self.value_model.parameters() if p.requires_grad]
         steps = cfg.train.updates * cfg.train.ppo_epochs * cfg.train.num_minibatches
@@ -137,8 +147,6 @@ class PPOTrainer:
         self.value_opt = common.make_optimizer(self.value_params, cfg.optim, lr=cfg.train.value_lr or cfg.optim.lr)
         self.policy_sched = common.make_scheduler(self.policy_opt, cfg.optim, steps)
         self.value_sched = common.make_scheduler(self.value_opt, cfg.optim, steps)
-        self.policy_ddp = dist.wrap_ddp(self.policy, device)
-        self.value_ddp = dist.wrap_ddp(self.value_model, device)
         self.kl_ctl = make_kl_controller(cfg.reward.kl_control, cfg.reward.kl_coef, cfg.reward.kl_target,
                                          cfg.reward.kl_horizon)
         self.running = RunningMeanStd() if cfg.reward.normalize else None
@@ -171,25 +179,39 @@ class PPOTrainer:
 
     # -- one iteration -------------------------------------------------------------------------------
     def iteration(self, prompt_rows: list[int], timer: PhaseTimer) -> tuple[dict[str, float], list[dict]]:
+        """One PPO step on the global rollout batch `prompt_rows` (prompt indices, all ranks alike).
+
+        Each rank samples and scores its shard (`dist.shard`); the experience is then gathered in
+        global order, so minibatches and statistics are those of one process with the whole
+        batch. Row i samples from its own stream, seeded from a per-update seed and i, so the
+        rollout does not depend on the world size either.
+        """
         cfg, tok, dev = self.cfg, self.tokenizer, self.device
-        batch = collate_prompts([self.prompt_ids[i] for i in prompt_rows], tok.pad_token_id)
-        prompt_ids, prompt_mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-        with timer("generate"), common.autocast(dev, cfg.run.dtype):
+        mine = dist.shard(range(len(prompt_rows)))
+        # One prompt width and response length on all ranks, so that the experience can be gathered.
+        width = max(len(self.prompt_ids[i]) for i in prompt_rows)
+        prompt_ids, prompt_mask = pad_left([self.prompt_ids[prompt_rows[j]] for j in mine], tok.pad_token_id, width)
+        prompt_ids, prompt_mask = prompt_ids.to(dev), prompt_mask.to(dev)
+        base_seed = int(torch.randint(2**62, (1,), generator=self.gen, device=self.gen.device))
+        with timer("generate"), common.autocast(dev, cfg.run.dtype), dist.full_params(self.policy):
             resp, resp_mask = sample(self.policy, prompt_ids, prompt_mask, cfg, self.max_new_tokens,
-                                     tok.eos_token_id, tok.pad_token_id, self.gen)
+                                     tok.eos_token_id, tok.pad_token_id, row_seeds=[base_seed + j for j in mine])
+            extra = int(dist.all_reduce_max(torch.tensor(resp.size(1)))) - resp.size(1)
+            resp = F.pad(resp, (0, extra), value=tok.pad_token_id)
+            resp_mask = F.pad(resp_mask, (0, extra), value=False)
         with timer("score"), common.autocast(dev, cfg.run.dtype):
             exp = make_experience(self.policy, self.reference, self.value_model, self.reward_model,
                                   prompt_ids, prompt_mask, resp, resp_mask, cfg, self.kl_ctl.value,
                                   tok.eos_token_id, self.running, self.reference_ctx())
+            exp = Experience(*(dist.gather_shards(t) for t in exp))
         with timer("train"):
             train_stats = self.update(exp)
         seq_kl = sequence_kl(exp.logprobs, exp.ref_logprobs, exp.response_mask)
-        n_global = len(prompt_rows) * dist.world_size()
-        mean_kl = dist.reduce_metrics({"kl": seq_kl.mean().item()}, len(prompt_rows))["kl"]
+        mean_kl = seq_kl.mean().item()
         beta = self.kl_ctl.value
-        self.kl_ctl.update(mean_kl, n_global)
+        self.kl_ctl.update(mean_kl, len(prompt_rows))
 
-        texts, truncated = decode_responses(tok, resp.cpu(), resp_mask.cpu())
+        texts, truncated = decode_responses(tok, exp.sequences[:, exp.prompt_len:].cpu(), exp.response_mask.cpu())
         m = {"objective/kl": mean_kl,
              "objective/kl_estimator_mean": (exp.kl * exp.response_mask).sum(1).mean().item(),
              "objective/rlhf_reward": (exp.rewards.sum(1)).mean().item(),
@@ -207,8 +229,6 @@ class PPOTrainer:
             golds = [self.task.gold_reward(self.prompt_texts[i], t, truncated=tr)
                      for i, t, tr in zip(prompt_rows, texts, truncated)]
             m["objective/gold_reward"] = sum(golds) / len(golds)
-        m = dist.reduce_metrics(m, len(prompt_rows))
-        m["objective/kl"] = mean_kl
         m.update(train_stats)
         rows = [{"prompt": self.prompt_texts[i], "response": t, "rm_score": s}
                 for i, t, s in zip(prompt_rows[:cfg.sample_rows], texts, exp.rm_scores.tolist())]
@@ -225,39 +245,47 @@ class PPOTrainer:
         n_steps = 0
         early_stop = False
         B = exp.sequences.size(0)
+        world = dist.world_size()
         for _epoch in range(cfg.train.ppo_epochs):
             for mb in minibatch_indices(B, cfg.train.num_minibatches, self.shuffle_gen):
+                # The experience is global (see `iteration`): the minibatch is the same on every
+                # rank, and each rank trains on its share, weighted by its share of the tokens.
                 mb = mb.to(exp.sequences.device)
-                mb_tokens = dist.all_reduce_sum(exp.response_mask[mb].sum().float()).clamp(min=1)
-                mb_stats: dict[str, torch.Tensor] = {}
-                loss_total = torch.zeros((), device=self.device)
-                for micro in mb.chunk(cfg.train.grad_accum):
-                    weight = exp.response_mask[micro].sum().float() / mb_tokens * dist.world_size()
+                mb_tokens = exp.response_mask[mb].sum().float().clamp(min=1)
+                mb_stats: dict[str, torch.Tensor] = {"loss/total": torch.zeros((), device=self.device)}
+                mb_max: dict[str, float] = {}
+                for micro in mb[dist.rank()::world].tensor_split(cfg.train.grad_accum):
+                    share = exp.response_mask[micro].sum().float() / mb_tokens
                     with common.autocast(self.device, cfg.run.dtype):
                         loss, stats = ppo_losses(self.policy_ddp, self.value_ddp, exp, micro, cfg,
                                                  update_policy, update_value)
-                    (loss * weight).backward()
-                    loss_total += loss.detach() * weight / dist.world_size()
+                    # DDP averages gradients over ranks, hence the world-size factor.
+                    (loss * share * world).backward()
+                    mb_stats["loss/total"] += loss.detach() * share
                     for k, v in stats.items():
-                        mb_stats[k] = mb_stats.get(k, 0.0) + v.float() * weight / dist.world_size()
+                        if k.endswith("_max"):
+                            mb_max[k] = max(mb_max.get(k, float("-inf")), float(v))
+                        else:
+                            mb_stats[k] = mb_stats.get(k, 0.0) + v.float() * share
                 if cfg.loss.ptx_coef > 0 and update_policy and self.ptx_ids:
                     g = torch.Generator().manual_seed(cfg.run.seed * 7919 + self.step * 131 + n_steps)
                     rows = torch.randint(len(self.ptx_ids), (cfg.loss.ptx_batch_size,), generator=g).tolist()
-                    lm = ptx_loss(self.policy_ddp, self.ptx_ids, dist.shard(rows), self.tokenizer.pad_token_id,
-                                  self.device)
-                    (cfg.loss.ptx_coef * lm).backward()
-                    mb_stats["loss/ptx"] = lm.detach()
-                    loss_total += cfg.loss.ptx_coef * lm.detach()
-                loss_total = dist.all_reduce_sum(loss_total)
+                    mine = dist.shard(rows)
+                    share = sum(len(self.ptx_ids[i]) - 1 for i in mine) / max(1, sum(len(self.ptx_ids[i]) - 1 for i in rows))
+                    lm = ptx_loss(self.policy_ddp, self.ptx_ids, mine, self.tokenizer.pad_token_id, self.device)
+                    (cfg.loss.ptx_coef * lm * share * world).backward()
+                    mb_stats["loss/ptx"] = lm.detach() * share
+                    mb_stats["loss/total"] += cfg.loss.ptx_coef * lm.detach() * share
+                reduced = {**dist.all_reduce_dict(mb_stats), **dist.all_reduce_dict(mb_max, op="max")}
+                loss_total = torch.tensor(reduced.pop("loss/total"))
                 if update_policy:
                     ok, gn = common.clip_and_step(self.policy_params, self.policy_opt, self.policy_sched,
                                                   cfg.optim.max_grad_norm, self.guard, loss_total)
-                    mb_stats["policy/grad_norm"] = torch.tensor(gn)
+                    reduced["policy/grad_norm"] = gn
                 if update_value:
                     ok, gn = common.clip_and_step(self.value_params, self.value_opt, self.value_sched,
                                                   cfg.optim.max_grad_norm, self.guard, loss_total)
-                    mb_stats["value/grad_norm"] = torch.tensor(gn)
-                reduced = dist.reduce_metrics({k: float(v) for k, v in mb_stats.items()})
+                    reduced["value/grad_norm"] = gn
                 for k, v in reduced.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_steps += 1
@@ -280,9 +308,9 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> dict:
     trainer = PPOTrainer(cfg, device)
     ckpt = CheckpointManager(out_dir, keep_last=cfg.run.keep_last, enabled=dist.is_main())
     if resume and (path := ckpt.latest_valid()) is not None:
-        trainer.load(ckpt.load(path, trainer.state()))
+        trainer.load(ckpt.load(path, dist.for_loading(trainer.state())))
     else:
-        trainer.gen.manual_seed(cfg.run.seed + 1000 * dist.rank())
+        trainer.gen.manual_seed(cfg.run.seed)  # the same on every rank: it seeds the global rollout
         trainer.shuffle_gen.manual_seed(cfg.run.seed + 17)
     logger = MetricsLogger(out_dir, enabled=dist.is_main(), tensorboard=cfg.run.tensorboard,
                            wandb_project=cfg.run.wandb_project or None,
@@ -295,11 +323,12 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> dict:
     def evaluate(step: int) -> dict:
         if trainer.eval_prompts is None:
             return {}
-        res = evaluate_policy(trainer.policy, trainer.tokenizer, trainer.eval_prompts, task=cfg.task,
-                              device=device, reward_model=trainer.reward_model,
-                              reference=trainer.reference if not trainer.use_lora else None,
-                              max_new_tokens=trainer.max_new_tokens, temperature=cfg.rollout.temperature,
-                              seed=cfg.run.seed + 99, sample_rows=cfg.sample_rows)
+        with dist.full_params(trainer.policy, trainer.reward_model, trainer.reference):
+            res = evaluate_policy(trainer.policy, trainer.tokenizer, trainer.eval_prompts, task=cfg.task,
+                                  device=device, reward_model=trainer.reward_model,
+                                  reference=trainer.reference if not trainer.use_lora else None,
+                                  max_new_tokens=trainer.max_new_tokens, temperature=cfg.rollout.temperature,
+                                  seed=cfg.run.seed + 99, sample_rows=cfg.sample_rows)
         metrics = {f"eval/{k}": v for k, v in res.items() if isinstance(v, float)}
         logger.log(step, metrics, stage="ppo")
         logger.log_samples(step, [dict(r, step=step) for r in res["samples"]])
@@ -313,16 +342,14 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> dict:
     last_eval: dict = {}
     with GracefulStop() as stop:
         while trainer.step < cfg.train.updates:
-            rows = dist.shard(next(batches))
+            rows = next(batches)
             timer.reset()
             t0 = time.time()
             metrics, samples = trainer.iteration(rows, timer)
             trainer.step += 1
             dt = time.time() - t0
             # tokens processed = prompt + response tokens of the whole (global) rollout
-            n_tokens = dist.all_reduce_sum(torch.tensor(
-                sum(len(trainer.prompt_ids[i]) for i in rows) + metrics["rollout/response_length"] * len(rows),
-                dtype=torch.float64)).item()
+            n_tokens = sum(len(trainer.prompt_ids[i]) for i in rows) + metrics["rollout/response_length"] * len(rows)
             metrics.update(timer.totals())
             metrics.update({"perf/tokens_per_s": n_tokens / dt, "perf/seconds_per_update": dt,
                             "perf/samples": trainer.step * cfg.rollout.batch_size})
@@ -335,7 +362,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> dict:
             if cfg.run.eval_every and trainer.step % cfg.run.eval_every == 0 and trainer.step < cfg.train.updates:
                 last_eval = evaluate(trainer.step)
             if (cfg.run.save_every and trainer.step % cfg.run.save_every == 0) or stop.requested:
-                ckpt.save(trainer.step, trainer.state())
+                ckpt.save(trainer.step, dist.for_saving(trainer.state()))
             if stop.requested:
                 progress.close()
                 logger.close()
@@ -345,11 +372,14 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> dict:
     last_eval = evaluate(trainer.step) or last_eval
     summary = {"stage": "ppo", "updates": cfg.train.updates, "final_beta": trainer.kl_ctl.value,
                "skipped_steps": trainer.guard.skipped_total, **{k.split("/", 1)[1]: v for k, v in last_eval.items()}}
+    # on every rank: FSDP gathers the shards to rank 0
+    state = dist.for_saving(trainer.state())
+    policy, value_model = dist.plain_copy(trainer.policy), dist.plain_copy(trainer.value_model)
     if dist.is_main():
-        policy = trainer.policy.merge_and_unload() if trainer.use_lora and cfg.model.merge_lora else trainer.policy
+        policy = policy.merge_and_unload() if trainer.use_lora and cfg.model.merge_lora else policy
         save_model(policy, trainer.tokenizer, out_dir / "model")
-        save_model(trainer.value_model, trainer.tokenizer, out_dir / "value_model")
-        ckpt.save(trainer.step, trainer.state())
+        save_model(value_model, trainer.tokenizer, out_dir / "value_model")
+        ckpt.save(trainer.step, state)
         summary.update(seconds=time.time() - t_start, config=to_dict(cfg))
         write_summary(out_dir, summary)
     logger.close()

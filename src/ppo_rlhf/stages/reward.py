@@ -44,12 +44,13 @@ def evaluate_pairs(model, pairs, pad_id: int, batch_size: int, device) -> dict[s
     model.eval()
     total = torch.zeros(3, dtype=torch.float64)
     mine = dist.shard(list(range(len(pairs))))
-    for i in range(0, len(mine), batch_size):
-        batch = {k: v.to(device) for k, v in collate_pairs([pairs[j] for j in mine[i:i + batch_size]], pad_id).items()}
-        chosen, rejected = pair_scores(model, batch)
-        loss, acc = pairwise_rm_loss(chosen.float(), rejected.float())
-        n = chosen.size(0)
-        total += torch.tensor([float(loss) * n, float(acc) * n, n], dtype=torch.float64)
+    with dist.full_params(model):  # ranks may run different numbers of batches
+        for i in range(0, len(mine), batch_size):
+            batch = {k: v.to(device) for k, v in collate_pairs([pairs[j] for j in mine[i:i + batch_size]], pad_id).items()}
+            chosen, rejected = pair_scores(model, batch)
+            loss, acc = pairwise_rm_loss(chosen.float(), rejected.float())
+            n = chosen.size(0)
+            total += torch.tensor([float(loss) * n, float(acc) * n, n], dtype=torch.float64)
     total = dist.all_reduce_sum(total)
     n = total[2].clamp(min=1)
     return {"loss": (total[0] / n).item(), "accuracy": (total[1] / n).item()}
@@ -99,16 +100,16 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict:
     check_token_ids(train[0].chosen_ids, model.config.vocab_size, cfg.train_file)
     if cfg.model.lora_r:
         model = apply_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout)
+    ddp_model = dist.wrap_model(model, device, cfg.run)  # before the optimizer: FSDP swaps the parameters
     params = [p for p in model.parameters() if p.requires_grad]
     steps = common.total_steps(len(train), cfg.batch_size, cfg.epochs, cfg.max_steps)
     opt = common.make_optimizer(params, cfg.optim)
     sched = common.make_scheduler(opt, cfg.optim, steps)
-    ddp_model = dist.wrap_ddp(model, device)
 
     ckpt = CheckpointManager(out_dir, keep_last=cfg.run.keep_last, enabled=dist.is_main())
     start = 0
     if resume and (path := ckpt.latest_valid()) is not None:
-        values = ckpt.load(path, {"model": model, "optimizer": opt, "scheduler": sched})
+        values = ckpt.load(path, dist.for_loading({"model": model, "optimizer": opt, "scheduler": sched}))
         start = values["step"]
         set_rng_state(values["rng"])
     logger = MetricsLogger(out_dir, enabled=dist.is_main(), tensorboard=cfg.run.tensorboard,
@@ -150,8 +151,8 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict:
                 ev = evaluate_pairs(model, evalset, pad_id, cfg.batch_size, device)
                 logger.log(step, {"rm/eval_loss": ev["loss"], "rm/eval_acc": ev["accuracy"]}, stage="reward")
             if (cfg.run.save_every and step % cfg.run.save_every == 0) or stop.requested:
-                ckpt.save(step, {"model": model, "optimizer": opt, "scheduler": sched,
-                                 "step": step, "rng": rng_state()})
+                ckpt.save(step, dist.for_saving({"model": model, "optimizer": opt, "scheduler": sched,
+                                                 "step": step, "rng": rng_state()}))
             if stop.requested:
                 progress.close()
                 logger.close()
@@ -166,15 +167,19 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict:
         ev = evaluate_pairs(final, evalset, pad_id, cfg.batch_size, device)
         summary.update(eval_accuracy=ev["accuracy"], eval_loss=ev["loss"], eval_pairs=len(evalset))
         logger.log(steps, {"rm/eval_loss": ev["loss"], "rm/eval_acc": ev["accuracy"]}, stage="reward")
-    raw = normalisation_scores(cfg, final, tokenizer, train, device)
+    with dist.full_params(final):
+        raw = normalisation_scores(cfg, final, tokenizer, train, device)
     set_reward_normalisation(final, raw)
     gain, bias = final.config.reward_gain, final.config.reward_bias
     summary.update(reward_gain=gain, reward_bias=bias, raw_score_mean=raw.mean().item(),
                    raw_score_std=raw.std().item())
+    # on every rank: FSDP gathers the shards to rank 0
+    exported = dist.plain_copy(final)
+    state = dist.for_saving({"model": model, "optimizer": opt, "scheduler": sched, "step": steps,
+                             "rng": rng_state()})
     if dist.is_main():
-        save_model(final, tokenizer, out_dir / "model")
-        ckpt.save(steps, {"model": model, "optimizer": opt, "scheduler": sched, "step": steps,
-                          "rng": rng_state()})
+        save_model(exported, tokenizer, out_dir / "model")
+        ckpt.save(steps, state)
         summary.update(seconds=time.time() - t_start, config=to_dict(cfg))
         write_summary(out_dir, summary)
     logger.close()
