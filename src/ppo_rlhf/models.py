@@ -110,12 +110,15 @@ def load_causal_lm(
     """A causal LM from a preset name (seeded random init) or a local `save_pretrained` directory.
 
     Presets get `vocab_size = len(tokenizer)` and the tokenizer's pad/eos/bos ids; `dropout` sets
-    every dropout probability of a preset (directories keep their saved config).
+    every dropout probability of a preset (directories keep their saved config). A directory whose
+    tokenizer had no pad token (GPT-2, Llama 3) gets one embedding row for the pad token that
+    `load_tokenizer` added.
     """
     path = Path(spec)
     if path.is_dir():
         _require_config(path)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        _add_pad_embedding(model, tokenizer)
     else:
         config = _preset_config(str(spec), tokenizer, dropout)
         with torch.random.fork_rng(devices=[]):
@@ -212,6 +215,19 @@ def _require_config(path: Path) -> None:
             f"{path}: no config.json, so this is not a saved model directory; fix: point at a "
             "directory written by save_pretrained (e.g. a stage's output) or use a preset"
         )
+
+
+def _add_pad_embedding(model: PreTrainedModel, tokenizer) -> None:
+    """Grow the embeddings by one row when the tokenizer's only token beyond them is its pad.
+
+    The row is the mean of the others (HF's mean resizing), so the pad token's logit is an
+    average one and sampling it stays as unlikely as for a typical token; pads are masked as
+    inputs. Any other excess is a mismatched tokenizer, which `_check_vocab` reports.
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) == rows + 1 and tokenizer.pad_token_id == rows:
+        with torch.random.fork_rng(devices=[]):  # mean resizing draws (negligible) noise
+            model.resize_token_embeddings(rows + 1)
 
 
 def _check_vocab(model: PreTrainedModel, tokenizer, spec) -> None:

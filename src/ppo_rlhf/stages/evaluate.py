@@ -63,8 +63,11 @@ def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch
 def evaluate_policy(policy, tokenizer, prompts: PromptSet, *, task: str = "", device=None,
                     reward_model=None, reference=None, max_new_tokens: int = 0,
                     temperature: float = 0.7, batch_size: int = 64, seed: int = 1234,
-                    sample_rows: int = 0) -> dict:
+                    sample_rows: int = 0, reference_ctx=None) -> dict:
     """Gold reward (mean/std), RM score and KL(policy||reference) per sequence on `prompts`.
+
+    With LoRA the reference is the policy itself inside `reference_ctx()` (adapters disabled),
+    as in the PPO rollout, instead of a `reference` model.
 
     Prompts are sharded over ranks and the statistics combined; prompt j samples from its own
     stream seeded from (seed, j), so the result does not depend on the number of ranks. KL is the
@@ -97,9 +100,13 @@ def evaluate_policy(policy, tokenizer, prompts: PromptSet, *, task: str = "", de
                       for j, t, tr in zip(idx, texts, truncated)]
         if reward_model is not None:
             scores += sequence_rewards(reward_model, seq, seq_mask).float().tolist()
-        if reference is not None:
+        if reference is not None or reference_ctx is not None:
             lp, _ = response_logprobs(policy, seq, seq_mask, ids.size(1), temperature=temp)
-            ref_lp, _ = response_logprobs(reference, seq, seq_mask, ids.size(1), temperature=temp)
+            if reference_ctx is not None:
+                with reference_ctx():
+                    ref_lp, _ = response_logprobs(policy, seq, seq_mask, ids.size(1), temperature=temp)
+            else:
+                ref_lp, _ = response_logprobs(reference, seq, seq_mask, ids.size(1), temperature=temp)
             kls += ((lp - ref_lp) * resp_mask).sum(1).tolist()
         for k, j in enumerate(idx[: max(0, sample_rows - len(rows))]):
             rows.append({"prompt": prompts.texts[j], "response": texts[k],
@@ -111,7 +118,7 @@ def evaluate_policy(policy, tokenizer, prompts: PromptSet, *, task: str = "", de
         out["gold_reward"], out["gold_reward_std"] = _mean_std(golds)
     if reward_model is not None:
         out["rm_score"], out["rm_score_std"] = _mean_std(scores)
-    if reference is not None:
+    if reference is not None or reference_ctx is not None:
         out["kl"], _ = _mean_std(kls)
     out["samples"] = rows
     return out

@@ -326,7 +326,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> dict:
         with dist.full_params(trainer.policy, trainer.reward_model, trainer.reference):
             res = evaluate_policy(trainer.policy, trainer.tokenizer, trainer.eval_prompts, task=cfg.task,
                                   device=device, reward_model=trainer.reward_model,
-                                  reference=trainer.reference if not trainer.use_lora else None,
+                                  reference=trainer.reference, reference_ctx=trainer.reference_ctx(),
                                   max_new_tokens=trainer.max_new_tokens, temperature=cfg.rollout.temperature,
                                   seed=cfg.run.seed + 99, sample_rows=cfg.sample_rows)
         metrics = {f"eval/{k}": v for k, v in res.items() if isinstance(v, float)}
