@@ -42,8 +42,8 @@ class ModelConfig:
     tokenizer: str = opt("", "Tokenizer directory; empty = the tokenizer saved in the model directory.")
     lora_r: int = opt(0, "LoRA rank; 0 trains all weights.", min=0)
     lora_alpha: float = opt(16.0, "LoRA scaling alpha.", min=0)
-    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch.", min=0, max=1)
-    merge_lora: bool = opt(True, "Merge LoRA adapters into the weights when saving the stage output.")
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch. Stage outputs are saved with the "
+                              "adapters merged into the weights (plain transformers models).", min=0, max=1)
 
 
 @dataclass
@@ -285,9 +285,13 @@ class PipelineConfig:
     model: str = opt("tiny-gpt2", "Model preset or local HF directory to start from.")
     tokenizer: TokenizerConfig = opt(factory=TokenizerConfig, help="Tokenizer stage.")
     data: DataConfig = opt(factory=DataConfig, help="Data stage.")
-    sft: SFTConfig = opt(factory=SFTConfig, help="SFT stage.")
-    reward: RewardConfig = opt(factory=RewardConfig, help="Reward-model stage.")
-    ppo: PPOConfig = opt(factory=PPOConfig, help="PPO stage.")
+    sft: SFTConfig = opt(factory=lambda: SFTConfig(
+        epochs=20.0, optim=OptimConfig(lr=1e-3, warmup_steps=50)), help="SFT stage.")
+    reward: RewardConfig = opt(factory=lambda: RewardConfig(epochs=3.0), help="Reward-model stage.")
+    ppo: PPOConfig = opt(factory=lambda: PPOConfig(
+        eval_samples=400, reward=RewardShapingConfig(kl_coef=0.2), train=PPOTrainConfig(updates=100),
+        optim=OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"),
+        run=RunConfig(eval_every=25, save_every=50)), help="PPO stage.")
     eval: EvalConfig = opt(factory=EvalConfig, help="Final evaluation.")
 
 

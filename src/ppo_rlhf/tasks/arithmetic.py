@@ -24,12 +24,12 @@ _TRAILING = [".", " .", "=", " =", " Q", "+1", " 0", "-"]
 # are sloppy form (text after the answer, the answer written twice) -- the kind of flaw a reward
 # model learns to see from preferences, and so the kind PPO can remove; the rest are wrong numbers.
 _DEMO_FLAWS = {
-    "off_by_one": 0.1,
-    "off_by_ten": 0.1,
-    "swap_digits": 0.05,
-    "trailing": 0.5,
-    "repeat": 0.2,
-    "wrong_operation": 0.05,
+    "off_by_one": 0.08,
+    "off_by_ten": 0.07,
+    "swap_digits": 0.03,
+    "trailing": 0.55,
+    "repeat": 0.25,
+    "wrong_operation": 0.02,
 }
 # Near misses (off by one) are rarer among candidates than in demonstrations: a 2-layer reward
 # model judges them barely above chance (~55%), against ~99% for format errors and ~85% for gross
@@ -59,7 +59,7 @@ class ArithmeticTask(Task):
 
     def __init__(
         self,
-        demo_error_rate: float = 0.35,
+        demo_error_rate: float = 0.5,
         max_operand: int = 19,
         candidate_correct_rate: float = 0.5,
     ):
