@@ -3,8 +3,11 @@ optimizer step, and the deterministic data order that makes resume exact."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import shlex
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -106,24 +109,67 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: in
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, total_steps, cfg))
 
 
+def use_config_lr(opt: torch.optim.Optimizer, scheduler, lr: float) -> None:
+    """After loading a checkpoint: the base learning rate of the config, not the checkpoint's.
+
+    Resuming with a lower optim.lr is the fix the non-finite guard suggests, so it must take
+    effect; the schedule keeps its position. With the config unchanged nothing changes.
+    """
+    scheduler.base_lrs = [lr for _ in opt.param_groups]
+    for group, fn in zip(opt.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * fn(scheduler.last_epoch)
+
+
 def clip_and_step(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, scheduler,
-                  max_grad_norm: float, guard, loss: torch.Tensor) -> tuple[bool, float]:
+                  max_grad_norm: float, guard, loss: torch.Tensor, *, step: int | None = None,
+                  last_checkpoint: Path | None = None) -> tuple[bool, float]:
     """Clip, check finiteness and step. Returns (stepped, grad_norm).
 
     A non-finite loss or gradient skips the step (gradients are dropped) and is counted by the
-    guard, which raises after too many in a row. The scheduler always advances so that the LR
-    schedule stays aligned with the step counter (and resume stays exact).
+    guard, which raises after too many in a row, naming `step` and `last_checkpoint`. The
+    scheduler always advances so that the LR schedule stays aligned with the step counter (and
+    resume stays exact).
     """
     grads = [p for p in params if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(grads, max_grad_norm if max_grad_norm > 0 else float("inf"))
     ok = bool(torch.isfinite(loss).all()) and bool(torch.isfinite(norm))
-    guard.record(ok)
+    guard.record(ok, step=step, last_checkpoint=last_checkpoint)
     if ok:
         opt.step()
     opt.zero_grad(set_to_none=True)
     if scheduler is not None:
         scheduler.step()
     return ok, float(norm)
+
+
+def guard_state(guard) -> dict[str, int]:
+    """The non-finite guard's counters as checkpoint values, so a resumed run counts on."""
+    return {"skipped": guard.skipped_total, "nonfinite_streak": guard.consecutive}
+
+
+def load_guard_state(guard, values: dict) -> None:
+    guard.skipped_total = values.get("skipped", 0)
+    guard.consecutive = values.get("nonfinite_streak", 0)
+
+
+def resume_command(stage: str) -> str:
+    """The command that continues this run: the command line it was started with, plus --resume."""
+    args = sys.argv[1:]
+    if not args or args[0] != stage:  # started by the pipeline or from Python
+        return f"ppo-rlhf {stage} <this stage's options> --resume"
+    return shlex.join(["ppo-rlhf", *args, *([] if "--resume" in args else ["--resume"])])
+
+
+def finished_summary(out_dir: Path, step: int, total: int, stage: str) -> dict | None:
+    """The summary of a run that --resume finds complete (resumed at its last step, summary
+    written), or None when work is left: training steps, or the final evaluation and export."""
+    path = out_dir / "summary.json"
+    if step < total or not path.is_file():
+        return None
+    if dist.is_main():
+        print(f"[{stage}] {out_dir} already finished all {total} steps; nothing to resume")
+    return json.loads(path.read_text())
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

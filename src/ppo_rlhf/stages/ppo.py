@@ -12,7 +12,6 @@ on L = L_CLIP + c1*L_VF + c2*L_LM - c_H*H. The math lives in `ppo_rlhf.algo`; th
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -154,6 +153,7 @@ class PPOTrainer:
         self.gen = torch.Generator(device=device)
         self.shuffle_gen = torch.Generator()
         self.step = 0
+        self.last_checkpoint: Path | None = None  # named by the non-finite guard when it gives up
 
     # -- state for checkpoints ------------------------------------------------------------------
     def state(self) -> dict:
@@ -163,7 +163,7 @@ class PPOTrainer:
                 "kl_controller": self.kl_ctl, "step": self.step, "rng": rng_state(),
                 "generator": self.gen.get_state(), "shuffle_generator": self.shuffle_gen.get_state(),
                 "running": self.running.state_dict() if self.running else None,
-                "skipped": self.guard.skipped_total}
+                **common.guard_state(self.guard)}
 
     def load(self, values: dict) -> None:
         self.step = values["step"]
@@ -172,7 +172,9 @@ class PPOTrainer:
         self.shuffle_gen.set_state(values["shuffle_generator"])
         if self.running is not None and values.get("running"):
             self.running.load_state_dict(values["running"])
-        self.guard.skipped_total = values.get("skipped", 0)
+        common.load_guard_state(self.guard, values)
+        common.use_config_lr(self.policy_opt, self.policy_sched, self.cfg.optim.lr)
+        common.use_config_lr(self.value_opt, self.value_sched, self.cfg.train.value_lr or self.cfg.optim.lr)
 
     def reference_ctx(self):
         return (lambda: adapters_disabled(self.policy)) if self.use_lora else None
@@ -280,11 +282,13 @@ class PPOTrainer:
                 loss_total = torch.tensor(reduced.pop("loss/total"))
                 if update_policy:
                     ok, gn = common.clip_and_step(self.policy_params, self.policy_opt, self.policy_sched,
-                                                  cfg.optim.max_grad_norm, self.guard, loss_total)
+                                                  cfg.optim.max_grad_norm, self.guard, loss_total,
+                                                  step=self.step + 1, last_checkpoint=self.last_checkpoint)
                     reduced["policy/grad_norm"] = gn
                 if update_value:
                     ok, gn = common.clip_and_step(self.value_params, self.value_opt, self.value_sched,
-                                                  cfg.optim.max_grad_norm, self.guard, loss_total)
+                                                  cfg.optim.max_grad_norm, self.guard, loss_total,
+                                                  step=self.step + 1, last_checkpoint=self.last_checkpoint)
                     reduced["value/grad_norm"] = gn
                 for k, v in reduced.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -309,15 +313,18 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> dict:
     ckpt = CheckpointManager(out_dir, keep_last=cfg.run.keep_last, enabled=dist.is_main())
     if resume and (path := ckpt.latest_valid()) is not None:
         trainer.load(ckpt.load(path, dist.for_loading(trainer.state())))
+        trainer.last_checkpoint = path
+        if (done := common.finished_summary(out_dir, trainer.step, cfg.train.updates, "ppo")) is not None:
+            return done
     else:
         trainer.gen.manual_seed(cfg.run.seed)  # the same on every rank: it seeds the global rollout
         trainer.shuffle_gen.manual_seed(cfg.run.seed + 17)
     logger = MetricsLogger(out_dir, enabled=dist.is_main(), tensorboard=cfg.run.tensorboard,
                            wandb_project=cfg.run.wandb_project or None,
                            console_every=max(1, cfg.train.updates // 10))
-    if trainer.step:
-        logger.truncate_after(trainer.step)
-    elif trainer.truncation and dist.is_main():
+    # Drop what an interrupted attempt logged after the checkpoint (all of it when starting afresh).
+    logger.truncate_after(trainer.step if trainer.step else -1)
+    if not trainer.step and trainer.truncation and dist.is_main():
         print(f"[ppo] {cfg.prompts_file}: {trainer.truncation}")
 
     def evaluate(step: int) -> dict:
@@ -362,24 +369,23 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> dict:
             if cfg.run.eval_every and trainer.step % cfg.run.eval_every == 0 and trainer.step < cfg.train.updates:
                 last_eval = evaluate(trainer.step)
             if (cfg.run.save_every and trainer.step % cfg.run.save_every == 0) or stop.requested:
-                ckpt.save(trainer.step, dist.for_saving(trainer.state()))
+                trainer.last_checkpoint = ckpt.save(trainer.step, dist.for_saving(trainer.state()))
             if stop.requested:
                 progress.close()
                 logger.close()
-                print(f"[ppo] stopped at update {trainer.step}; resume with: ppo-rlhf ppo ... --resume")
+                print(f"[ppo] stopped at update {trainer.step}; resume with: {common.resume_command('ppo')}")
                 return {"stopped_at": trainer.step}
     progress.close()
+    if trainer.last_checkpoint != ckpt.path_for(trainer.step):  # not saved by the loop; before the LoRA merge
+        trainer.last_checkpoint = ckpt.save(trainer.step, dist.for_saving(trainer.state()))
     last_eval = evaluate(trainer.step) or last_eval
     summary = {"stage": "ppo", "updates": cfg.train.updates, "final_beta": trainer.kl_ctl.value,
                "skipped_steps": trainer.guard.skipped_total, **{k.split("/", 1)[1]: v for k, v in last_eval.items()}}
     # on every rank: FSDP gathers the shards to rank 0
-    state = dist.for_saving(trainer.state())
     policy, value_model = dist.plain_copy(trainer.policy), dist.plain_copy(trainer.value_model)
     if dist.is_main():
-        policy = policy.merge_and_unload() if trainer.use_lora and cfg.model.merge_lora else policy
         save_model(policy, trainer.tokenizer, out_dir / "model")
         save_model(value_model, trainer.tokenizer, out_dir / "value_model")
-        ckpt.save(trainer.step, state)
         summary.update(seconds=time.time() - t_start, config=to_dict(cfg))
         write_summary(out_dir, summary)
     logger.close()

@@ -107,20 +107,26 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict:
     sched = common.make_scheduler(opt, cfg.optim, steps)
 
     ckpt = CheckpointManager(out_dir, keep_last=cfg.run.keep_last, enabled=dist.is_main())
+    guard = NonFiniteGuard(cfg.run.max_nonfinite)
     start = 0
-    if resume and (path := ckpt.latest_valid()) is not None:
-        values = ckpt.load(path, dist.for_loading({"model": model, "optimizer": opt, "scheduler": sched}))
+    if resume and (last_ckpt := ckpt.latest_valid()) is not None:
+        values = ckpt.load(last_ckpt, dist.for_loading({"model": model, "optimizer": opt, "scheduler": sched}))
         start = values["step"]
         set_rng_state(values["rng"])
+        common.load_guard_state(guard, values)
+        common.use_config_lr(opt, sched, cfg.optim.lr)
+        if (done := common.finished_summary(out_dir, start, steps, "reward")) is not None:
+            return done
+    else:
+        last_ckpt = None
     logger = MetricsLogger(out_dir, enabled=dist.is_main(), tensorboard=cfg.run.tensorboard,
                            wandb_project=cfg.run.wandb_project or None,
                            console_every=max(1, steps // 10))
-    if start:
-        logger.truncate_after(start)
+    # Drop what an interrupted attempt logged after the checkpoint (all of it when starting afresh).
+    logger.truncate_after(start if start else -1)
     if dist.is_main() and (trunc.prompts_truncated or trunc.responses_truncated or trunc.dropped):
         print(f"[reward] {cfg.train_file}: {trunc.describe()}")
 
-    guard = NonFiniteGuard(cfg.run.max_nonfinite)
     progress = Progress(steps - start, "reward", enabled=dist.is_main())
     batches = common.global_batches(len(train), cfg.batch_size, cfg.run.seed, start)
     pad_id = tokenizer.pad_token_id
@@ -140,7 +146,7 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict:
                 stats += torch.tensor([loss.item() * len(micro), float(acc) * len(micro)], dtype=torch.float64)
             stats = dist.all_reduce_sum(stats) / len(global_idx)
             ok, gnorm = common.clip_and_step(params, opt, sched, cfg.optim.max_grad_norm, guard,
-                                             stats[0].float())
+                                             stats[0].float(), step=step + 1, last_checkpoint=last_ckpt)
             step += 1
             progress.update(loss=f"{stats[0].item():.3f}", acc=f"{stats[1].item():.2f}")
             if step % cfg.run.log_every == 0 or step == steps:
@@ -151,16 +157,20 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict:
                 ev = evaluate_pairs(model, evalset, pad_id, cfg.batch_size, device)
                 logger.log(step, {"rm/eval_loss": ev["loss"], "rm/eval_acc": ev["accuracy"]}, stage="reward")
             if (cfg.run.save_every and step % cfg.run.save_every == 0) or stop.requested:
-                ckpt.save(step, dist.for_saving({"model": model, "optimizer": opt, "scheduler": sched,
-                                                 "step": step, "rng": rng_state()}))
+                last_ckpt = ckpt.save(step, dist.for_saving({"model": model, "optimizer": opt, "scheduler": sched,
+                                                             "step": step, "rng": rng_state(),
+                                                             **common.guard_state(guard)}))
             if stop.requested:
                 progress.close()
                 logger.close()
-                print(f"[reward] stopped at step {step}; resume with: ppo-rlhf reward ... --resume")
+                print(f"[reward] stopped at step {step}; resume with: {common.resume_command('reward')}")
                 return {"stopped_at": step}
     progress.close()
+    if last_ckpt != ckpt.path_for(steps):  # not saved by the loop; before the LoRA merge changes the model
+        ckpt.save(steps, dist.for_saving({"model": model, "optimizer": opt, "scheduler": sched, "step": steps,
+                                          "rng": rng_state(), **common.guard_state(guard)}))
 
-    final = model.merge_and_unload() if cfg.model.lora_r and cfg.model.merge_lora else model
+    final = model.merge_and_unload() if cfg.model.lora_r else model
     summary = {"stage": "reward", "steps": steps, "train_pairs": len(train), "truncation": trunc.describe(),
                "skipped_steps": guard.skipped_total}
     if evalset:
@@ -173,13 +183,9 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict:
     gain, bias = final.config.reward_gain, final.config.reward_bias
     summary.update(reward_gain=gain, reward_bias=bias, raw_score_mean=raw.mean().item(),
                    raw_score_std=raw.std().item())
-    # on every rank: FSDP gathers the shards to rank 0
-    exported = dist.plain_copy(final)
-    state = dist.for_saving({"model": model, "optimizer": opt, "scheduler": sched, "step": steps,
-                             "rng": rng_state()})
+    exported = dist.plain_copy(final)  # on every rank: FSDP gathers the shards to rank 0
     if dist.is_main():
         save_model(exported, tokenizer, out_dir / "model")
-        ckpt.save(steps, state)
         summary.update(seconds=time.time() - t_start, config=to_dict(cfg))
         write_summary(out_dir, summary)
     logger.close()
