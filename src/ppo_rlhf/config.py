@@ -289,7 +289,7 @@ class PipelineConfig:
         epochs=20.0, optim=OptimConfig(lr=1e-3, warmup_steps=50)), help="SFT stage.")
     reward: RewardConfig = opt(factory=lambda: RewardConfig(epochs=3.0), help="Reward-model stage.")
     ppo: PPOConfig = opt(factory=lambda: PPOConfig(
-        eval_samples=400, reward=RewardShapingConfig(kl_coef=0.2), train=PPOTrainConfig(updates=100),
+        eval_samples=400, reward=RewardShapingConfig(kl_coef=0.5), train=PPOTrainConfig(updates=150),
         optim=OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"),
         run=RunConfig(eval_every=25, save_every=50)), help="PPO stage.")
     eval: EvalConfig = opt(factory=EvalConfig, help="Final evaluation.")

@@ -100,7 +100,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             return
         print(f"[pipeline] {name} -> {out}")
         t0 = time.time()
-        fn()
+        result = fn()
+        if isinstance(result, dict) and "stopped_at" in result:
+            print(f"[pipeline] stopped during {name}; run the same pipeline command again to continue "
+                  f"(finished stages are skipped; resume {name} with `ppo-rlhf {name} ... --resume`)")
+            raise SystemExit(0)
         seconds[name] = round(time.time() - t0, 2)
 
     if dist.is_main():
