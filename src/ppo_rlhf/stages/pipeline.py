@@ -103,7 +103,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         result = fn()
         if isinstance(result, dict) and "stopped_at" in result:
             print(f"[pipeline] stopped during {name}; run the same pipeline command again to continue "
-                  f"(finished stages are skipped; resume {name} with `ppo-rlhf {name} ... --resume`)")
+                  f"(finished stages are skipped, {name} resumes from its newest checkpoint)")
             raise SystemExit(0)
         seconds[name] = round(time.time() - t0, 2)
 
@@ -111,9 +111,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         stage("tokenizer", lambda: run_tokenizer(cfg.tokenizer), Path(cfg.tokenizer.out_dir))
         stage("data", lambda: run_data(cfg.data), Path(cfg.data.out_dir))
     dist.barrier()
-    stage("sft", lambda: run_sft(cfg.sft), Path(cfg.sft.out_dir))
-    stage("reward", lambda: run_reward(cfg.reward), Path(cfg.reward.out_dir))
-    stage("ppo", lambda: run_ppo(cfg.ppo), Path(cfg.ppo.out_dir))
+    # resume=True: a stage interrupted in an earlier call continues from its newest checkpoint
+    stage("sft", lambda: run_sft(cfg.sft, resume=True), Path(cfg.sft.out_dir))
+    stage("reward", lambda: run_reward(cfg.reward, resume=True), Path(cfg.reward.out_dir))
+    stage("ppo", lambda: run_ppo(cfg.ppo, resume=True), Path(cfg.ppo.out_dir))
 
     eval_dir = run / "eval"
 
