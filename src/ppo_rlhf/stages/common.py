@@ -8,6 +8,7 @@ import math
 import random
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -219,3 +220,60 @@ def check_batch(batch_size: int, grad_accum: int, key: str) -> None:
     if (batch_size // world) < grad_accum:
         raise UserError(f"{key}: per-rank batch {batch_size // world} is smaller than grad_accum "
                         f"{grad_accum}; lower grad_accum or raise the batch size")
+
+
+@dataclass
+class Training:
+    """What an SFT-style stage trains with: model (and its DDP/FSDP wrapper), optimiser, schedule,
+    checkpoints, non-finite guard and metrics logger, resumed from the newest checkpoint if asked."""
+
+    model: torch.nn.Module
+    ddp_model: torch.nn.Module
+    params: list
+    opt: torch.optim.Optimizer
+    sched: object
+    ckpt: object
+    guard: object
+    logger: object
+    steps: int
+    start: int
+    last_ckpt: Path | None
+
+    def state(self, step: int) -> dict:
+        """Checkpoint content at `step` (on every rank: FSDP gathers the shards to rank 0)."""
+        from ..checkpoint import rng_state
+
+        return dist.for_saving({"model": self.model, "optimizer": self.opt, "scheduler": self.sched,
+                                "step": step, "rng": rng_state(), **guard_state(self.guard)})
+
+    def save(self, step: int) -> None:
+        self.last_ckpt = self.ckpt.save(step, self.state(step))
+
+
+def prepare_training(model: torch.nn.Module, optim: OptimConfig, run: RunConfig, out_dir: Path,
+                     device: torch.device, steps: int, stage: str, resume: bool) -> Training | dict:
+    """Wrap, build the optimiser and schedule, resume if asked; a finished run returns its summary."""
+    from ..checkpoint import CheckpointManager, set_rng_state
+    from ..guards import NonFiniteGuard
+    from ..metrics import MetricsLogger
+
+    ddp_model = dist.wrap_model(model, device, run)  # before the optimizer: FSDP swaps the parameters
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, optim)
+    sched = make_scheduler(opt, optim, steps)
+    ckpt = CheckpointManager(out_dir, keep_last=run.keep_last, enabled=dist.is_main())
+    guard = NonFiniteGuard(run.max_nonfinite)
+    start, last_ckpt = 0, None
+    if resume and (last_ckpt := ckpt.latest_valid()) is not None:
+        values = ckpt.load(last_ckpt, dist.for_loading({"model": model, "optimizer": opt, "scheduler": sched}))
+        start = values["step"]
+        set_rng_state(values["rng"])
+        load_guard_state(guard, values)
+        use_config_lr(opt, sched, optim.lr)
+        if (done := finished_summary(out_dir, start, steps, stage)) is not None:
+            return done
+    logger = MetricsLogger(out_dir, enabled=dist.is_main(), tensorboard=run.tensorboard,
+                           wandb_project=run.wandb_project or None, console_every=max(1, steps // 10))
+    # Drop what an interrupted attempt logged after the checkpoint (all of it when starting afresh).
+    logger.truncate_after(start if start else -1)
+    return Training(model, ddp_model, params, opt, sched, ckpt, guard, logger, steps, start, last_ckpt)

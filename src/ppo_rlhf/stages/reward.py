@@ -17,14 +17,13 @@ import torch
 
 from .. import distributed as dist
 from ..algo.losses import pairwise_rm_loss
-from ..checkpoint import CheckpointManager, rng_state, set_rng_state
 from ..config import RewardConfig, to_dict
 from ..data.collate import collate_pairs, collate_prompts
 from ..data.encode import check_token_ids, encode_pairs
 from ..data.jsonl import read_preferences
 from ..generation import generate, sequence_rewards
-from ..guards import GracefulStop, NonFiniteGuard
-from ..metrics import MetricsLogger, Progress, write_summary
+from ..guards import GracefulStop
+from ..metrics import Progress, write_summary
 from ..models import apply_lora, load_causal_lm, load_scalar_model, save_model, set_reward_normalisation
 from ..tokenizer import load_tokenizer
 from . import common
@@ -100,30 +99,12 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict:
     check_token_ids(train[0].chosen_ids, model.config.vocab_size, cfg.train_file)
     if cfg.model.lora_r:
         model = apply_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout)
-    ddp_model = dist.wrap_model(model, device, cfg.run)  # before the optimizer: FSDP swaps the parameters
-    params = [p for p in model.parameters() if p.requires_grad]
     steps = common.total_steps(len(train), cfg.batch_size, cfg.epochs, cfg.max_steps)
-    opt = common.make_optimizer(params, cfg.optim)
-    sched = common.make_scheduler(opt, cfg.optim, steps)
-
-    ckpt = CheckpointManager(out_dir, keep_last=cfg.run.keep_last, enabled=dist.is_main())
-    guard = NonFiniteGuard(cfg.run.max_nonfinite)
-    start = 0
-    if resume and (last_ckpt := ckpt.latest_valid()) is not None:
-        values = ckpt.load(last_ckpt, dist.for_loading({"model": model, "optimizer": opt, "scheduler": sched}))
-        start = values["step"]
-        set_rng_state(values["rng"])
-        common.load_guard_state(guard, values)
-        common.use_config_lr(opt, sched, cfg.optim.lr)
-        if (done := common.finished_summary(out_dir, start, steps, "reward")) is not None:
-            return done
-    else:
-        last_ckpt = None
-    logger = MetricsLogger(out_dir, enabled=dist.is_main(), tensorboard=cfg.run.tensorboard,
-                           wandb_project=cfg.run.wandb_project or None,
-                           console_every=max(1, steps // 10))
-    # Drop what an interrupted attempt logged after the checkpoint (all of it when starting afresh).
-    logger.truncate_after(start if start else -1)
+    run = common.prepare_training(model, cfg.optim, cfg.run, out_dir, device, steps, "reward", resume)
+    if isinstance(run, dict):  # --resume found the run finished
+        return run
+    ddp_model, params, opt, sched, guard, logger, start = (
+        run.ddp_model, run.params, run.opt, run.sched, run.guard, run.logger, run.start)
     if dist.is_main() and (trunc.prompts_truncated or trunc.responses_truncated or trunc.dropped):
         print(f"[reward] {cfg.train_file}: {trunc.describe()}")
 
@@ -146,7 +127,7 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict:
                 stats += torch.tensor([loss.item() * len(micro), float(acc) * len(micro)], dtype=torch.float64)
             stats = dist.all_reduce_sum(stats) / len(global_idx)
             ok, gnorm = common.clip_and_step(params, opt, sched, cfg.optim.max_grad_norm, guard,
-                                             stats[0].float(), step=step + 1, last_checkpoint=last_ckpt)
+                                             stats[0].float(), step=step + 1, last_checkpoint=run.last_ckpt)
             step += 1
             progress.update(loss=f"{stats[0].item():.3f}", acc=f"{stats[1].item():.2f}")
             if step % cfg.run.log_every == 0 or step == steps:
@@ -157,18 +138,15 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict:
                 ev = evaluate_pairs(model, evalset, pad_id, cfg.batch_size, device)
                 logger.log(step, {"rm/eval_loss": ev["loss"], "rm/eval_acc": ev["accuracy"]}, stage="reward")
             if (cfg.run.save_every and step % cfg.run.save_every == 0) or stop.requested:
-                last_ckpt = ckpt.save(step, dist.for_saving({"model": model, "optimizer": opt, "scheduler": sched,
-                                                             "step": step, "rng": rng_state(),
-                                                             **common.guard_state(guard)}))
+                run.save(step)
             if stop.requested:
                 progress.close()
                 logger.close()
                 print(f"[reward] stopped at step {step}; resume with: {common.resume_command('reward')}")
                 return {"stopped_at": step}
     progress.close()
-    if last_ckpt != ckpt.path_for(steps):  # not saved by the loop; before the LoRA merge changes the model
-        ckpt.save(steps, dist.for_saving({"model": model, "optimizer": opt, "scheduler": sched, "step": steps,
-                                          "rng": rng_state(), **common.guard_state(guard)}))
+    if run.last_ckpt != run.ckpt.path_for(steps):  # not saved by the loop; before the LoRA merge changes the model
+        run.ckpt.save(steps, run.state(steps))
 
     final = model.merge_and_unload() if cfg.model.lora_r else model
     summary = {"stage": "reward", "steps": steps, "train_pairs": len(train), "truncation": trunc.describe(),

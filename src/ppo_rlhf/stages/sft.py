@@ -18,13 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed as dist
-from ..checkpoint import CheckpointManager, rng_state, set_rng_state
 from ..config import SFTConfig, to_dict
 from ..data.collate import collate_sft, position_ids_from_mask
 from ..data.encode import check_token_ids, encode_sft
 from ..data.jsonl import read_sft
-from ..guards import GracefulStop, NonFiniteGuard
-from ..metrics import MetricsLogger, Progress, write_summary
+from ..guards import GracefulStop
+from ..metrics import Progress, write_summary
 from ..models import apply_lora, load_causal_lm, save_model
 from ..tokenizer import load_tokenizer
 from . import common
@@ -79,30 +78,12 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
         check_token_ids(enc.input_ids, model.config.vocab_size, cfg.train_file)
     if cfg.model.lora_r:
         model = apply_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout)
-    ddp_model = dist.wrap_model(model, device, cfg.run)  # before the optimizer: FSDP swaps the parameters
-    params = [p for p in model.parameters() if p.requires_grad]
     steps = common.total_steps(len(train), cfg.batch_size, cfg.epochs, cfg.max_steps)
-    opt = common.make_optimizer(params, cfg.optim)
-    sched = common.make_scheduler(opt, cfg.optim, steps)
-
-    ckpt = CheckpointManager(out_dir, keep_last=cfg.run.keep_last, enabled=dist.is_main())
-    guard = NonFiniteGuard(cfg.run.max_nonfinite)
-    start = 0
-    if resume and (last_ckpt := ckpt.latest_valid()) is not None:
-        values = ckpt.load(last_ckpt, dist.for_loading({"model": model, "optimizer": opt, "scheduler": sched}))
-        start = values["step"]
-        set_rng_state(values["rng"])
-        common.load_guard_state(guard, values)
-        common.use_config_lr(opt, sched, cfg.optim.lr)
-        if (done := common.finished_summary(out_dir, start, steps, "sft")) is not None:
-            return done
-    else:
-        last_ckpt = None
-    logger = MetricsLogger(out_dir, enabled=dist.is_main(), tensorboard=cfg.run.tensorboard,
-                           wandb_project=cfg.run.wandb_project or None,
-                           console_every=max(1, steps // 10))
-    # Drop what an interrupted attempt logged after the checkpoint (all of it when starting afresh).
-    logger.truncate_after(start if start else -1)
+    run = common.prepare_training(model, cfg.optim, cfg.run, out_dir, device, steps, "sft", resume)
+    if isinstance(run, dict):  # --resume found the run finished
+        return run
+    ddp_model, params, opt, sched, guard, logger, start = (
+        run.ddp_model, run.params, run.opt, run.sched, run.guard, run.logger, run.start)
     if not start and dist.is_main():
         logger.log(0, {"data/examples": len(train), "data/truncated_prompts": trunc.prompts_truncated,
                        "data/truncated_responses": trunc.responses_truncated,
@@ -129,7 +110,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
                 loss_sum += s.detach()
             loss = dist.all_reduce_sum(loss_sum) / max(1, n_tokens)
             ok, gnorm = common.clip_and_step(params, opt, sched, cfg.optim.max_grad_norm, guard, loss,
-                                             step=step + 1, last_checkpoint=last_ckpt)
+                                             step=step + 1, last_checkpoint=run.last_ckpt)
             step += 1
             progress.update(loss=f"{loss.item():.3f}")
             if step % cfg.run.log_every == 0 or step == steps:
@@ -140,9 +121,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
                 el = eval_loss(model, evalset, pad_id, cfg.batch_size, device)
                 logger.log(step, {"sft/eval_loss": el, "sft/eval_ppl": math.exp(min(el, 50))}, stage="sft")
             if (cfg.run.save_every and step % cfg.run.save_every == 0) or stop.requested:
-                last_ckpt = ckpt.save(step, dist.for_saving({"model": model, "optimizer": opt, "scheduler": sched,
-                                                             "step": step, "rng": rng_state(),
-                                                             **common.guard_state(guard)}))
+                run.save(step)
             if stop.requested:
                 progress.close()
                 logger.close()
@@ -165,12 +144,11 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.run.seed)
         summary.update(gold_reward=res["gold_reward"], gold_reward_std=res["gold_reward_std"])
         logger.log(steps, {"sft/gold_reward": res["gold_reward"]}, stage="sft")
-    state = dist.for_saving({"model": model, "optimizer": opt, "scheduler": sched, "step": steps,
-                             "rng": rng_state(), **common.guard_state(guard)})  # on every rank: FSDP gathers the shards to rank 0
+    state = run.state(steps)
     if dist.is_main():
         save_model(state["model"], tokenizer, out_dir / "model")  # merges a copy of a LoRA model
-        if last_ckpt != ckpt.path_for(steps):  # not already saved by the loop (or resumed from)
-            ckpt.save(steps, state)
+        if run.last_ckpt != run.ckpt.path_for(steps):  # not already saved by the loop (or resumed from)
+            run.ckpt.save(steps, state)
         summary.update(seconds=time.time() - t_start, config=to_dict(cfg))
         write_summary(out_dir, summary)
     logger.close()
