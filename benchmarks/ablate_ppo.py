@@ -10,10 +10,11 @@ and patches one thing at run time, to show what a change in src/ would buy befor
 - fused_adamw: `torch.optim.AdamW(fused=True)` instead of the default per-tensor loop on CPU;
 - gelu_fused: GPT-2's MLP activation as one `F.gelu(approximate="tanh")` kernel (HF's
   "gelu_pytorch_tanh", the same function) instead of NewGELUActivation's five elementwise ops;
-- sampler_logprobs: old log-probs taken from the sampler (`generate(return_logprobs=True)`), so the
-  scoring phase skips one policy forward (entropy metric returned as zeros: an upper bound);
-- threads1: one torch thread instead of two;
-- all: fused_adamw + gelu_fused + sampler_logprobs.
+- threads1: one torch thread instead of two (the library already decodes tiny models on one);
+- all: fused_adamw + gelu_fused.
+
+(The old log-probs are taken from the sampler by the library itself since the sampler_logprobs
+ablation of benchmarks/README.md measured it.)
 
 Prints median s/update and the phase split per variant, and writes
 benchmarks/results/ablate_<config>.json.
@@ -35,14 +36,13 @@ sys.path.insert(0, str(HERE))
 
 import bench_common as bc  # noqa: E402
 
-VARIANTS = ["baseline", "fused_adamw", "gelu_fused", "sampler_logprobs", "threads1", "all"]
+VARIANTS = ["baseline", "fused_adamw", "gelu_fused", "threads1", "all"]
 
 
 def apply_patches(names: set[str]) -> None:
     """Monkeypatch the library in this process (run before the trainer is built)."""
     import torch
 
-    from ppo_rlhf import rollout
     from ppo_rlhf.stages import common, ppo
 
     if "fused_adamw" in names:
@@ -62,21 +62,6 @@ def apply_patches(names: set[str]) -> None:
                     if hasattr(module, "act") and type(module).__name__ == "GPT2MLP":
                         module.act = ACT2FN["gelu_pytorch_tanh"]
         ppo.PPOTrainer.__init__ = init
-    if "sampler_logprobs" in names:
-        stash: dict = {}
-        orig_generate, orig_logprobs = rollout.generate, rollout.response_logprobs
-
-        def generate(*a, **k):
-            ids, mask, logprobs = orig_generate(*a, **k, return_logprobs=True)
-            stash["logprobs"] = logprobs
-            return ids, mask
-
-        def response_logprobs(model, sequences, attention_mask, prompt_len, **k):
-            if k.get("with_entropy") and "logprobs" in stash:  # make_experience's old log-probs call
-                lp = stash.pop("logprobs")
-                return lp, torch.zeros_like(lp)
-            return orig_logprobs(model, sequences, attention_mask, prompt_len, **k)
-        rollout.generate, rollout.response_logprobs = generate, response_logprobs
 
 
 def child(case_json: str, paths_json: str, updates: int, threads: int, variant: str) -> dict:
@@ -85,7 +70,7 @@ def child(case_json: str, paths_json: str, updates: int, threads: int, variant: 
     torch.set_num_threads(threads)
     import ours_worker
 
-    names = {"fused_adamw", "gelu_fused", "sampler_logprobs"} if variant == "all" else {variant}
+    names = {"fused_adamw", "gelu_fused"} if variant == "all" else {variant}
     apply_patches(names)
     return ours_worker.main(case_json, paths_json, updates, threads)
 

@@ -168,16 +168,36 @@ def test_sampling_is_deterministic_given_the_generator(policy):
 def test_sampled_logprobs_match_scoring(policy, temperature, top_k, top_p):
     ids, mask = prompts()
     gen = torch.Generator().manual_seed(0)
-    response, response_mask, sampled = generate(
+    response, response_mask, sampled, sampled_entropy = generate(
         policy, ids, mask, max_new_tokens=10, eos_token_id=EOS, pad_token_id=PAD,
         temperature=temperature, top_k=top_k, top_p=top_p, generator=gen, return_logprobs=True,
+        return_entropy=True,
     )
     sequences = torch.cat([ids, response], 1)
     full_mask = torch.cat([mask, response_mask], 1)
-    scored, _ = response_logprobs(policy, sequences, full_mask, ids.shape[1],
-                                  temperature=temperature)
+    # Both of the full softmax(logits / temperature), whatever top-k / top-p sampled from.
+    scored, entropy = response_logprobs(policy, sequences, full_mask, ids.shape[1],
+                                        temperature=temperature, with_entropy=True)
     assert torch.allclose(sampled, scored, atol=1e-5)
-    assert (sampled[~response_mask] == 0).all()
+    assert torch.allclose(sampled_entropy, entropy, atol=1e-5)
+    assert (sampled[~response_mask] == 0).all() and (sampled_entropy[~response_mask] == 0).all()
+
+
+def test_decoding_on_one_thread_restores_the_thread_count(policy):
+    ids, mask = prompts()  # batch x hidden size is small: decoded on one thread
+    seen = []
+    hook = policy.get_output_embeddings().register_forward_hook(
+        lambda *_: seen.append(torch.get_num_threads())
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generate(policy, ids, mask, max_new_tokens=4, eos_token_id=None, pad_token_id=PAD,
+                 temperature=0)
+        assert seen == [1] * 4 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+        hook.remove()
 
 
 def test_generate_restores_train_mode_and_turns_dropout_off():

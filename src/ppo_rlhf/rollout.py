@@ -46,11 +46,17 @@ class Experience(NamedTuple):
 def sample(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: PPOConfig,
            max_new_tokens: int, eos_id: int, pad_id: int, generator: torch.Generator | None = None,
            row_seeds: list[int] | None = None):
-    """Responses (B, R) and their mask from the current policy (per-row streams with `row_seeds`)."""
+    """Responses (B, R), their mask, and the policy's (B, R) log-probs and entropies at each response
+    token, taken from the sampling logits (per-row streams with `row_seeds`).
+
+    The log-probs are those of the full softmax(logits / temperature), before top-k / top-p, as
+    `response_logprobs` computes them in the update, so they serve as the old log-probs without a
+    second policy forward (they differ from a full forward's by float noise, ~1e-6).
+    """
     r = cfg.rollout
     return generate(policy, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
                     pad_token_id=pad_id, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                    generator=generator, row_seeds=row_seeds)
+                    generator=generator, row_seeds=row_seeds, return_logprobs=True, return_entropy=True)
 
 
 def truncated_rows(response_ids: torch.Tensor, response_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -89,18 +95,22 @@ def dense_credit(reward_model, sequences, attention_mask, prompt_len: int, respo
 @torch.no_grad()
 def make_experience(policy, reference, value_model, reward_model, prompt_ids, prompt_mask,
                     response_ids, response_mask, cfg: PPOConfig, kl_coef: float, eos_id: int,
-                    running: RunningMeanStd | None = None, reference_ctx=None) -> Experience:
+                    running: RunningMeanStd | None = None, reference_ctx=None,
+                    logprobs: torch.Tensor | None = None, entropy: torch.Tensor | None = None) -> Experience:
     """Score a sampled batch and compute rewards, advantages and returns.
 
     `reference_ctx` (a context manager factory) is used with LoRA: the reference log-probs are the
     policy's own with the adapters disabled, so no second copy of the weights is needed.
+    `logprobs` and `entropy` (B, R), when given (from `sample`), are the policy's old log-probs and
+    entropies; without them a policy forward computes both.
     """
     P = prompt_ids.size(1)
     sequences = torch.cat([prompt_ids, response_ids], 1)
     attention_mask = torch.cat([prompt_mask, response_mask], 1)
     temp = cfg.rollout.temperature
-    logprobs, entropy = response_logprobs(policy, sequences, attention_mask, P, temperature=temp,
-                                          with_entropy=True)
+    if logprobs is None or entropy is None:
+        logprobs, entropy = response_logprobs(policy, sequences, attention_mask, P, temperature=temp,
+                                              with_entropy=True)
     if reference_ctx is not None:
         with reference_ctx():
             ref_logprobs, _ = response_logprobs(policy, sequences, attention_mask, P, temperature=temp)
@@ -121,8 +131,7 @@ def make_experience(policy, reference, value_model, reward_model, prompt_ids, pr
         mean, var, _ = dist.global_masked_moments(advantages, response_mask)
         advantages = masked_whiten(advantages, response_mask, shift_mean=True, stats=(mean, var))
     return Experience(sequences, attention_mask, response_mask, logprobs, ref_logprobs, values, rewards,
-                      advantages, returns, scores, rm_scores, kl, entropy if entropy is not None
-                      else torch.zeros_like(logprobs), truncated)
+                      advantages, returns, scores, rm_scores, kl, entropy, truncated)
 
 
 def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

@@ -196,15 +196,17 @@ class PPOTrainer:
         prompt_ids, prompt_mask = prompt_ids.to(dev), prompt_mask.to(dev)
         base_seed = int(torch.randint(2**62, (1,), generator=self.gen, device=self.gen.device))
         with timer("generate"), common.autocast(dev, cfg.run.dtype), dist.full_params(self.policy):
-            resp, resp_mask = sample(self.policy, prompt_ids, prompt_mask, cfg, self.max_new_tokens,
-                                     tok.eos_token_id, tok.pad_token_id, row_seeds=[base_seed + j for j in mine])
+            resp, resp_mask, logprobs, entropy = sample(
+                self.policy, prompt_ids, prompt_mask, cfg, self.max_new_tokens, tok.eos_token_id,
+                tok.pad_token_id, row_seeds=[base_seed + j for j in mine])
             extra = int(dist.all_reduce_max(torch.tensor(resp.size(1)))) - resp.size(1)
             resp = F.pad(resp, (0, extra), value=tok.pad_token_id)
             resp_mask = F.pad(resp_mask, (0, extra), value=False)
+            logprobs, entropy = (F.pad(t, (0, extra), value=0.0) for t in (logprobs, entropy))
         with timer("score"), common.autocast(dev, cfg.run.dtype):
             exp = make_experience(self.policy, self.reference, self.value_model, self.reward_model,
                                   prompt_ids, prompt_mask, resp, resp_mask, cfg, self.kl_ctl.value,
-                                  tok.eos_token_id, self.running, self.reference_ctx())
+                                  tok.eos_token_id, self.running, self.reference_ctx(), logprobs, entropy)
             exp = Experience(*(dist.gather_shards(t) for t in exp))
         with timer("train"):
             train_stats = self.update(exp)
