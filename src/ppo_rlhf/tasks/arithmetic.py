@@ -1,10 +1,14 @@
 """Arithmetic: "Q: 7+12=" -> " 19". The gold reward is 1 for the exact answer, else 0.
 
 Operands 0..19 with + and - give 800 prompts and answers -19..38, at most two digits and a sign:
-with the tokenizer's one-token-per-digit split, a 2-layer transformer learns the training table on
-CPU in minutes (greedy accuracy ~0.93 from the default 2,000 demonstrations with 35% mistakes) and
-part of the held-out 20% (~0.6); `max_operand` widens the table. Gold is exact (no partial
-credit), so mean gold reward is accuracy.
+with the tokenizer's one-token-per-digit split, a 2-layer transformer learns the table on CPU in
+minutes; `max_operand` widens it. Gold is exact (no partial credit), so mean gold reward is accuracy.
+
+The demonstrations are careless: 60% are flawed, mostly in form (text after the answer, the answer
+written twice). SFT imitates that (sampled accuracy ~0.64 in the default pipeline); the reward
+model learns from preferences to see such flaws far better than wrong numbers, so PPO mainly
+removes them (to ~0.88). With beta = 0 the policy instead drifts to numbers the RM happens to like
+and gold accuracy collapses while the RM score rises -- over-optimisation.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ class ArithmeticTask(Task):
 
     def __init__(
         self,
-        demo_error_rate: float = 0.5,
+        demo_error_rate: float = 0.6,
         max_operand: int = 19,
         candidate_correct_rate: float = 0.5,
     ):
