@@ -147,3 +147,16 @@ def test_dense_credit_telescopes_to_last_minus_prompt(dirs):
     last = rmask.sum(1) + 2
     expect = s[torch.arange(3), last] - s[:, 2]
     torch.testing.assert_close(d.sum(1), expect, rtol=1e-4, atol=1e-5)
+
+
+def test_value_head_on_the_policy_trunk(dirs):
+    t = make_trainer(dirs, "train.value_model=policy_head", "train.critic_warmup_updates=1")
+    assert t.value_model.base_model is t.policy.base_model
+    head = {n: p.detach().clone() for n, p in t.value_model.named_parameters() if "score" in n}
+    trunk = snapshot(t.policy)
+    t.iteration(list(range(8)), PhaseTimer())  # critic warm-up: only the head moves
+    assert not changed(trunk, t.policy)
+    assert any(not torch.equal(head[n], p) for n, p in t.value_model.named_parameters() if n in head)
+    t.step = 1
+    t.iteration(list(range(8)), PhaseTimer())  # then the shared trunk learns from both losses
+    assert changed(trunk, t.policy)

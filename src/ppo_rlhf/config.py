@@ -229,8 +229,9 @@ class PPOTrainConfig:
     value_update_every: int = opt(1, "Update the value model every N iterations.", min=1)
     target_kl: float = opt(0.0, "Stop an iteration's epochs early when approx_kl exceeds this (0 = off).",
                            min=0)
-    value_model: str = opt("separate", "Value model: 'separate' (initialised from the RM) or "
-                           "'policy_head' (a head on the policy trunk).", choices=("separate", "policy_head"))
+    value_model: str = opt("separate", "Value model: 'separate' (a copy of the RM) or 'policy_head' "
+                           "(the RM's head on the policy's own trunk; one process, no LoRA).",
+                           choices=("separate", "policy_head"))
 
 
 @dataclass

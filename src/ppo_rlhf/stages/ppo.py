@@ -114,6 +114,13 @@ class PPOTrainer:
         self.reward_model = load_scalar_model(cfg.reward_model, tok).to(device)
         self.reward_model.requires_grad_(False)
         self.value_model = load_scalar_model(cfg.reward_model, tok).to(device)
+        if cfg.train.value_model == "policy_head":
+            if self.use_lora or dist.world_size() > 1 or cfg.run.fsdp:
+                raise UserError("train.value_model=policy_head needs one process and no LoRA; "
+                                "use train.value_model=separate")
+            # V_phi is a head (initialised from the RM's) on the policy's own trunk: the trunk learns
+            # from both losses and is stepped by the policy optimizer; the value optimizer owns the head.
+            setattr(self.value_model, self.value_model.base_model_prefix, self.policy.base_model)
         for m in (self.policy, self.reference, self.reward_model, self.value_model):
             if m is not None:
                 disable_dropout(m)
@@ -141,6 +148,9 @@ class PPOTrainer:
                 dist.wrap_model(frozen, device, cfg.run)
         self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
         self.value_params = [p for p in self.value_model.parameters() if p.requires_grad]
+        if cfg.train.value_model == "policy_head":
+            trunk = {id(p) for p in self.policy.parameters()}
+            self.value_params = [p for p in self.value_params if id(p) not in trunk]
         steps = cfg.train.updates * cfg.train.ppo_epochs * cfg.train.num_minibatches
         self.policy_opt = common.make_optimizer(self.policy_params, cfg.optim)
         self.value_opt = common.make_optimizer(self.value_params, cfg.optim, lr=cfg.train.value_lr or cfg.optim.lr)
@@ -292,6 +302,8 @@ class PPOTrainer:
                                                   cfg.optim.max_grad_norm, self.guard, loss_total,
                                                   step=self.step + 1, last_checkpoint=self.last_checkpoint)
                     reduced["value/grad_norm"] = gn
+                if not update_policy:  # critic warm-up: drop what the value loss left on a shared trunk
+                    self.policy_opt.zero_grad(set_to_none=True)
                 for k, v in reduced.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_steps += 1
