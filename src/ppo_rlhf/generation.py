@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, PreTrainedModel
 
+from ppo_rlhf.data.collate import position_ids_from_mask
 from ppo_rlhf.errors import UserError
 from ppo_rlhf.models import capture_output, sequence_scores, token_scores, unwrap
 
@@ -57,11 +58,6 @@ def _lm_parts(model: nn.Module) -> tuple[PreTrainedModel, nn.Module]:
                 "fix: use a GPT-2, Llama, Qwen or Mistral-style model"
             )
     return hf, hf.get_output_embeddings()
-
-
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) positions counted over real tokens (cumsum - 1); 0 on left padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +129,7 @@ class _Decoder:
 
     def __init__(self, trunk: nn.Module, full_mask: torch.Tensor, prompt_len: int):
         self.trunk = trunk
-        self.positions = _position_ids(full_mask)
+        self.positions = position_ids_from_mask(full_mask)
         self.max_len = full_mask.shape[1]
         key_mask = full_mask.bool()
         # Prefill: causal and not padding; a padding query also sees itself, so that no softmax
@@ -268,7 +264,7 @@ class _HFDecoder:
 
     def __init__(self, trunk: nn.Module, full_mask: torch.Tensor, prompt_len: int):
         self.trunk, self.full_mask = trunk, full_mask
-        self.positions = _position_ids(full_mask)
+        self.positions = position_ids_from_mask(full_mask)
         self.kv_cache = DynamicCache(config=trunk.config)
 
     def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
@@ -450,7 +446,7 @@ def response_logprobs(
     with capture_output(hf.base_model) as outputs:
         model(
             input_ids=sequences, attention_mask=attention_mask,
-            position_ids=_position_ids(attention_mask), use_cache=False, logits_to_keep=1,
+            position_ids=position_ids_from_mask(attention_mask), use_cache=False, logits_to_keep=1,
         )
     hidden = outputs[-1].last_hidden_state
     response_mask = attention_mask[:, prompt_len:].bool()
@@ -485,7 +481,7 @@ def response_values(
 
     Position P - 1 + t holds the state that response token t is sampled from.
     """
-    values = token_scores(value_model, sequences, attention_mask, _position_ids(attention_mask))
+    values = token_scores(value_model, sequences, attention_mask, position_ids_from_mask(attention_mask))
     return values[:, prompt_len - 1 : -1].masked_fill(~attention_mask[:, prompt_len:].bool(), 0.0)
 
 
@@ -493,4 +489,4 @@ def sequence_rewards(
     reward_model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """(B,) float32 normalised reward-model score at the last real token of each sequence."""
-    return sequence_scores(reward_model, sequences, attention_mask, _position_ids(attention_mask))
+    return sequence_scores(reward_model, sequences, attention_mask, position_ids_from_mask(attention_mask))

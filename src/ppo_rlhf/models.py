@@ -34,6 +34,8 @@ from transformers import (
     PreTrainedModel,
 )
 
+from ppo_rlhf.algo.advantages import last_token_index
+from ppo_rlhf.data.collate import position_ids_from_mask
 from ppo_rlhf.errors import UserError
 from ppo_rlhf.fileio import atomic_directory
 
@@ -259,11 +261,6 @@ def _init_head(head: nn.Linear, std: float) -> None:
         nn.init.zeros_(head.bias)
 
 
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) positions counted over real tokens only (cumsum - 1), 0 on left padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-
-
 def token_scores(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -275,19 +272,13 @@ def token_scores(
     `model` may be wrapped (peft, DDP): the forward goes through the wrapper.
     """
     if position_ids is None:
-        position_ids = _position_ids(attention_mask)
+        position_ids = position_ids_from_mask(attention_mask)
     with capture_output(unwrap(model).score) as outputs:
         model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             use_cache=False,
         )
     return outputs[-1].squeeze(-1).float()
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last True of each row: the last real token, left or right padding."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask.bool()).argmax(-1)
 
 
 def sequence_scores(
