@@ -64,21 +64,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (returns a new tensor; identity in one process)."""
+def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:
+    """Reduce a tensor over ranks into a new tensor (identity in one process)."""
     if not is_distributed():
         return x
     y = x.detach().clone()
-    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    dist.all_reduce(y, op=op)
     return y
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over ranks."""
+    return _all_reduce(x, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
-    if not is_distributed():
-        return x
-    y = x.detach().clone()
-    dist.all_reduce(y, op=dist.ReduceOp.MAX)
-    return y
+    """Element-wise maximum of a tensor over ranks."""
+    return _all_reduce(x, dist.ReduceOp.MAX)
 
 
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
