@@ -110,3 +110,14 @@ def test_malformed_data_names_the_line(run, tmp_path):
 def test_help_lists_documented_options():
     p = cli("ppo", "--help")
     assert "reward.kl_estimator" in p.stdout and "Per-token KL estimator" in p.stdout
+
+
+def test_tokenizer_from_jsonl_files(run, tmp_path):
+    from transformers import AutoTokenizer
+
+    d = run / "data"
+    cli("tokenizer", "--out", tmp_path / "tok", f"texts={d / 'sft_train.jsonl'},{d / 'pretrain.jsonl'}",
+        "vocab_size=300")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert tok.decode(tok.encode("Q: 3+4= 7")) == "Q: 3+4= 7"
+    assert len({tok.pad_token_id, tok.eos_token_id, tok.bos_token_id}) == 3

@@ -71,13 +71,13 @@ def _guess_kind(path: str) -> str:
                 except (ValueError, TypeError):
                     break
                 if "text" in keys:
-                    return "text"
+                    return "texts"
                 if "chosen" in keys or "responses" in keys:
-                    return "preference"
+                    return "preferences"
                 if "response" in keys or "messages" in keys:
                     return "sft"
-                return "prompt"
-    return "text"
+                return "prompts"
+    return "texts"
 
 
 def run_data(cfg: DataConfig) -> dict:
