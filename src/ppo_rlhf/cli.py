@@ -149,6 +149,11 @@ def _print_result(result) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command not in (None, "report", "label"):
+        # transformers' per-file "Loading weights" bars would drown the stage's own progress bar
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return _run(args)
     except UserError as e:
