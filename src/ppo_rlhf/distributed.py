@@ -83,6 +83,11 @@ def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     return _all_reduce(x, dist.ReduceOp.MAX)
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any rank (e.g. a stop signal one rank received)."""
+    return bool(all_reduce_max(torch.tensor(float(flag))).item())
+
+
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     """Concatenate equally-shaped tensors from all ranks along dim 0 (rank order)."""
     if not is_distributed():

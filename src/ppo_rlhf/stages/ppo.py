@@ -382,9 +382,10 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> dict:
                             **({"gold": f"{metrics['objective/gold_reward']:.2f}"} if "objective/gold_reward" in metrics else {}))
             if cfg.run.eval_every and trainer.step % cfg.run.eval_every == 0 and trainer.step < cfg.train.updates:
                 last_eval = evaluate(trainer.step)
-            if (cfg.run.save_every and trainer.step % cfg.run.save_every == 0) or stop.requested:
+            stopping = dist.any_rank(stop.requested)  # all ranks stop at the same step
+            if (cfg.run.save_every and trainer.step % cfg.run.save_every == 0) or stopping:
                 trainer.last_checkpoint = ckpt.save(trainer.step, dist.for_saving(trainer.state()))
-            if stop.requested:
+            if stopping:
                 progress.close()
                 logger.close()
                 print(f"[ppo] stopped at update {trainer.step}; resume with: {common.resume_command('ppo')}")

@@ -137,9 +137,10 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict:
             if evalset and cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < steps:
                 ev = evaluate_pairs(model, evalset, pad_id, cfg.batch_size, device)
                 logger.log(step, {"rm/eval_loss": ev["loss"], "rm/eval_acc": ev["accuracy"]}, stage="reward")
-            if (cfg.run.save_every and step % cfg.run.save_every == 0) or stop.requested:
+            stopping = dist.any_rank(stop.requested)  # all ranks stop at the same step
+            if (cfg.run.save_every and step % cfg.run.save_every == 0) or stopping:
                 run.save(step)
-            if stop.requested:
+            if stopping:
                 progress.close()
                 logger.close()
                 print(f"[reward] stopped at step {step}; resume with: {common.resume_command('reward')}")

@@ -120,9 +120,10 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
             if evalset and cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < steps:
                 el = eval_loss(model, evalset, pad_id, cfg.batch_size, device)
                 logger.log(step, {"sft/eval_loss": el, "sft/eval_ppl": math.exp(min(el, 50))}, stage="sft")
-            if (cfg.run.save_every and step % cfg.run.save_every == 0) or stop.requested:
+            stopping = dist.any_rank(stop.requested)  # all ranks stop at the same step
+            if (cfg.run.save_every and step % cfg.run.save_every == 0) or stopping:
                 run.save(step)
-            if stop.requested:
+            if stopping:
                 progress.close()
                 logger.close()
                 print(f"[sft] stopped at step {step}; resume with: {common.resume_command('sft')}")
