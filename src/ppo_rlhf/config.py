@@ -136,10 +136,10 @@ class SFTConfig:
                               min=0)
     batch_size: int = opt(32, "Sequences per optimizer step (across all ranks).", min=1)
     grad_accum: int = opt(1, "Micro-batches per optimizer step (batch_size must divide evenly).", min=1)
-    epochs: float = opt(3.0, "Passes over the training data (fractions allowed).", min=0)
+    epochs: float = opt(20.0, "Passes over the training data (fractions allowed).", min=0)
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = from epochs).", min=0)
     model: ModelConfig = opt(factory=ModelConfig, help="Model to fine-tune.")
-    optim: OptimConfig = opt(factory=OptimConfig, help="Optimiser.")
+    optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50), help="Optimiser.")
     run: RunConfig = opt(factory=RunConfig, help="Run bookkeeping.")
 
 
@@ -160,7 +160,7 @@ class RewardConfig:
     max_len: int = opt(128, "Prompt + response tokens kept.", min=2)
     batch_size: int = opt(32, "Pairs per optimizer step (across all ranks).", min=1)
     grad_accum: int = opt(1, "Micro-batches per optimizer step.", min=1)
-    epochs: float = opt(2.0, "Passes over the training pairs.", min=0)
+    epochs: float = opt(3.0, "Passes over the training pairs.", min=0)
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = from epochs).", min=0)
     margin: float = opt(0.0, "Margin in -log sigmoid(r_chosen - r_rejected - margin).")
     head_init_std: float = opt(0.0, "Std of the scalar head's initial weights (0 = zero init).", min=0)
@@ -189,7 +189,9 @@ class RewardShapingConfig:
 
     kl_estimator: str = opt("k1", "Per-token KL estimator in the reward.", choices=("k1", "k2", "k3"))
     kl_control: str = opt("fixed", "KL coefficient controller.", choices=("fixed", "adaptive"))
-    kl_coef: float = opt(0.05, "KL coefficient beta (initial value when adaptive).", min=0)
+    kl_coef: float = opt(0.5, "KL coefficient beta (initial value when adaptive). 0.5 suits the tiny "
+                         "built-in tasks (lower let PPO over-optimise the RM); InstructGPT used 0.02, TRL 0.05.",
+                         min=0)
     kl_target: float = opt(6.0, "Adaptive controller's target KL (nats per sequence).", min=1e-6)
     kl_horizon: int = opt(10000, "Adaptive controller's horizon (samples).", min=1)
     score_clip: float = opt(10.0, "Clip the (normalised) score to +-this; 0 = no clipping.", min=0)
@@ -220,7 +222,7 @@ class PPOLossConfig:
 class PPOTrainConfig:
     """The update schedule."""
 
-    updates: int = opt(60, "Rollout/update iterations.", min=1)
+    updates: int = opt(150, "Rollout/update iterations.", min=1)
     ppo_epochs: int = opt(2, "Passes over each rollout's experience.", min=1)
     num_minibatches: int = opt(2, "Minibatches per epoch (optimizer steps per epoch).", min=1)
     grad_accum: int = opt(1, "Micro-batches per minibatch (gradient accumulation).", min=1)
@@ -246,16 +248,16 @@ class PPOConfig:
     ptx_file: str = opt("", "Pretraining text JSONL {\"text\"} for PPO-ptx (needed when loss.ptx_coef > 0).")
     task: str = opt("", "Built-in task for the gold reward (metrics only; never used for training).")
     max_prompt_len: int = opt(64, "Prompt tokens kept (truncated from the left).", min=1)
-    eval_samples: int = opt(256, "Held-out prompts used per evaluation.", min=1)
+    eval_samples: int = opt(400, "Held-out prompt samples per evaluation (a small file is cycled).", min=1)
     sample_rows: int = opt(4, "Prompt/response rows kept in samples.jsonl per evaluation.", min=0)
     model: ModelConfig = opt(factory=lambda: ModelConfig(path=""), help="LoRA options for the policy (path is ignored: see policy).")
     rollout: RolloutConfig = opt(factory=RolloutConfig, help="Sampling.")
     reward: RewardShapingConfig = opt(factory=RewardShapingConfig, help="Reward shaping.")
     loss: PPOLossConfig = opt(factory=PPOLossConfig, help="Losses.")
     train: PPOTrainConfig = opt(factory=PPOTrainConfig, help="Update schedule.")
-    optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=3e-4, warmup_steps=0, schedule="constant"),
+    optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"),
                              help="Optimiser (policy and value).")
-    run: RunConfig = opt(factory=lambda: RunConfig(eval_every=10, save_every=20), help="Run bookkeeping.")
+    run: RunConfig = opt(factory=lambda: RunConfig(eval_every=25, save_every=50), help="Run bookkeeping.")
 
 
 @dataclass
@@ -286,13 +288,9 @@ class PipelineConfig:
     model: str = opt("tiny-gpt2", "Model preset or local HF directory to start from.")
     tokenizer: TokenizerConfig = opt(factory=TokenizerConfig, help="Tokenizer stage.")
     data: DataConfig = opt(factory=DataConfig, help="Data stage.")
-    sft: SFTConfig = opt(factory=lambda: SFTConfig(
-        epochs=20.0, optim=OptimConfig(lr=1e-3, warmup_steps=50)), help="SFT stage.")
-    reward: RewardConfig = opt(factory=lambda: RewardConfig(epochs=3.0), help="Reward-model stage.")
-    ppo: PPOConfig = opt(factory=lambda: PPOConfig(
-        eval_samples=400, reward=RewardShapingConfig(kl_coef=0.5), train=PPOTrainConfig(updates=150),
-        optim=OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"),
-        run=RunConfig(eval_every=25, save_every=50)), help="PPO stage.")
+    sft: SFTConfig = opt(factory=SFTConfig, help="SFT stage.")
+    reward: RewardConfig = opt(factory=RewardConfig, help="Reward-model stage.")
+    ppo: PPOConfig = opt(factory=PPOConfig, help="PPO stage.")
     eval: EvalConfig = opt(factory=EvalConfig, help="Final evaluation.")
 
 
