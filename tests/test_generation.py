@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from tiny_tokenizer import make_tokenizer
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ppo_rlhf.errors import UserError
 from ppo_rlhf.generation import (
@@ -29,17 +29,6 @@ from ppo_rlhf.models import (
 )
 
 PAD, EOS = 0, 1
-
-
-def make_tokenizer(n_words: int = 40) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: <|pad|>=0, <|eos|>=1, <|bos|>=2, <unk>=3, then w0, w1, ..."""
-    tokens = ["<|pad|>", "<|eos|>", "<|bos|>", "<unk>"] + [f"w{i}" for i in range(n_words)]
-    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<|pad|>", eos_token="<|eos|>", bos_token="<|bos|>",
-        unk_token="<unk>", padding_side="left",
-    )
 
 
 TOK = make_tokenizer()

@@ -492,17 +492,8 @@ def to_dict(cfg: Any) -> dict:
 
 
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(key, type, default, help) for every leaf option."""
-    rows = []
-    hints = _hints(cls)
-    inst = cls()
-    for f in fields(cls):
-        t = hints[f.name]
-        if is_dataclass(t):
-            rows.extend(describe_instance(getattr(inst, f.name), f"{prefix}{f.name}."))
-        else:
-            rows.append(_row(f, t, getattr(inst, f.name), prefix))
-    return rows
+    """(key, type, default, help) for every leaf option of a config class."""
+    return describe_instance(cls(), prefix)
 
 
 def describe_instance(obj: Any, prefix: str) -> list[tuple[str, str, Any, str]]:
