@@ -225,7 +225,10 @@ class PPOTrainer:
         beta = self.kl_ctl.value
         self.kl_ctl.update(mean_kl, len(prompt_rows))
 
-        texts, truncated = decode_responses(tok, exp.sequences[:, exp.prompt_len:].cpu(), exp.response_mask.cpu())
+        # Text is needed for the gold reward (every row) and the sample table (the first rows only).
+        n_text = len(prompt_rows) if self.task is not None else min(cfg.sample_rows, len(prompt_rows))
+        texts, truncated = decode_responses(tok, exp.sequences[:n_text, exp.prompt_len:].cpu(),
+                                            exp.response_mask[:n_text].cpu())
         m = {"objective/kl": mean_kl,
              "objective/kl_estimator_mean": (exp.kl * exp.response_mask).sum(1).mean().item(),
              "objective/rlhf_reward": (exp.rewards.sum(1)).mean().item(),
