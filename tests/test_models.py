@@ -301,3 +301,30 @@ def test_missing_peft_is_a_user_error(tok, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` raise ImportError
     with pytest.raises(UserError, match=r"pip install ppo-rlhf\[lora\]"):
         apply_lora(load_causal_lm("tiny-gpt2", tok), r=2, alpha=4, dropout=0.0)
+
+
+def test_gelu_new_directories_run_the_fused_gelu_with_the_same_outputs(tok, tmp_path):
+    """GPT-2 dirs saved with `gelu_new` load with the fused tanh GELU: same function, config kept."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_layer=2, n_embd=32, n_head=4, n_positions=32,
+                        activation_function="gelu_new", pad_token_id=PAD, eos_token_id=EOS,
+                        bos_token_id=BOS)
+    reference = GPT2LMHeadModel(config).eval()
+    save_model(reference, tok, tmp_path / "gpt2")
+    loaded = load_causal_lm(tmp_path / "gpt2", tok)
+    acts = [type(m) for m in loaded.modules() if isinstance(m, (GELUTanh, NewGELUActivation))]
+    assert acts == [GELUTanh, GELUTanh]
+    ids, mask = left_padded([6, 3], 6, len(tok))
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
+                               reference(input_ids=ids, attention_mask=mask).logits,
+                               rtol=0, atol=1e-5)
+    save_model(loaded, tok, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["activation_function"] == "gelu_new"
+
+    rm = load_scalar_model(tmp_path / "gpt2", tok, init_from_causal_lm=True)
+    save_model(rm, tok, tmp_path / "rm")
+    loaded_rm = load_scalar_model(tmp_path / "rm", tok)
+    assert not any(isinstance(m, NewGELUActivation) for m in loaded_rm.modules())

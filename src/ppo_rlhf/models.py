@@ -33,6 +33,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     PreTrainedModel,
 )
+from transformers.activations import GELUTanh, NewGELUActivation
 
 from ppo_rlhf.algo.advantages import last_token_index
 from ppo_rlhf.data.collate import position_ids_from_mask
@@ -121,6 +122,7 @@ def load_causal_lm(
         _require_config(path)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
         _add_pad_embedding(model, tokenizer)
+        fuse_gelu(model)
     else:
         config = _preset_config(str(spec), tokenizer, dropout)
         with torch.random.fork_rng(devices=[]):
@@ -183,9 +185,29 @@ def load_scalar_model(
         model = AutoModelForSequenceClassification.from_pretrained(
             path, local_files_only=True, dtype=dtype
         )
+        fuse_gelu(model)
         _check_vocab(model, tokenizer, spec_or_dir)
     _set_special_ids(model.config, tokenizer)
     return model
+
+
+def fuse_gelu(model: nn.Module) -> int:
+    """Run GPT-2's `gelu_new` activations as one fused kernel; returns how many were swapped.
+
+    `gelu_new` (`NewGELUActivation`) is 0.5*x*(1 + tanh(sqrt(2/pi)*(x + 0.044715*x^3))) written as
+    six elementwise ops, each a kernel launch and most kept for backward. `gelu_pytorch_tanh` is
+    the same function as one `F.gelu(approximate="tanh")` kernel (max difference ~2e-7 in float32).
+    Measured at 4 layers d=256, B=32: the unfused ops were ~0.85 s of a 2.3 s PPO update and a
+    third of its peak memory (benchmarks/README.md). Only the module changes; config.json keeps
+    its `activation_function`, so saved models are unchanged.
+    """
+    swapped = 0
+    for module in model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, GELUTanh())
+                swapped += 1
+    return swapped
 
 
 def _preset_config(name: str, tokenizer, dropout: float):
