@@ -7,6 +7,10 @@
 Random models built from presets with a random word-level vocabulary (~512 tokens), left-padded
 prompts of random length, pure sampling (temperature 1, no top-k/top-p) with a KV cache in both,
 and no early stop: the EOS id is outside the vocabulary so every row runs to max_new_tokens.
+HF `generate` runs on a stock copy of the model (Hugging Face's own nn.Linear / Conv1D layers,
+i.e. torch's default matmul), ours on the model as `load_causal_lm` returns it (float32 CPU linear
+layers on oneDNN, see ppo_rlhf/onednn.py); `--same-kernels` gives HF the oneDNN layers too, to
+separate the decode loop's gain from the kernels'.
 Each case is timed `--repeats` times after a warm-up, ours and HF interleaved (the machine may be
 shared), and the medians are reported as generated tokens per second. One CPU thread by default
 (`--threads`): both sides are overhead-bound at these sizes, and with two threads on a shared
@@ -16,6 +20,7 @@ shared), and the medians are reported as generated tokens per second. One CPU th
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import time
@@ -65,11 +70,30 @@ def time_call(fn, device) -> float:
     return time.perf_counter() - start
 
 
-def bench_case(model, tokenizer, batch, prompt_len, new_tokens, repeats, device, dtype) -> dict:
+def stock_copy(model):
+    """`model` with Hugging Face's own layers: `load_causal_lm` switched its linear layers to
+    oneDNN kernels (ppo_rlhf.onednn), which stock `model.generate` users do not have."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    from ppo_rlhf.onednn import OneDNNConv1D, OneDNNLinear
+
+    stock = copy.deepcopy(model)
+    for module in stock.modules():
+        if type(module) is OneDNNLinear:
+            module.__class__ = nn.Linear
+        elif type(module) is OneDNNConv1D:
+            module.__class__ = Conv1D
+    return stock
+
+
+def bench_case(model, tokenizer, batch, prompt_len, new_tokens, repeats, device, dtype,
+               same_kernels: bool = False) -> dict:
     pad = tokenizer.pad_token_id
     ids, mask = left_padded_prompts(batch, prompt_len, len(tokenizer), pad, 0, device)
     never = len(tokenizer) + 1  # an EOS id the model can never sample: full-length rows
     generator = torch.Generator(device=device).manual_seed(0)
+    stock = model if same_kernels else stock_copy(model)
 
     def ours():
         response, _ = generate(
@@ -79,7 +103,7 @@ def bench_case(model, tokenizer, batch, prompt_len, new_tokens, repeats, device,
         assert response.shape == (batch, new_tokens)
 
     def hf():
-        out = model.generate(
+        out = stock.generate(
             input_ids=ids, attention_mask=mask.long(), do_sample=True, temperature=1.0, top_k=0,
             top_p=1.0, max_new_tokens=new_tokens, eos_token_id=never,
             pad_token_id=tokenizer.pad_token_id, use_cache=True,
@@ -115,6 +139,8 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--same-kernels", action="store_true",
+                        help="HF generate also gets the oneDNN linear layers (decode loop alone)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,7 +152,8 @@ def main(argv=None) -> dict:
         model = load_causal_lm(name, tokenizer).to(device).eval()
         for batch, prompt_len, new_tokens in CASES:
             row = bench_case(
-                model, tokenizer, batch, prompt_len, new_tokens, args.repeats, device, dtype
+                model, tokenizer, batch, prompt_len, new_tokens, args.repeats, device, dtype,
+                args.same_kernels,
             )
             row.update(model=name, parameters=count_parameters(model))
             results.append(row)
@@ -146,6 +173,7 @@ def main(argv=None) -> dict:
         "transformers": transformers.__version__,
         "vocab": args.vocab,
         "bf16": args.bf16,
+        "hf_kernels": "oneDNN (same as ours)" if args.same_kernels else "stock",
         "results": results,
     }
     atomic_write_json(args.out, report)

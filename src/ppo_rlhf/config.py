@@ -78,6 +78,9 @@ class RunConfig:
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
     dtype: str = opt("float32", "Training precision: float32, or bfloat16 autocast on CUDA.",
                      choices=("float32", "bfloat16"))
+    onednn: bool = opt(True, "Run float32 CPU linear layers through oneDNN where the product is "
+                       "large enough to gain (about 2x on AMD CPUs, whose MKL path lacks AVX-512); "
+                       "false = torch's default matmul everywhere.")
     max_nonfinite: int = opt(5, "Stop after this many consecutive non-finite losses/gradients.", min=1)
     fsdp: bool = opt(False, "Under torchrun, shard the models with FSDP2 (fully_shard per transformer "
                      "block) instead of replicating them with DDP; with dtype=bfloat16 on CUDA, bf16 "

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .. import distributed as dist
+from .. import onednn
 from ..config import ModelConfig, OptimConfig, RunConfig
 from ..errors import UserError
 
@@ -45,6 +46,7 @@ def setup(run: RunConfig) -> torch.device:
     """Threads, seeds, device and (under torchrun) the process group."""
     if run.threads:
         torch.set_num_threads(run.threads)
+    onednn.set_enabled(run.onednn)
     device = resolve_device(run.device)
     dist.init_distributed(device)
     seed_everything(run.seed)
