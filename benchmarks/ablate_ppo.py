@@ -4,17 +4,19 @@
     python benchmarks/ablate_ppo.py --layers 4 --d 256      # the compute-bound configuration
 
 Each variant runs in its own process (same fixtures and PPOConfig as ppo_vs_trl.py's ours side)
-and patches one thing at run time, to show what a change in src/ would buy before anyone makes it:
+and undoes one of the library's speed choices at run time, to show what each one buys:
 
 - baseline: the library as it is;
-- fused_adamw: `torch.optim.AdamW(fused=True)` instead of the default per-tensor loop on CPU;
-- gelu_fused: GPT-2's MLP activation as one `F.gelu(approximate="tanh")` kernel (HF's
-  "gelu_pytorch_tanh", the same function) instead of NewGELUActivation's five elementwise ops;
+- no_onednn: float32 CPU linear layers on torch's default matmul (MKL) instead of oneDNN
+  (`run.onednn=false`, see src/ppo_rlhf/onednn.py);
+- gelu_unfused: GPT-2's `gelu_new` as NewGELUActivation's elementwise ops instead of the fused
+  tanh GELU kernel (`models.fuse_gelu`);
+- adamw_foreach: torch's default AdamW implementation instead of `fused=True`;
 - threads1: one torch thread instead of two (the library already decodes tiny models on one);
-- all: fused_adamw + gelu_fused.
+- torch_default: no_onednn + gelu_unfused + adamw_foreach.
 
-(The old log-probs are taken from the sampler by the library itself since the sampler_logprobs
-ablation of benchmarks/README.md measured it.)
+(The old log-probs come from the sampler since the sampler_logprobs ablation of
+benchmarks/README.md measured it; that one is not undone here.)
 
 Prints median s/update and the phase split per variant, and writes
 benchmarks/results/ablate_<config>.json.
@@ -36,32 +38,29 @@ sys.path.insert(0, str(HERE))
 
 import bench_common as bc  # noqa: E402
 
-VARIANTS = ["baseline", "fused_adamw", "gelu_fused", "threads1", "all"]
+VARIANTS = ["baseline", "no_onednn", "gelu_unfused", "adamw_foreach", "threads1", "torch_default"]
+UNDO_ALL = {"no_onednn", "gelu_unfused", "adamw_foreach"}
 
 
 def apply_patches(names: set[str]) -> None:
     """Monkeypatch the library in this process (run before the trainer is built)."""
     import torch
 
-    from ppo_rlhf.stages import common, ppo
+    from ppo_rlhf import models, onednn
+    from ppo_rlhf.stages import common
 
-    if "fused_adamw" in names:
+    if "no_onednn" in names:
+        onednn.set_enabled(False)
+        common.onednn.set_enabled = lambda flag: None  # setup() must not turn it back on
+    if "gelu_unfused" in names:
+        models.fuse_gelu = lambda model: 0
+    if "adamw_foreach" in names:
         def make_optimizer(params, cfg, lr=None):
             params = [p for p in params if p.requires_grad]
-            return torch.optim.AdamW(params, lr=lr if lr is not None else cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                     eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=True)
+            return torch.optim.AdamW(params, lr=lr if lr is not None else cfg.lr,
+                                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                                     weight_decay=cfg.weight_decay)
         common.make_optimizer = make_optimizer
-    if "gelu_fused" in names:
-        from transformers.activations import ACT2FN
-        orig_init = ppo.PPOTrainer.__init__
-
-        def init(self, *a, **k):
-            orig_init(self, *a, **k)
-            for model in (self.policy, self.reference, self.value_model, self.reward_model):
-                for module in model.modules():
-                    if hasattr(module, "act") and type(module).__name__ == "GPT2MLP":
-                        module.act = ACT2FN["gelu_pytorch_tanh"]
-        ppo.PPOTrainer.__init__ = init
 
 
 def child(case_json: str, paths_json: str, updates: int, threads: int, variant: str) -> dict:
@@ -70,7 +69,7 @@ def child(case_json: str, paths_json: str, updates: int, threads: int, variant: 
     torch.set_num_threads(threads)
     import ours_worker
 
-    names = {"fused_adamw", "gelu_fused"} if variant == "all" else {variant}
+    names = UNDO_ALL if variant == "torch_default" else {variant}
     apply_patches(names)
     return ours_worker.main(case_json, paths_json, updates, threads)
 

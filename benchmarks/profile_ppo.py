@@ -35,7 +35,7 @@ import bench_common as bc  # noqa: E402
 
 ARITHMETIC_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
                   "aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_efficient_attention",
-                  "aten::_flash_attention", "aten::_scaled_mm")
+                  "aten::_flash_attention", "aten::_scaled_mm", "mkldnn::_linear_pointwise")
 
 
 def build_trainer(case: bc.Case, work_dir: Path, updates: int, threads: int):
