@@ -54,6 +54,8 @@ class Case:
     response_len: int
     ppo_epochs: int = 2
     num_minibatches: int = 2
+    device: str = "cpu"  # "cuda": both sides on the GPU
+    bf16: bool = False  # bf16 autocast on both sides (CUDA)
 
     @property
     def tokens_per_update(self) -> int:
@@ -61,7 +63,8 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{self.model.name} B={self.batch} {self.prompt_len}+{self.response_len}"
+        where = "" if self.device == "cpu" else f" {self.device}{' bf16' if self.bf16 else ''}"
+        return f"{self.model.name} B={self.batch} {self.prompt_len}+{self.response_len}{where}"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -218,6 +221,32 @@ def matmul_peak_gflops(threads: int, sizes=(512, 1024, 2048), repeats: int = 5) 
                 product(a, b)
                 best = max(best, 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
     return best
+
+
+def gpu_bf16_peak_tflops(n: int = 8192, repeats: int = 10) -> float:
+    """Best bf16 matmul TFLOP/s on the current CUDA device (the GPU MFU denominator)."""
+    import time
+
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    a @ b
+    torch.cuda.synchronize()
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize()
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0) / 1e12)
+    return best
+
+
+def gpu_memory_mb() -> float | None:
+    """Peak GPU memory allocated by torch in this process (MB), or None without CUDA."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 1e6 if torch.cuda.is_available() else None
 
 
 def peak_rss_mb() -> float:

@@ -36,7 +36,8 @@ def make_config(case: bc.Case, paths: dict, updates: int, threads: int, out_dir:
         "train": {"updates": updates + 1, "ppo_epochs": case.ppo_epochs,
                   "num_minibatches": case.num_minibatches, "grad_accum": 1},
         "optim": {"lr": 1e-5},
-        "run": {"threads": threads, "device": "cpu", "tensorboard": False, "eval_every": 0, "seed": 0},
+        "run": {"threads": threads, "device": case.device, "dtype": "bfloat16" if case.bf16 else "float32",
+                "tensorboard": False, "eval_every": 0, "seed": 0},
     }
     return build_config(PPOConfig, base=overrides)
 
@@ -88,6 +89,7 @@ def main(case_json: str, paths_json: str, updates: int, threads: int) -> dict:
             "cpu_s": cpu[1:],
             "phases_s": {k: [p[f"time/{k}"] for p in phases[1:]] for k in keys},
             "peak_rss_mb": bc.peak_rss_mb(), "rss_after_load_mb": rss_after_load,
+            "peak_gpu_mb": bc.gpu_memory_mb(),
             "import_s": import_s, "setup_s": setup_s, "threads": torch.get_num_threads(),
             "mean_response_length": sum(lengths) / len(lengths), "truncated_frac": min(truncated),
             "response_tokens": int(sum(lengths) * B), "expected_response_tokens": B * R * (updates + 1),

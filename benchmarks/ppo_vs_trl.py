@@ -40,6 +40,9 @@ SMALL, LARGE = bc.ModelShape(2, 64), bc.ModelShape(4, 256)
 # The four configurations of docs PERFORMANCE.md (both sides).
 MAIN = [bc.Case(SMALL, 8, 8, 16), bc.Case(SMALL, 32, 16, 64), bc.Case(LARGE, 8, 8, 16), bc.Case(LARGE, 32, 16, 64)]
 QUICK = MAIN[:2]
+# --device cuda: a ~0.5B-parameter GPT-2 shape (24 layers, d=1280: 472M in the blocks), bf16 autocast.
+GPU_SHAPE = bc.ModelShape(24, 1280, 20)
+GPU = [bc.Case(GPU_SHAPE, b, 64, 256, device="cuda", bf16=True) for b in (32, 128)]
 # Scaling sweeps around 2 layers d=64, B=32, 16+64 (overhead-bound) and 4 layers d=256 (compute).
 SWEEPS = {
     "response_len": [bc.Case(SMALL, 32, 16, r) for r in (16, 64, 256)],
@@ -108,12 +111,15 @@ def run_worker(python: str, script: str, case: bc.Case, paths: dict, updates: in
     return {"error": f"exit {proc.returncode}: {tail}"}
 
 
-def measure_peak(threads: int, omp_wait_policy: str) -> float:
-    """fp32 matmul GFLOP/s in a fresh process with the workers' threading environment."""
+def measure_peak(threads: int, omp_wait_policy: str, device: str = "cpu") -> float:
+    """Matmul peak in GFLOP/s, in a fresh process with the workers' threading environment:
+    fp32 on the CPU, bf16 on a CUDA device."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     if omp_wait_policy:
         env["OMP_WAIT_POLICY"] = omp_wait_policy
-    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench_common; print(bench_common.matmul_peak_gflops({threads}))"
+    call = "1000 * bench_common.gpu_bf16_peak_tflops()" if device == "cuda" else \
+        f"bench_common.matmul_peak_gflops({threads})"
+    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench_common; print({call})"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -164,7 +170,8 @@ def side_cells(r: dict | None) -> list:
         return ["error"] + ["-"] * 6
     ph = r["phases_median_s"]
     return [f"{r['median_s']:.3f}", f"{r['tokens_per_s']:,.0f}", f"{r['median_cpu_s']:.2f}",
-            f"{r['peak_rss_mb']:,.0f}", f"{ph['generate']:.2f}/{ph['score']:.2f}/{ph['train']:.2f}",
+            f"{r['peak_rss_mb']:,.0f}" + (f" (GPU {r['peak_gpu_mb']:,.0f})" if r.get("peak_gpu_mb") else ""),
+            f"{ph['generate']:.2f}/{ph['score']:.2f}/{ph['train']:.2f}",
             f"{100 * r['mfu']:.1f}%", f"{r['other_load_cores']:.1f}"]
 
 
@@ -201,7 +208,8 @@ def machine_info(threads: int, peak: float) -> dict:
     except OSError:
         pass
     import torch
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "gpu": gpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
             "torch": torch.__version__, "matmul_peak_gflops_fp32": peak, "platform": platform.platform(),
             "loadavg_at_end": os.getloadavg()}
 
@@ -223,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="run only the configurations whose label contains this "
                     "(e.g. 'L4-d256 B=32 16+64')")
     ap.add_argument("--no-sweeps", action="store_true", help="skip the scaling sweeps")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cuda: the ~0.5B GPT-2 configurations in bf16 on the GPU (MFU against the "
+                    "measured bf16 matmul peak) instead of the CPU ones")
     ap.add_argument("--timeout", type=int, default=900, help="seconds allowed per worker process")
     ap.add_argument("--omp-wait-policy", default="PASSIVE",
                     help="OMP_WAIT_POLICY of both workers ('' = leave unset). PASSIVE: idle OpenMP threads "
@@ -231,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     updates = args.updates or (3 if args.quick else 4)
     rounds = args.rounds or (1 if args.quick else 2)
-    out_path = Path(args.out) if args.out else HERE / "results" / ("ppo_vs_trl_quick.json" if args.quick else "ppo_vs_trl.json")
+    default_name = "ppo_vs_trl_gpu.json" if args.device == "cuda" else \
+        "ppo_vs_trl_quick.json" if args.quick else "ppo_vs_trl.json"
+    out_path = Path(args.out) if args.out else HERE / "results" / default_name
     root = Path(args.work_dir)
 
     trl_python = args.trl_python if Path(args.trl_python).is_file() else None
@@ -240,12 +253,14 @@ def main(argv: list[str] | None = None) -> int:
               "benchmarks/README.md says, or pass --trl-python PATH.", flush=True)
 
     wait_for_quiet(args.quiet_wait)
-    peak = max(measure_peak(args.threads, args.omp_wait_policy) for _ in range(2))
-    print(f"[ppo_vs_trl] fp32 matmul peak with {args.threads} threads: {peak:.0f} GFLOP/s; "
+    peak = max(measure_peak(args.threads, args.omp_wait_policy, args.device) for _ in range(2))
+    what = "bf16 matmul peak on the GPU" if args.device == "cuda" else \
+        f"fp32 matmul peak with {args.threads} threads"
+    print(f"[ppo_vs_trl] {what}: {peak:,.0f} GFLOP/s; "
           f"{updates} timed updates after 1 warm-up per run; {rounds} round(s)", flush=True)
 
-    main_cases = QUICK if args.quick else MAIN
-    sweep_cases = {} if (args.quick or args.no_sweeps) else SWEEPS
+    main_cases = GPU if args.device == "cuda" else QUICK if args.quick else MAIN
+    sweep_cases = {} if (args.quick or args.no_sweeps or args.device == "cuda") else SWEEPS
     todo: list[tuple[bc.Case, bool]] = [(c, True) for c in main_cases]
     for cases in sweep_cases.values():
         for c in cases:
@@ -283,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         results[case] = {side: best_round(runs) for side, runs in by_side.items()}
     # Other load depresses a peak measurement: keep the best of the one at the start and one now.
     wait_for_quiet(args.quiet_wait)
-    peak = max(peak, measure_peak(args.threads, args.omp_wait_policy))
+    peak = max(peak, measure_peak(args.threads, args.omp_wait_policy, args.device))
     for by_side in results.values():
         for res in by_side.values():
             if "error" not in res:

@@ -50,8 +50,9 @@ def main(case_json: str, paths_json: str, updates: int, threads: int) -> dict:
     n_updates = updates + 1  # the first update is the warm-up
     out_dir = tempfile.mkdtemp(prefix="trl-ppo-bench-")
     args = PPOConfig(
-        output_dir=out_dir, report_to="none", save_strategy="no", use_cpu=True,
-        bf16=False, fp16=False,  # fp32 like ours (TRL's default bf16 autocast is slower on CPU)
+        output_dir=out_dir, report_to="none", save_strategy="no", use_cpu=case.device == "cpu",
+        # fp32 like ours on the CPU (TRL's default bf16 autocast is slower there); bf16 on the GPU
+        bf16=case.bf16, fp16=False,
         gradient_checkpointing=False,  # TRL's default True would add a recompute forward
         per_device_train_batch_size=B, gradient_accumulation_steps=1,  # 1 micro-batch per minibatch
         num_mini_batches=case.num_minibatches, num_ppo_epochs=case.ppo_epochs,
@@ -108,6 +109,7 @@ def main(case_json: str, paths_json: str, updates: int, threads: int) -> dict:
             "cpu_s": cpu[1:],
             "phases_s": {k: v[1:] for k, v in phases.items()},
             "peak_rss_mb": bc.peak_rss_mb(), "rss_after_load_mb": rss_after_load,
+            "peak_gpu_mb": bc.gpu_memory_mb(),
             "import_s": import_s, "setup_s": setup_s, "threads": torch.get_num_threads(),
             "sampled_pad_tokens": counts["pad"], "sampled_eos_tokens": counts["eos"],
             "response_tokens": counts["response_tokens"], "expected_response_tokens": B * R * n_updates,
