@@ -110,7 +110,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         and not torch.compiler.is_compiling()
         and available()
     ):
-        out = _LinearFn.apply(x.reshape(rows, in_features), weight, bias)
+        x2 = x.reshape(rows, in_features)
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        )
+        # Without autograd (sampling, scoring) skip the Function's bookkeeping: decoding calls
+        # this ~1,000 times per rollout.
+        out = _LinearFn.apply(x2, weight, bias) if needs_grad else _onednn_linear(x2, weight, bias)
         return out.view(*x.shape[:-1], out_features)
     return F.linear(x, weight, bias)
 
