@@ -310,6 +310,18 @@ def plot(runs: dict, summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def src_state() -> dict:
+    """Commit and a hash of src/ (it can change under a long run when others edit the tree)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "src").rglob("*.py")):
+        digest.update(path.read_bytes())
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                            check=False).stdout.strip()
+    return {"commit": commit, "src_sha256": digest.hexdigest()[:16]}
+
+
 # -- per seed ---------------------------------------------------------------------------------------
 def run_seed(args, paths: dict, export: Path, settings: dict, seed: int, run_dir: Path) -> dict:
     """Our PPO, then TRL's, from the same checkpoints with the same PPO seed."""
@@ -345,6 +357,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     t_start = time.time()
+    src_at_start = src_state()
     work = Path(args.work_dir).resolve()
     paths = ensure_checkpoints(work)
     export = export_reward_model(paths["rm"], work / "rm_export")
@@ -353,11 +366,12 @@ def main() -> None:
     summary = summarise(runs, args.kl_levels, args.gold_levels)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                            check=False).stdout.strip()
+    src = {"start": src_at_start, "end": src_state()}
+    if src["start"]["src_sha256"] != src["end"]["src_sha256"]:
+        print("WARNING: src/ changed during the run; the seeds may have run different code")
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                "threads": 1}
-    result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "commit": commit,
+    result = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "src": src,
               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(t_start)),
               "total_wall_s": time.time() - t_start, "machine": machine, "task": TASK, "settings": settings,
               "paths": {**{k: str(v) for k, v in paths.items()}, "rm_export": str(export)},
