@@ -38,9 +38,11 @@ from ppo_rlhf.models import capture_output, sequence_scores, token_scores, unwra
 # A chunk of the LM head's output is at most this many float32 logits (256 MiB).
 _MAX_CHUNK_LOGITS = 64 * 1024 * 1024
 # CPU decoding runs on one thread when batch x hidden size is at most this: each step is then
-# ~200 ops on tiny tensors, where waking a second OpenMP thread costs more than it saves
-# (measured, benchmarks/README.md: 2 layers d=64, B=32 decodes 2.5x faster on 1 thread than 2).
-_ONE_THREAD_DECODE = 4096
+# small products and ~200 small ops, where waking a second OpenMP thread costs more than it saves.
+# Generate phase of a PPO update, 2 threads -> 1 (quiet 2-core machine, benchmarks/README.md):
+# d=64 B=128 0.20 -> 0.10 s; d=256 B=32 0.36 -> 0.31 s; d=256 B=64 0.25 -> 0.24 s; but d=512 B=32
+# 0.33 -> 0.42 s, so larger products keep every thread.
+_ONE_THREAD_DECODE = 8192
 
 
 def _lm_parts(model: nn.Module) -> tuple[PreTrainedModel, nn.Module]:
