@@ -50,7 +50,7 @@ def test_forward_and_backward_match_torch(kind, bias, calls):
     reference = make_layer(kind, 96, 160, bias)
     layer = copy.deepcopy(reference)
     assert onednn.use_onednn(layer) == 1
-    x = torch.randn(3, 50, 96, requires_grad=True)  # 150 x 96 x 160 = 2.3M multiply-adds
+    x = torch.randn(3, 100, 96, requires_grad=True)  # 300 x 96 x 160 = 4.6M multiply-adds
     x_ref = x.detach().clone().requires_grad_()
     out, out_ref = layer(x), reference(x_ref)
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
@@ -70,12 +70,12 @@ def test_frozen_weight_and_input_without_grad(calls):
     layer = make_layer("linear", 128, 128)
     onednn.use_onednn(layer)
     layer.requires_grad_(False)
-    x = torch.randn(100, 128, requires_grad=True)
+    x = torch.randn(200, 128, requires_grad=True)
     layer(x).sum().backward()
     assert calls["n"] == 2  # forward and grad of the input only
-    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(100, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(200, -1), rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # no autograd Function: the product is called directly
-        x = torch.randn(100, 128)
+        x = torch.randn(200, 128)
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias),
                                    rtol=1e-5, atol=1e-5)
     assert calls["n"] == 3
@@ -86,7 +86,7 @@ def test_small_products_disabled_and_bf16_use_torch(calls):
     onednn.use_onednn(layer)
     layer(torch.randn(8, 64))  # 32K multiply-adds: below MIN_MACS
     assert calls["n"] == 0
-    big = torch.randn(512, 64)
+    big = torch.randn(1024, 64)  # 4.2M multiply-adds
     onednn.set_enabled(False)
     layer(big)
     assert calls["n"] == 0
