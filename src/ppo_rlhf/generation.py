@@ -167,13 +167,15 @@ class _Decoder:
 def _attend(q, k, v, mask, scale):
     """Causal attention with grouped KV heads: q (B, H, T, hd), k/v (B, Hkv, L, hd).
 
-    Grouped queries are folded into the query-length axis, so K/V are never repeated.
+    Grouped queries are folded into the query-length axis, so K/V are never repeated (nor is a
+    one-token step's mask: its single query row broadcasts).
     """
     batch, heads, length, head_dim = q.shape
     groups = heads // k.shape[1]
     if groups > 1:
         q = q.reshape(batch, k.shape[1], groups * length, head_dim)
-        mask = mask.repeat(1, 1, groups, 1)
+        if length > 1:
+            mask = mask.repeat(1, 1, groups, 1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.reshape(batch, heads, length, head_dim)
 
@@ -247,7 +249,7 @@ class _LlamaDecoder(_Decoder):
         for i, (norm_1, q_proj, k_proj, v_proj, scaling, o_proj, norm_2, mlp) in enumerate(
             self.layers
         ):
-            x = norm_1(hidden)
+            x = _rms_norm(norm_1, hidden)
             q, k, v = (
                 proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
                 for proj in (q_proj, k_proj, v_proj)
@@ -257,8 +259,15 @@ class _LlamaDecoder(_Decoder):
             k, v = self.cache(i, start, k, v)
             out = _attend(q, k, v, mask, scaling).transpose(1, 2).reshape(batch, length, -1)
             hidden = hidden + o_proj(out)
-            hidden = hidden + mlp(norm_2(hidden))
-        return trunk.norm(hidden)
+            hidden = hidden + mlp(_rms_norm(norm_2, hidden))
+        return _rms_norm(trunk.norm, hidden)
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """HF's Llama/Qwen2 RMSNorm (float32 statistics, weight applied in the input dtype) in two
+    kernels instead of its seven small ops."""
+    normed = F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon)
+    return norm.weight * normed.to(x.dtype)
 
 
 class _HFDecoder:
