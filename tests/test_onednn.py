@@ -45,12 +45,16 @@ def make_layer(kind: str, n_in: int, n_out: int, bias: bool = True) -> nn.Module
     return layer
 
 
-@pytest.mark.parametrize("kind, bias", [("linear", True), ("linear", False), ("conv1d", True)])
-def test_forward_and_backward_match_torch(kind, bias, calls):
-    reference = make_layer(kind, 96, 160, bias)
+# (kind, bias, in, out): wide and narrow layers of both kinds.
+@pytest.mark.parametrize("kind, bias, n_in, n_out", [
+    ("linear", True, 96, 160), ("linear", False, 96, 160), ("conv1d", True, 96, 160),
+    ("linear", True, 320, 24), ("conv1d", True, 320, 24),
+])
+def test_forward_and_backward_match_torch(kind, bias, n_in, n_out, calls):
+    reference = make_layer(kind, n_in, n_out, bias)
     layer = copy.deepcopy(reference)
     assert onednn.use_onednn(layer) == 1
-    x = torch.randn(3, 100, 96, requires_grad=True)  # 300 x 96 x 160 = 4.6M multiply-adds
+    x = torch.randn(3, 100, n_in, requires_grad=True)  # >= 300 x 96 x 24 = 2.3M multiply-adds
     x_ref = x.detach().clone().requires_grad_()
     out, out_ref = layer(x), reference(x_ref)
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
