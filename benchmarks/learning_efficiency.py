@@ -251,24 +251,27 @@ def print_tables(summary: dict, n_seeds: int) -> None:
           f"{fmt(h['trl/gold_reward']):>15} | {fmt(h['ours/kl']):>15} | {fmt(h['trl/kl']):>15} | "
           f"{fmt(h['ours/rm_score']):>15} | {fmt(h['trl/rm_score']):>15}")
 
-    print("\nGold reward at matched KL (where each seed's eval trajectory first reaches that KL, interpolated)")
-    head = f"{'KL (nats)':>9} | {'gold ours':>15} | {'seeds':>5} | {'gold TRL':>15} | {'seeds':>5}"
-    print(head + "\n" + "-" * len(head))
-    for r in summary["at_kl"]:
-        print(f"{r['kl']:>9.2f} | {fmt(r['ours/gold_reward']):>15} | {r['ours/seeds_reaching']:>5} | "
-              f"{fmt(r['trl/gold_reward']):>15} | {r['trl/seeds_reaching']:>5}")
-
-    print("\nSamples seen until gold reward first reaches a level (interpolated)")
-    head = f"{'gold':>9} | {'samples ours':>15} | {'seeds':>5} | {'samples TRL':>15} | {'seeds':>5}"
-    print(head + "\n" + "-" * len(head))
-    for r in summary["samples_to_gold"]:
-        print(f"{r['gold_reward']:>9.2f} | {fmt(r['ours/samples'], 0):>15} | {r['ours/seeds_reaching']:>5} | "
-              f"{fmt(r['trl/samples'], 0):>15} | {r['trl/seeds_reaching']:>5}")
+    print_crossings("Gold reward at matched KL (where each seed's eval trajectory first reaches that KL, "
+                    "interpolated)", "KL (nats)", "gold", summary["at_kl"], "kl", "gold_reward", 3)
+    print_crossings("Samples seen until gold reward first reaches a level (interpolated)", "gold", "samples",
+                    summary["samples_to_gold"], "gold_reward", "samples", 0)
 
     print("\nWall time per run (s, incl. start-up and evaluations) and median s/update (training only)")
     for side in SIDES:
         t = summary["timing"][side]
         print(f"  {LABELS[side]:>10}: wall {fmt(t['wall_s'], 1)} s, {fmt(t['median_update_s'], 3)} s/update")
+
+
+def print_crossings(title: str, level_label: str, value_label: str, rows: list[dict], level_key: str,
+                    value_key: str, digits: int) -> None:
+    """One `crossings()` table: per level, each side's value (mean ± std) and how many seeds reached it."""
+    print(f"\n{title}")
+    head = (f"{level_label:>9} | {value_label + ' ours':>15} | {'seeds':>5} | {value_label + ' TRL':>15} | "
+            f"{'seeds':>5}")
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        print(f"{r[level_key]:>9.2f} | {fmt(r[f'ours/{value_key}'], digits):>15} | {r['ours/seeds_reaching']:>5} | "
+              f"{fmt(r[f'trl/{value_key}'], digits):>15} | {r['trl/seeds_reaching']:>5}")
 
 
 def plot(runs: dict, summary: dict, path: Path) -> None:
