@@ -1,13 +1,15 @@
 """Config loading: defaults <- YAML <- overrides, with errors for people."""
 
+import dataclasses
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ppo_rlhf.config import (PPOConfig, RewardConfig, SFTConfig, STAGE_CONFIGS, all_keys, build_config,
-                             describe, help_text, markdown_reference, parse_override)
+                             describe, help_text, markdown_reference, opt, parse_override, to_dict)
 from ppo_rlhf.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,3 +112,61 @@ def test_parse_override_types():
     assert parse_override("a=true") == ("a", True)
     assert parse_override("a=runs/x") == ("a", "runs/x")
     assert parse_override("a=") == ("a", "")
+
+
+@dataclasses.dataclass
+class _Inner:
+    """A nested group."""
+
+    limit: Optional[int] = opt(None, "Optional int with a minimum.", min=1)
+
+
+@dataclasses.dataclass
+class _WithOptional:
+    """A config with Optional fields."""
+
+    temperature: float | None = opt(None, "Optional float; None = the task's default.", min=0)
+    name: Optional[str] = opt(None, "Optional string.")
+    flag: Optional[bool] = opt(True, "Optional bool set by default.")
+    inner: _Inner = opt(factory=_Inner, help="Nested.")
+
+
+def test_optional_fields_take_null_as_unset_and_values_as_their_type(tmp_path):
+    cfg = build_config(_WithOptional)
+    assert cfg.temperature is None and cfg.name is None and cfg.flag is True and cfg.inner.limit is None
+    cfg = build_config(_WithOptional, overrides=["temperature=0.5", "inner.limit=3", "name=none"])
+    assert cfg.temperature == 0.5 and isinstance(cfg.temperature, float)
+    assert cfg.inner.limit == 3
+    assert cfg.name == "none"  # a string field keeps the text; only a YAML null unsets it
+    for text in ("null", "none", "None", "~", "NULL"):
+        cfg = build_config(_WithOptional, overrides=["temperature=1", f"temperature={text}",
+                                                     f"flag={text}", f"inner.limit={text}"])
+        assert cfg.temperature is None and cfg.flag is None and cfg.inner.limit is None, text
+    y = tmp_path / "c.yaml"
+    y.write_text("temperature: null\nname: null\nflag: false\ninner:\n  limit: ~\n")
+    cfg = build_config(_WithOptional, y, base={"temperature": 2.0, "name": "x", "inner": {"limit": 4}})
+    assert (cfg.temperature, cfg.name, cfg.flag, cfg.inner.limit) == (None, None, False, None)
+
+
+def test_optional_fields_still_type_and_range_check_values():
+    with pytest.raises(UserError, match=r"command line: temperature: expected a number or null, got 'hot'"):
+        build_config(_WithOptional, overrides=["temperature=hot"])
+    with pytest.raises(UserError, match=r"inner.limit: expected an integer or null"):
+        build_config(_WithOptional, overrides=["inner.limit=1.5"])
+    with pytest.raises(UserError, match=r"temperature: -1.0 is below the minimum 0"):
+        build_config(_WithOptional, overrides=["temperature=-1"])
+    with pytest.raises(UserError, match=r"inner.limit: 0 is below the minimum 1"):
+        build_config(_WithOptional, overrides=["inner.limit=0"])
+
+
+def test_optional_fields_describe_and_round_trip_through_to_dict():
+    rows = {key: (typ, default) for key, typ, default, _doc in describe(_WithOptional)}
+    assert rows["temperature"] == ("float or null", None)
+    assert rows["name"] == ("str or null", None)
+    assert rows["inner.limit"] == ("int or null", None)
+    assert "temperature=None  (float or null)" in help_text(_WithOptional)
+    cfg = build_config(_WithOptional, overrides=["inner.limit=7"])
+    d = to_dict(cfg)
+    assert d == {"temperature": None, "name": None, "flag": True, "inner": {"limit": 7}}
+    # summary.json / checkpoints store to_dict(); reading it back gives the same config
+    assert build_config(_WithOptional, base=d) == cfg

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -334,11 +335,42 @@ def _unknown_key(cls: type, key: str, where: str) -> UserError:
                      f"(`ppo-rlhf <stage> --help` lists the options.)")
 
 
+def optional_inner(typ: Any) -> Any:
+    """`T` for a field typed `Optional[T]` / `T | None` (None = unset), else None."""
+    if typing.get_origin(typ) not in (typing.Union, types.UnionType):
+        return None
+    args = [a for a in typing.get_args(typ) if a is not type(None)]
+    if len(args) != 1 or len(args) == len(typing.get_args(typ)):
+        raise TypeError(f"config fields may be `T | None` of one type T, not {typ}")
+    return args[0]
+
+
+def _type_name(typ: Any) -> str:
+    inner = optional_inner(typ)
+    if inner is not None:
+        return f"{inner.__name__} or null"
+    return getattr(typ, "__name__", str(typ))
+
+
 def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
-    """Convert a YAML/CLI value to the field's type or raise a UserError naming the key."""
+    """Convert a YAML/CLI value to the field's type or raise a UserError naming the key.
+
+    An `Optional[T]` field takes YAML `null` (also `~`, or `none`/`null` on the command line)
+    as None = unset; anything else is coerced to T.
+    """
     def bad(expected: str) -> UserError:
         return UserError(f"{where}{key}: expected {expected}, got {value!r}.")
 
+    inner = optional_inner(typ)
+    if inner is not None:
+        # A string field keeps the text "none" as text: only a real YAML null unsets it.
+        if value is None or (inner is not str and isinstance(value, str)
+                             and value.strip().lower() in ("null", "none", "~")):
+            return None
+        try:
+            return _coerce(value, inner, key, where)
+        except UserError as e:  # "expected an integer, got 'x'." -> "expected an integer or null, ..."
+            raise UserError(str(e).replace(", got ", " or null, got ", 1)) from None
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -389,6 +421,8 @@ def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
 
 def _check_range(value: Any, f: dataclasses.Field, key: str, where: str) -> None:
     meta = f.metadata
+    if value is None:  # an Optional field left unset: nothing to range-check
+        return
     if meta.get("choices") is not None and value not in meta["choices"]:
         close = difflib.get_close_matches(str(value), [str(c) for c in meta["choices"]], n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -515,7 +549,7 @@ def _row(f: dataclasses.Field, t: Any, default: Any, prefix: str) -> tuple[str, 
     help_text = f.metadata.get("help", "")
     if f.metadata.get("choices"):
         help_text += f" One of: {', '.join(map(str, f.metadata['choices']))}."
-    return prefix + f.name, getattr(t, "__name__", str(t)), default, help_text
+    return prefix + f.name, _type_name(t), default, help_text
 
 
 def help_text(cls: type) -> str:
