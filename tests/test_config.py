@@ -170,3 +170,15 @@ def test_optional_fields_describe_and_round_trip_through_to_dict():
     assert d == {"temperature": None, "name": None, "flag": True, "inner": {"limit": 7}}
     # summary.json / checkpoints store to_dict(); reading it back gives the same config
     assert build_config(_WithOptional, base=d) == cfg
+
+
+@pytest.mark.parametrize("cls, key, old_sentinel", [
+    ("data", "noise_temperature", -1), ("sft", "max_new_tokens", 0), ("eval", "max_new_tokens", 0),
+    ("tokenizer", "vocab_size", 0),
+])
+def test_unset_is_null_not_a_sentinel(cls, key, old_sentinel):
+    cls = STAGE_CONFIGS[cls]
+    assert getattr(cls(), key) is None
+    assert getattr(build_config(cls, overrides=[f"{key}=null"]), key) is None
+    with pytest.raises(UserError, match=rf"{key}: {old_sentinel}(\.0)? is below the minimum .*; null = unset"):
+        build_config(cls, overrides=[f"{key}={old_sentinel}"])

@@ -101,8 +101,9 @@ class TokenizerConfig:
     task: str = opt("", "Built-in task whose text to train on (arithmetic, sentiment).")
     texts: str = opt("", "JSONL file(s) of {\"text\"} (or SFT/preference records), comma-separated, "
                      "instead of a task.")
-    vocab_size: int = opt(0, "Vocabulary size including special tokens; 0 = the task's default "
-                          "(512 for arithmetic, 768 for sentiment; 512 for your own text).", min=0)
+    vocab_size: int | None = opt(None, "Vocabulary size including special tokens; null = the task's "
+                                 "default (512 for arithmetic, 768 for sentiment; 512 for your own text).",
+                                 min=1)
     seed: int = opt(0, "Seed for the task's text generator.")
 
 
@@ -117,8 +118,9 @@ class DataConfig:
     n_prefs: int = opt(4000, "Preference pairs (train).", min=1)
     n_prompts: int = opt(2000, "PPO training prompts.", min=1)
     n_eval: int = opt(400, "Held-out examples of each kind.", min=1)
-    noise_temperature: float = opt(-1.0, "Bradley-Terry label-noise temperature of the simulated "
-                                   "labeller (0 = exact gold labels; -1 = the task's default).", min=-1)
+    noise_temperature: float | None = opt(None, "Bradley-Terry label-noise temperature of the "
+                                          "simulated labeller (0 = exact gold labels; null = the "
+                                          "task's default).", min=0)
     holdout: str = opt("ppo", "What the eval prompts are held out from: 'ppo' = the PPO prompts "
                        "(SFT and preference data cover the whole prompt space, as in InstructGPT); "
                        "'problems' = every training file (a generalisation test).",
@@ -136,8 +138,8 @@ class SFTConfig:
     eval_prompts_file: str = opt("", "Prompts JSONL for the gold-reward evaluation (needs task).")
     max_prompt_len: int = opt(64, "Prompt tokens kept (truncated from the left).", min=1)
     max_len: int = opt(128, "Prompt + response tokens kept (truncated from the right).", min=2)
-    max_new_tokens: int = opt(0, "Tokens sampled in the gold-reward evaluation; 0 = the task's default.",
-                              min=0)
+    max_new_tokens: int | None = opt(None, "Tokens sampled in the gold-reward evaluation; null = the "
+                                     "task's default.", min=1)
     batch_size: int = opt(32, "Sequences per optimizer step (across all ranks).", min=1)
     grad_accum: int = opt(1, "Micro-batches per optimizer step (batch_size must divide evenly).", min=1)
     epochs: float = opt(20.0, "Passes over the training data (fractions allowed).", min=0)
@@ -275,7 +277,7 @@ class EvalConfig:
     task: str = opt("", "Built-in task for the gold reward (optional).")
     out: str = opt("", "Write the results as JSON here (optional).")
     n: int = opt(400, "Prompts to evaluate (first n).", min=1)
-    max_new_tokens: int = opt(0, "Response tokens; 0 = the task's default (or 32).", min=0)
+    max_new_tokens: int | None = opt(None, "Response tokens; null = the task's default (or 32).", min=1)
     temperature: float = opt(0.7, "Sampling temperature (0 = greedy).", min=0)
     batch_size: int = opt(64, "Prompts per generation batch.", min=1)
     max_prompt_len: int = opt(64, "Prompt tokens kept.", min=1)
@@ -419,16 +421,18 @@ def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
     raise bad(str(typ))
 
 
-def _check_range(value: Any, f: dataclasses.Field, key: str, where: str) -> None:
+def _check_range(value: Any, f: dataclasses.Field, key: str, where: str, typ: Any = None) -> None:
     meta = f.metadata
     if value is None:  # an Optional field left unset: nothing to range-check
         return
+    # Old configs wrote 0 / -1 for "unset" where the field is now Optional: say what to write.
+    unset = "; null = unset" if typ is not None and optional_inner(typ) is not None else ""
     if meta.get("choices") is not None and value not in meta["choices"]:
         close = difflib.get_close_matches(str(value), [str(c) for c in meta["choices"]], n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise UserError(f"{where}{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}.{hint}")
     if meta.get("min") is not None and value < meta["min"]:
-        raise UserError(f"{where}{key}: {value!r} is below the minimum {meta['min']}.")
+        raise UserError(f"{where}{key}: {value!r} is below the minimum {meta['min']}{unset}.")
     if meta.get("max") is not None and value > meta["max"]:
         raise UserError(f"{where}{key}: {value!r} is above the maximum {meta['max']}.")
 
@@ -455,7 +459,7 @@ def set_key(cfg: Any, key: str, value: Any, where: str = "") -> None:
                 set_key(cfg, f"{key}.{k}", v, where)
             return
         coerced = _coerce(value, typ, key, where)
-        _check_range(coerced, f, key, where)
+        _check_range(coerced, f, key, where, typ)
         setattr(obj, part, coerced)
 
 

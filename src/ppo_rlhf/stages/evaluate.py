@@ -61,7 +61,7 @@ def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch
 
 @torch.no_grad()
 def evaluate_policy(policy, tokenizer, prompts: PromptSet, *, task: str = "", device=None,
-                    reward_model=None, reference=None, max_new_tokens: int = 0,
+                    reward_model=None, reference=None, max_new_tokens: int | None = None,
                     temperature: float = 0.7, batch_size: int = 64, seed: int = 1234,
                     sample_rows: int = 0, reference_ctx=None) -> dict:
     """Gold reward (mean/std), RM score and KL(policy||reference) per sequence on `prompts`.
@@ -75,7 +75,7 @@ def evaluate_policy(policy, tokenizer, prompts: PromptSet, *, task: str = "", de
     """
     device = device or next(policy.parameters()).device
     task_obj = get_task(task) if task else None
-    if not max_new_tokens:
+    if max_new_tokens is None:
         max_new_tokens = task_obj.default_max_new_tokens if task_obj else 32
     greedy = temperature == 0
     temp = 1.0 if greedy else temperature

@@ -38,11 +38,11 @@ def run_tokenizer(cfg: TokenizerConfig) -> dict:
     out = common.require(cfg.out_dir, "out_dir", "where to save the tokenizer (--out DIR)")
     if bool(cfg.task) == bool(cfg.texts):
         raise UserError("give exactly one of --task NAME or texts=FILE.jsonl[,FILE2.jsonl]")
-    vocab_size = cfg.vocab_size or 512
+    vocab_size = 512 if cfg.vocab_size is None else cfg.vocab_size
     if cfg.task:
         task = get_task(cfg.task)
         texts = task.tokenizer_corpus(random.Random(cfg.seed))
-        vocab_size = cfg.vocab_size or task.default_vocab_size
+        vocab_size = task.default_vocab_size if cfg.vocab_size is None else cfg.vocab_size
     else:
         texts = []
         for path in cfg.texts.split(","):
@@ -84,7 +84,7 @@ def run_data(cfg: DataConfig) -> dict:
     out = common.require(cfg.out_dir, "out_dir", "where to write the JSONL files (--out DIR)")
     paths = write_task_data(get_task(cfg.task), out, cfg.seed, n_sft=cfg.n_sft, n_prefs=cfg.n_prefs,
                             n_prompts=cfg.n_prompts, n_eval=cfg.n_eval, holdout=cfg.holdout,
-                            noise_temperature=None if cfg.noise_temperature < 0 else cfg.noise_temperature)
+                            noise_temperature=cfg.noise_temperature)
     summary = {"stage": "data", "files": {k: str(v) for k, v in paths.items()}, "config": to_dict(cfg)}
     atomic_write_json(Path(out) / "summary.json", summary)
     return summary
