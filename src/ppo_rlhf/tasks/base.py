@@ -77,6 +77,13 @@ class Task(ABC):
         alone and leave the missing-EOS penalty to the PPO reward.
         """
 
+    def gold_rewards(self, prompts: list[str], responses: list[str], truncated: list[bool] | None = None,
+                     fields: list[dict] | None = None) -> list[float]:
+        """`gold_reward` of each (prompt, response); `fields` (the prompt rows' other JSONL keys) are
+        not used by the built-in tasks, whose prompts say everything."""
+        truncated = truncated or [False] * len(prompts)
+        return [self.gold_reward(p, r, truncated=t) for p, r, t in zip(prompts, responses, truncated)]
+
     @abstractmethod
     def pretrain_texts(self, n: int, rng: random.Random) -> list[str]:
         """`n` correct, well-formed texts of the task's domain for the PPO-ptx LM loss."""

@@ -191,3 +191,8 @@ def _repetitive(rng: random.Random, adjectives: list[str]) -> str:
     """ " the food was great great great." -- the degenerate text of an over-optimised policy."""
     word = rng.choice(adjectives)
     return f" the {rng.choice(ASPECTS)} was {' '.join([word] * rng.randint(2, 5))}."
+
+
+def gold(prompts: list[str], responses: list[str], **fields) -> list[float]:
+    """The sentiment gold reward as a reward function (`ppo_rlhf.tasks.sentiment:gold`)."""
+    return [sentiment_gold(r) for r in responses]
