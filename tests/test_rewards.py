@@ -209,3 +209,24 @@ def test_process_rewards_with_byte_level_bpe_match_the_decoded_text():
         assert len(decoded) >= c and len(tok.decode(ids[:k], skip_special_tokens=True)) < c
     assert out.sum().item() == pytest.approx(len(offsets))
     assert out[0, -1] == 0  # nothing on EOS: every offset is within the text
+
+
+# ---- row fields from a prompts file ------------------------------------------------------------
+def test_prompt_rows_keep_their_other_keys_and_reach_the_functions(tmp_path):
+    from ppo_rlhf.data.jsonl import read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "Q: 40+2=", "answer": "42", "level": 1}\n'
+                    '{"prompt": "Q: 1+1=", "answer": "2"}\n'
+                    '{"prompt": "Q: 1+1=", "answer": "3"}\n')
+    examples, report = read_prompts(path)
+    assert [e.fields for e in examples] == [{"answer": "42", "level": 1}, {"answer": "2"},
+                                            {"answer": "3"}]
+    assert report.duplicates == 0  # same prompt, different answer: not a duplicate
+
+    def exact(prompts, responses, answer):
+        return [float(r.strip() == a) for r, a in zip(responses, answer)]
+
+    out = RewardFunctions([exact]).score([e.prompt for e in examples], [" 42", "2", "2"],
+                                         [e.fields for e in examples], [0, 1, 2])
+    assert out.total.tolist() == [1.0, 1.0, 0.0]

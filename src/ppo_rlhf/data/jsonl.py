@@ -1,6 +1,6 @@
 """Read JSON Lines data files (and saved HF `datasets` directories) into typed examples.
 
-Formats (one JSON object per line; extra keys such as "id" are ignored):
+Formats (one JSON object per line; extra keys such as "id" are ignored, except in prompts):
 
     SFT          {"prompt": str, "response": str}
                  {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
@@ -9,7 +9,8 @@ Formats (one JSON object per line; extra keys such as "id" are ignored):
                  {"prompt": str, "responses": [best, ..., worst]}   (a ranking, K >= 2: expanded
                  into all C(K, 2) pairs, which share a `group` so a trainer can keep them together)
     prompts      {"prompt": str}  or  {"messages": [...]}  (an SFT file works too: the answer is
-                 dropped)
+                 dropped); any other keys, e.g. {"prompt": ..., "answer": "42"}, are kept as the
+                 example's `fields` for reward functions and gold rewards
     texts        {"text": str}    (pretraining text for PPO-ptx)
 
 Wherever a prompt is expected, a messages list may stand instead of a string.
@@ -83,10 +84,15 @@ class PreferencePair:
 
 @dataclass(frozen=True)
 class PromptExample:
-    """A prompt for PPO rollouts or evaluation."""
+    """A prompt for PPO rollouts or evaluation.
+
+    `fields` holds the row's other keys as read (e.g. `{"answer": "42"}` from
+    `{"prompt": "Q: 40+2=", "answer": "42"}`): reward functions and gold rewards receive them.
+    """
 
     prompt: str | list[dict]
     source: str
+    fields: dict = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -515,7 +521,11 @@ def load_records(path: str | Path, kind: str) -> tuple[list, ReadReport]:
                 hint = f" (expected {EXPECTED[kind]})" if isinstance(err, _Missing) else ""
                 errors.append(f"{source}: {err}{hint}")
             continue
-        key = _content_key(tuple(items))
+        extra = {}
+        if kind == "prompts":  # the row's other keys travel with the prompt (reward functions' fields)
+            extra["fields"] = {k: v for k, v in record.items()
+                               if k not in ("prompt", "messages", "response")}
+        key = _content_key((tuple(items), extra.get("fields")))
         if key in seen:
             report.duplicates += 1
             if len(report.duplicate_examples) < 3:
@@ -526,7 +536,7 @@ def load_records(path: str | Path, kind: str) -> tuple[list, ReadReport]:
         if len(items) > 1:
             report.rankings += 1
         group = {"group": report.records - 1} if kind == "preferences" else {}
-        examples.extend(make(*item, source, **group) for item in items)
+        examples.extend(make(*item, source, **group, **extra) for item in items)
 
     if n_errors:
         raise UserError(_format_errors(display, errors, n_errors))
