@@ -77,8 +77,11 @@ class RunConfig:
     wandb_project: str = opt("", "Weights & Biases project to log to (needs `pip install wandb`); empty = off.")
     threads: int = opt(0, "torch CPU threads; 0 = torch's default.", min=0)
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
-    dtype: str = opt("float32", "Training precision: float32, or bfloat16 autocast on CUDA.",
-                     choices=("float32", "bfloat16"))
+    dtype: str = opt("float32", "Compute precision: float32; bfloat16 = bf16 autocast (CPU or CUDA) "
+                     "with float32 weights, optimizer state, log-softmax and losses; auto = "
+                     "bfloat16 on CUDA devices that support it and on CPUs with AMX or "
+                     "AVX512-BF16, else float32 (each stage prints its choice).",
+                     choices=("auto", "float32", "bfloat16"))
     onednn: bool = opt(True, "Run float32 CPU linear layers through oneDNN where the product is "
                        "large enough to gain (about 2x on AMD CPUs, whose MKL path lacks AVX-512); "
                        "false = torch's default matmul everywhere.")

@@ -62,6 +62,21 @@ def _lm_parts(model: nn.Module) -> tuple[PreTrainedModel, nn.Module]:
     return hf, hf.get_output_embeddings()
 
 
+def fp32_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """(..., V) float32 logits: the LM head applied in float32 to float32 hidden states.
+
+    Also under bf16 autocast: bf16 logits keep ~3 significant digits, which puts errors of up to
+    ~0.04 nats into log-probs (and spreads PPO's first ratios over [0.96, 1.04]); casting bf16
+    logits to float afterwards does not recover them. The head is one (N, D) x (D, V) product,
+    a small part of a forward's arithmetic.
+    """
+    with torch.autocast(hidden.device.type, enabled=False):
+        if head.weight.dtype == torch.float32:
+            return head(hidden.float())
+        bias = None if getattr(head, "bias", None) is None else head.bias.float()
+        return F.linear(hidden.float(), head.weight.float(), bias)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling
 
@@ -380,7 +395,7 @@ def generate(
         steps = 0
         hidden = decoder(input_ids, 0)
         while steps < max_new_tokens:
-            logits = head(hidden[:, -1]).float()
+            logits = fp32_logits(head, hidden[:, -1])
             token = sample_tokens(
                 logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
                 uniform=None if uniforms is None else uniforms[:, steps],
@@ -423,7 +438,7 @@ def _token_logprobs(
     with_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) log-probs of `targets` and (N,) entropies (empty unless asked) from (N, D) states."""
-    logits = head(hidden).float() / temperature
+    logits = fp32_logits(head, hidden) / temperature
     logsumexp = logits.logsumexp(-1)
     logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - logsumexp
     if not with_entropy:

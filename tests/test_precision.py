@@ -1,0 +1,175 @@
+"""bf16 mixed precision: run.dtype resolution, CPU autocast, float32 LM-head logits, float32
+master weights and optimizer state."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_tokenizer import make_tokenizer
+import torch
+import torch.nn.functional as F
+
+from ppo_rlhf import generation
+from ppo_rlhf.config import OptimConfig, RunConfig
+from ppo_rlhf.generation import fp32_logits, generate, response_logprobs
+from ppo_rlhf.models import capture_output, load_causal_lm
+from ppo_rlhf.stages import common
+
+TOK = make_tokenizer()
+CPU = torch.device("cpu")
+ZEN5 = frozenset("fpu sse avx2 avx512f avx512bw avx512_bf16 avx512_vnni".split())
+SAPPHIRE_RAPIDS = frozenset("avx2 avx512f avx512_bf16 amx_tile amx_bf16 amx_int8".split())
+ZEN3 = frozenset("fpu sse avx avx2 fma".split())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("flags, expected, named", [
+    (ZEN5, "bfloat16", "avx512_bf16"),
+    (SAPPHIRE_RAPIDS, "bfloat16", "amx_bf16+avx512_bf16"),
+    (frozenset({"amx_bf16"}), "bfloat16", "amx_bf16"),
+    (ZEN3, "float32", "no native bf16"),
+    (frozenset(), "float32", "no native bf16"),
+])
+def test_auto_picks_bf16_only_on_cpus_with_native_bf16_products(flags, expected, named):
+    dtype, reason = common.cpu_dtype_choice("Test CPU 9000", flags)
+    assert dtype == expected
+    assert "Test CPU 9000" in reason and named in reason
+
+
+def test_avx512_without_bf16_is_float32():
+    assert common.cpu_dtype_choice("Xeon Skylake", {"avx512f", "avx512bw", "avx512vl"})[0] == "float32"
+
+
+def test_explicit_dtype_is_kept_and_auto_reads_the_cpu(monkeypatch):
+    monkeypatch.setattr(common, "_cpu_info_cached", lambda: ("Old CPU", ZEN3))
+    assert common.resolve_dtype(RunConfig(dtype="bfloat16"), CPU) == "bfloat16"
+    assert common.resolve_dtype(RunConfig(dtype="float32"), CPU) == "float32"
+    assert common.resolve_dtype(RunConfig(dtype="auto"), CPU) == "float32"
+    monkeypatch.setattr(common, "_cpu_info_cached", lambda: ("New CPU", ZEN5))
+    assert common.resolve_dtype(RunConfig(dtype="auto"), CPU) == "bfloat16"
+    assert common.dtype_choice("auto", torch.device("meta"))[0] == "float32"
+
+
+def test_cpu_info_reads_model_and_flags():
+    model, flags = common.cpu_info()
+    assert isinstance(model, str) and isinstance(flags, frozenset)
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    if "flags" in text:
+        assert flags and all(" " not in f for f in flags)
+
+
+def test_setup_prints_the_stage_and_its_precision(monkeypatch, capsys):
+    monkeypatch.setattr(common, "_cpu_info_cached", lambda: ("New CPU", ZEN5))
+    threads = torch.get_num_threads()
+    try:
+        common.setup(RunConfig(dtype="auto", device="cpu", threads=1), stage="sft")
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "[sft] precision: bfloat16 (auto: the CPU (New CPU) has avx512_bf16)" in out
+
+
+@pytest.mark.parametrize("dtype, expected", [("bfloat16", torch.bfloat16), ("float32", torch.float32),
+                                             ("auto", torch.bfloat16)])
+def test_autocast_runs_cpu_matmuls_in_bf16_when_asked(dtype, expected, monkeypatch):
+    monkeypatch.setattr(common, "_cpu_info_cached", lambda: ("New CPU", ZEN5))
+    layer = torch.nn.Linear(8, 4)
+    with common.autocast(CPU, dtype):
+        out = layer(torch.randn(2, 8))
+    assert out.dtype == expected
+    assert layer.weight.dtype == torch.float32
+
+
+def test_fp32_logits_are_float32_products_under_autocast():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 300, bias=False)
+    hidden = torch.randn(40, 64) * 3
+    exact = hidden.double() @ head.weight.double().t()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = fp32_logits(head, hidden)
+        bf16_then_float = head(hidden).float()  # what the code did before
+    assert ours.dtype == torch.float32
+    assert (ours.double() - exact).abs().max() < 1e-4
+    assert (bf16_then_float.double() - exact).abs().max() > 1e-2  # the error this avoids
+
+
+def test_fp32_logits_of_a_bf16_head():
+    head = torch.nn.Linear(16, 10).to(torch.bfloat16)
+    hidden = torch.randn(3, 16)
+    expected = F.linear(hidden, head.weight.float(), head.bias.float())
+    torch.testing.assert_close(fp32_logits(head, hidden), expected)
+
+
+def batch(policy, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, len(TOK), (6, 7), generator=gen)
+    mask = torch.arange(7)[None, :] >= torch.tensor([0, 2, 4, 6, 1, 3])[:, None]
+    return ids.masked_fill(~mask, TOK.pad_token_id), mask
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])
+def test_bf16_response_logprobs_take_the_head_in_float32(preset):
+    """Under bf16 autocast the trunk runs in bf16 but log-probs are those of float64 arithmetic
+    from its final hidden states (not of a bf16 head)."""
+    policy = load_causal_lm(preset, TOK, seed=0).eval()
+    ids, mask = batch(policy)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        response, response_mask = generate(policy, ids, mask, max_new_tokens=6, eos_token_id=None,
+                                           pad_token_id=TOK.pad_token_id, temperature=0.7,
+                                           row_seeds=list(range(6)))
+        sequences, full_mask = torch.cat([ids, response], 1), torch.cat([mask, response_mask], 1)
+        with capture_output(policy.base_model) as outputs:
+            logprobs, _ = response_logprobs(policy, sequences, full_mask, 7, temperature=0.7)
+    hidden = outputs[-1].last_hidden_state[:, 6:-1]
+    logits = hidden.double() @ policy.get_output_embeddings().weight.double().t() / 0.7
+    expected = logits.log_softmax(-1).gather(-1, response[..., None]).squeeze(-1)
+    expected = expected.masked_fill(~response_mask, 0.0)
+    assert logprobs.dtype == torch.float32
+    assert (logprobs.double() - expected).abs().max() < 1e-4
+
+
+def test_the_sampler_takes_the_head_in_float32_under_autocast(monkeypatch):
+    policy = load_causal_lm("tiny-llama", TOK, seed=0).eval()
+    ids, mask = batch(policy)
+    seen = []
+    real = generation.fp32_logits
+
+    def recording(head, hidden):
+        out = real(head, hidden)
+        seen.append((hidden.detach().clone(), out))
+        return out
+
+    monkeypatch.setattr(generation, "fp32_logits", recording)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        generate(policy, ids, mask, max_new_tokens=4, eos_token_id=None,
+                 pad_token_id=TOK.pad_token_id, temperature=0.7, row_seeds=list(range(6)))
+    assert len(seen) == 4
+    weight = policy.get_output_embeddings().weight.double()
+    for hidden, logits in seen:
+        assert logits.dtype == torch.float32
+        assert (logits.double() - hidden.double() @ weight.t()).abs().max() < 1e-4
+
+
+def test_training_under_bf16_autocast_keeps_float32_weights_grads_and_adam_state():
+    model = load_causal_lm("tiny-gpt2", TOK, seed=0)
+    opt = common.make_optimizer(model.parameters(), OptimConfig(lr=1e-3))
+    ids, mask = batch(model)
+    with common.autocast(CPU, "bfloat16"):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    assert logits.dtype == torch.bfloat16  # the trunk and head really ran in bf16
+    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    opt.step()
+    for p in model.parameters():
+        assert p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32)
+    state = opt.state[next(model.parameters())]
+    assert state["exp_avg"].dtype == torch.float32 and state["exp_avg_sq"].dtype == torch.float32
