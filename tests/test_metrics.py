@@ -175,8 +175,41 @@ def test_progress_counts(capsys):
     with Progress(4, "ppo") as bar:
         bar.update(loss=0.5)
         bar.update(3, kl=math.nan)
-        assert bar._bar.n == 4
+        assert bar.n == 4
     assert "ppo" in capsys.readouterr().err
+
+
+def test_progress_is_plain_periodic_lines_when_stderr_is_not_a_terminal(capsys, monkeypatch):
+    clock = iter([0.0, 1.0, 31.0, 40.0, 45.0])
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    with Progress(3, "sft") as bar:  # capsys' stderr is not a terminal
+        bar.update(loss=0.5)  # t=1: too soon for a line
+        bar.update(loss=0.25)  # t=31: a line
+        bar.update(loss=0.125)  # t=40: the last step always prints
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.splitlines() == ["sft 2/3 (67%) 31s elapsed, ETA 16s | loss=0.25",
+                                "sft 3/3 (100%) 40s elapsed, ETA 0s | loss=0.125"]
+
+
+def test_progress_is_a_tqdm_bar_on_a_terminal(monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    with Progress(4, "ppo") as bar:
+        bar.update(2)
+        assert bar._bar is not None and bar._bar.n == 2
+
+
+def test_console_prints_every_evaluation_and_says_where_the_metrics_are(tmp_path, capsys):
+    with MetricsLogger(tmp_path, tensorboard=False, console_every=15) as logger:
+        for step in range(1, 31):
+            logger.log(step, {"objective/kl": 0.1}, stage="ppo")
+            if step % 25 == 0:
+                logger.log(step, {"eval/gold_reward": 0.5}, stage="ppo")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("[ppo] the console shows every evaluation and every 15th step")
+    assert str(tmp_path / "metrics.jsonl") in lines[0]
+    assert lines[1:] == ["ppo step 15 | objective/kl 0.1", "ppo step 25 | eval/gold_reward 0.5",
+                         "ppo step 30 | objective/kl 0.1"]
 
 
 def test_phase_timer_accumulates():

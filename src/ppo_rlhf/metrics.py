@@ -34,6 +34,8 @@ METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
 _RESERVED = ("step", "time", "stage")
+EVAL_PREFIX = "eval/"
+"""Metrics of an evaluation: always printed to the console."""
 _FSYNC_EVERY_S = 1.0
 _warned_no_wandb = False
 
@@ -80,7 +82,8 @@ class MetricsLogger:
     """Appends metrics to `out_dir/metrics.jsonl`, TensorBoard (`out_dir/tb`) and optionally W&B.
 
     `enabled=False` (non-zero DDP ranks) makes every method a no-op and creates no files.
-    `console_every=N` prints every N-th step's metrics to stderr (0: never).
+    `console_every=N` prints every N-th step's metrics to stderr, and every line that holds
+    `eval/` metrics (0: never); the first printed line says where the full metrics are.
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class MetricsLogger:
         self._tb = None  # created at the first log(): no empty event file, no import if unused
         self._tb_purge_step: int | None = None
         self._wandb = None
+        self._told_where = False
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,8 +132,20 @@ class MetricsLogger:
                     self._tb.add_scalar(key, value, step)
         if self._wandb is not None:
             self._wandb.log(jsonable(values), step=step)
-        if self.console_every and step % self.console_every == 0:
+        # Every evaluation is printed; training lines every console_every-th step.
+        is_eval = any(k.startswith(EVAL_PREFIX) for k in values)
+        if self.console_every and (step % self.console_every == 0 or is_eval):
+            if not self._told_where:
+                tqdm.write(self.where_line(stage), file=sys.stderr)
+                self._told_where = True
             tqdm.write(_console_line(step, stage, values), file=sys.stderr)
+
+    def where_line(self, stage: str | None = None) -> str:
+        """The console line that says where the full metrics are."""
+        tb = f"; TensorBoard: tensorboard --logdir {self.out_dir / 'tb'}" if self._use_tensorboard else ""
+        return (f"[{stage or 'metrics'}] the console shows every evaluation and every "
+                f"{self.console_every}th step; every metric of every step is in "
+                f"{self.out_dir / METRICS_FILE}{tb}; `ppo-rlhf report` plots them")
 
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         """Append generated samples (`prompt`, `response`, `rm_score`, ...) at `step`."""
@@ -262,33 +278,62 @@ def write_summary(out_dir: str | os.PathLike, summary: dict[str, Any]) -> Path:
 
 
 class Progress:
-    """A tqdm progress bar on stderr with ETA; redraws rarely when stderr is not a terminal."""
+    """Progress on stderr with ETA: a tqdm bar on a terminal; plain lines otherwise.
 
-    def __init__(self, total: int | None, desc: str, *, enabled: bool = True):
-        interactive = sys.stderr.isatty()
-        self._bar = tqdm(
-            total=total,
-            desc=desc,
-            disable=not enabled,
-            file=sys.stderr,
-            dynamic_ncols=True,
-            # CI logs keep every redraw; one every 30 s keeps them short.
-            mininterval=0.2 if interactive else 30.0,
-        )
+    With stderr redirected to a file (a log, CI) a bar's `\r` redraws clutter it, so the progress
+    is printed as one plain line at most every `every_s` seconds, and at the end.
+    """
+
+    def __init__(self, total: int | None, desc: str, *, enabled: bool = True, every_s: float = 30.0):
+        self._plain = not sys.stderr.isatty()
+        self._bar = None
+        self.n, self.total, self.desc, self.enabled, self.every_s = 0, total, desc, enabled, every_s
+        self._postfix: dict[str, Any] = {}
+        self._start = self._last = time.monotonic()
+        if not self._plain:
+            self._bar = tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr,
+                             dynamic_ncols=True, mininterval=0.2)
 
     def update(self, n: int = 1, **postfix: Any) -> None:
+        self.n += n
         if postfix:
-            self._bar.set_postfix(jsonable(postfix), refresh=False)
-        self._bar.update(n)
+            self._postfix = jsonable(postfix)
+        if self._bar is not None:
+            if postfix:
+                self._bar.set_postfix(self._postfix, refresh=False)
+            self._bar.update(n)
+            return
+        now = time.monotonic()
+        if self.enabled and (now - self._last >= self.every_s or self.n == self.total):
+            self._last = now
+            print(self.line(now - self._start), file=sys.stderr, flush=True)
+
+    def line(self, elapsed: float) -> str:
+        """`desc 30/120 (25%) 12s elapsed, ETA 36s | kl=0.1` (the plain-text progress line)."""
+        if self.total:
+            eta = elapsed / self.n * (self.total - self.n) if self.n else float("nan")
+            head = (f"{self.desc} {self.n}/{self.total} ({self.n / self.total:.0%}) "
+                    f"{_seconds(elapsed)} elapsed, ETA {_seconds(eta)}")
+        else:
+            head = f"{self.desc} {self.n} {_seconds(elapsed)} elapsed"
+        post = ", ".join(f"{k}={v}" for k, v in self._postfix.items())
+        return head + (f" | {post}" if post else "")
 
     def close(self) -> None:
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
     def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _seconds(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.1f}min"
 
 
 class PhaseTimer:
