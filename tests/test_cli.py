@@ -120,3 +120,33 @@ def test_tokenizer_from_jsonl_files(run, tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
     assert tok.decode(tok.encode("Q: 3+4= 7")) == "Q: 3+4= 7"
     assert len({tok.pad_token_id, tok.eos_token_id, tok.bos_token_id}) == 3
+
+
+# ---- what tripped a new user (issue 12), in-process: no subprocess start-up --------------------
+def run_main(capsys, *args):
+    from ppo_rlhf.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_a_typo_in_model_path_is_named_before_the_tokenizer(capsys, tmp_path):
+    train = tmp_path / "sft.jsonl"
+    train.write_text('{"prompt": "Q: 1+1=", "response": " 2"}\n')
+    code, _, err = run_main(capsys, "sft", f"train_file={train}", f"out_dir={tmp_path / 'o'}",
+                            "model.path=gpt2-4x128")
+    assert code == 2
+    assert "'gpt2-4x128' is neither a local model directory nor a preset" in err
+    assert "model.tokenizer is required" not in err
+
+
+def test_standalone_reward_without_model_path_asks_for_the_sft_model(capsys, tmp_path):
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text('{"prompt": "Q: 1+1=", "chosen": " 2", "rejected": " 3"}\n')
+    code, _, err = run_main(capsys, "reward", f"train_file={prefs}", f"out_dir={tmp_path / 'o'}")
+    assert code == 2
+    assert "model.path is required" in err and "the SFT model" in err

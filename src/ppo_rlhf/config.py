@@ -173,7 +173,9 @@ class RewardConfig:
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = from epochs).", min=0)
     margin: float = opt(0.0, "Margin in -log sigmoid(r_chosen - r_rejected - margin).")
     head_init_std: float = opt(0.0, "Std of the scalar head's initial weights (0 = zero init).", min=0)
-    model: ModelConfig = opt(factory=ModelConfig, help="Trunk to start from (the SFT model, as in InstructGPT).")
+    model: ModelConfig = opt(factory=lambda: ModelConfig(path=""),
+                             help="Trunk to start from: model.path is the SFT model directory (required; "
+                             "InstructGPT initialises the reward model from the SFT model).")
     optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=5e-4), help="Optimiser.")
     run: RunConfig = opt(factory=RunConfig, help="Run bookkeeping.")
 

@@ -217,15 +217,23 @@ def fuse_gelu(model: nn.Module) -> int:
     return swapped
 
 
+def check_model_spec(spec: str | Path) -> None:
+    """Raise a UserError unless `spec` is an existing directory or a preset name (a typo, a
+    directory not yet written)."""
+    name = str(spec)
+    if Path(spec).is_dir() or name in MODEL_PRESETS:
+        return
+    close = difflib.get_close_matches(name, MODEL_PRESETS, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise UserError(
+        f"model '{name}' is neither a local model directory nor a preset.{hint} "
+        f"Presets: {', '.join(MODEL_PRESETS)}; fix: pass a preset name or the path of a "
+        "directory written by save_pretrained (models are never downloaded)"
+    )
+
+
 def _preset_config(name: str, tokenizer, dropout: float):
-    if name not in MODEL_PRESETS:
-        close = difflib.get_close_matches(name, MODEL_PRESETS, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise UserError(
-            f"model '{name}' is neither a local model directory nor a preset.{hint} "
-            f"Presets: {', '.join(MODEL_PRESETS)}; fix: pass a preset name or the path of a "
-            "directory written by save_pretrained (models are never downloaded)"
-        )
+    check_model_spec(name)
     kwargs = dict(MODEL_PRESETS[name])
     model_type = kwargs.pop("model_type")
     special = {

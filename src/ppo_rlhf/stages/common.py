@@ -142,7 +142,19 @@ def require_file(path: str, key: str, hint: str = "") -> Path:
 
 
 def tokenizer_source(model: ModelConfig) -> str:
-    """Where to load the tokenizer from: explicit, else the model directory."""
+    """Where to load the tokenizer from: explicit, else the model directory.
+
+    What is wrong with model.path is said first: missing, or neither a directory nor a preset
+    (a typo), before a preset's need for model.tokenizer.
+    """
+    from ..models import MODEL_PRESETS, check_model_spec
+
+    if not model.path:
+        raise UserError("model.path is required: the model to start from, a directory saved by an "
+                        "earlier stage (for `ppo-rlhf reward`, the SFT model, e.g. "
+                        "model.path=runs/demo/sft/model) or, for `ppo-rlhf sft`, a preset "
+                        f"({', '.join(MODEL_PRESETS)})")
+    check_model_spec(model.path)
     if model.tokenizer:
         return model.tokenizer
     if Path(model.path).is_dir():
