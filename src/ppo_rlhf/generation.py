@@ -163,6 +163,15 @@ class _Decoder:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
+    def expand(self, n: int) -> None:
+        """After the prefill, make each row n consecutive rows (row i -> rows i*n .. i*n+n-1):
+        the prompt's cached keys/values are copied, not recomputed."""
+        self.positions = self.positions.repeat_interleave(n, dim=0)
+        self.prefill_mask = self.prefill_mask.repeat_interleave(n, dim=0)
+        self.step_mask = self.step_mask.repeat_interleave(n, dim=0)
+        self.keys = [k.repeat_interleave(n, dim=0) for k in self.keys]
+        self.values = [v.repeat_interleave(n, dim=0) for v in self.values]
+
     def mask(self, start: int) -> torch.Tensor:
         """Boolean attention mask: (B, 1, P, P) for the prefill, (B, 1, 1, start + 1) for a step."""
         return self.prefill_mask if start == 0 else self.step_mask[..., : start + 1]
@@ -249,6 +258,11 @@ class _LlamaDecoder(_Decoder):
         ]
         self.head_dim = trunk.layers[0].self_attn.head_dim
 
+    def expand(self, n: int) -> None:
+        super().expand(n)
+        if self.rope is not None:
+            self.rope = tuple(x.repeat_interleave(n, dim=0) for x in self.rope)
+
     def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         trunk, (batch, length) = self.trunk, ids.shape
         hidden = trunk.embed_tokens(ids)
@@ -303,6 +317,27 @@ class _HFDecoder:
             use_cache=True,
         ).last_hidden_state
 
+    def expand(self, n: int) -> None:
+        """After the prefill, make each row n consecutive rows (see `_Decoder.expand`)."""
+        self.full_mask = self.full_mask.repeat_interleave(n, dim=0)
+        self.positions = self.positions.repeat_interleave(n, dim=0)
+        self.kv_cache.batch_repeat_interleave(n)
+
+
+def _check_context(trunk: nn.Module, full_mask: torch.Tensor, prompt_len: int) -> None:
+    """Learned absolute positions (GPT-2's `wpe`) end at the context length: refuse to go past it."""
+    wpe = getattr(trunk, "wpe", None)
+    if wpe is None:
+        return
+    longest, context = int(full_mask.sum(-1).max()), wpe.num_embeddings
+    if longest > context:
+        new_tokens = full_mask.shape[1] - prompt_len
+        raise UserError(
+            f"generate: the longest prompt plus max_new_tokens={new_tokens} is {longest} "
+            f"tokens, more than the model's {context}-token context; fix: lower "
+            "max_new_tokens or the maximum prompt length"
+        )
+
 
 def _decoder_class(trunk: nn.Module) -> type:
     """The fast decoder for architectures whose forward it reproduces, else `_HFDecoder`."""
@@ -349,6 +384,7 @@ def generate(
     row_seeds: Sequence[int] | None = None,
     return_logprobs: bool = False,
     return_entropy: bool = False,
+    num_samples: int = 1,
 ):
     """Sample responses to left-padded prompts with a KV cache.
 
@@ -364,24 +400,35 @@ def generate(
     each row draws from its own stream instead (`row_uniforms`), so a row's sample does not depend
     on which other rows share its batch -- the same prompts give the same responses whether they
     are generated in one process or sharded over DDP ranks. Dropout is off while sampling.
+
+    With `num_samples` = n > 1 (group rollouts: GRPO, RLOO), every output has B * n rows, prompt i's
+    samples in rows i*n .. i*n+n-1 (the order of `input_ids.repeat_interleave(n, 0)`), and
+    `row_seeds` needs B * n seeds. Each prompt runs through the model once: its KV cache is
+    computed on B rows and then copied to its n rows. The result is that of generating the
+    repeated prompts (to float rounding).
     """
     hf, head = _lm_parts(model)
     trunk = hf.base_model
     batch, prompt_len = input_ids.shape
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    rows = batch * num_samples
     device = input_ids.device
     full_mask = torch.cat(
         [attention_mask.bool(), attention_mask.new_ones(batch, max_new_tokens, dtype=torch.bool)], 1
     )
+    _check_context(trunk, full_mask, prompt_len)
     decoder = _decoder_class(trunk)(trunk, full_mask, prompt_len)
     eos = _eos_tensor(eos_token_id, device)
-    response = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
-    logprobs = torch.empty(batch, max_new_tokens, device=device) if return_logprobs else None
-    entropy = torch.empty(batch, max_new_tokens, device=device) if return_entropy else None
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    response = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)
+    logprobs = torch.empty(rows, max_new_tokens, device=device) if return_logprobs else None
+    entropy = torch.empty(rows, max_new_tokens, device=device) if return_entropy else None
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
     uniforms = None
     if row_seeds is not None and temperature != 0:
-        if len(row_seeds) != batch:
-            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {batch} rows")
+        if len(row_seeds) != rows:
+            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {rows} rows "
+                             f"({batch} prompts x num_samples={num_samples})")
         uniforms = row_uniforms(row_seeds, max_new_tokens).to(device)
     # A CPU sync is free; on an accelerator it would stall the queued kernels, so check rarely.
     check_every = 1 if device.type == "cpu" else 8
@@ -389,11 +436,14 @@ def generate(
     modes = [(module, module.training) for module in hf.modules()]
     hf.eval()
     threads = torch.get_num_threads()
-    if device.type == "cpu" and batch * head.weight.shape[1] <= _ONE_THREAD_DECODE:  # B x hidden
+    if device.type == "cpu" and rows * head.weight.shape[1] <= _ONE_THREAD_DECODE:  # B x hidden
         torch.set_num_threads(1)
     try:
         steps = 0
-        hidden = decoder(input_ids, 0)
+        hidden = decoder(input_ids, 0)[:, -1:]
+        if num_samples > 1:
+            decoder.expand(num_samples)
+            hidden = hidden.repeat_interleave(num_samples, dim=0)
         while steps < max_new_tokens:
             logits = fp32_logits(head, hidden[:, -1])
             token = sample_tokens(
@@ -422,7 +472,7 @@ def generate(
     # Rows keep their first EOS; what they sampled after it becomes padding.
     is_eos = (response[:, :steps, None] == eos).any(-1)
     response_mask = (is_eos.cumsum(-1) - is_eos.long()) == 0
-    length = int(response_mask.sum(-1).max()) if batch else 0
+    length = int(response_mask.sum(-1).max()) if rows else 0
     response_mask = response_mask[:, :length]
     response = response[:, :length].masked_fill(~response_mask, pad_token_id)
     extras = [t[:, :length].masked_fill(~response_mask, 0.0) for t in (logprobs, entropy) if t is not None]
