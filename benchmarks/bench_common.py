@@ -195,26 +195,30 @@ def useful_flops(case: Case, vocab: int = len(SPECIALS) + N_WORDS) -> dict[str, 
     return out
 
 
-def matmul_peak_gflops(threads: int, sizes=(512, 1024, 2048), repeats: int = 5) -> float:
-    """Best fp32 matmul GFLOP/s torch reaches here with `threads` threads (the MFU denominator).
+def matmul_peak_gflops(threads: int, sizes=(512, 1024, 2048), repeats: int = 5,
+                       dtype: str = "float32") -> float:
+    """Best matmul GFLOP/s torch reaches here with `threads` threads in `dtype` ("float32" or
+    "bfloat16"): the MFU denominator of runs in that precision.
 
-    Both of torch's CPU GEMM libraries are tried: MKL (`a @ b`, torch's default) and oneDNN
-    (`torch.ops.mkldnn._linear_pointwise`, what `ppo_rlhf.onednn` uses). On AMD CPUs MKL takes its
-    AVX2 path, so oneDNN's AVX-512 kernels reach about twice MKL's rate; the peak is the better of
-    the two, so that MFU never credits a library choice as utilisation.
+    Both of torch's CPU GEMM libraries are tried: MKL (`a @ b`, torch's default for fp32) and
+    oneDNN (`torch.ops.mkldnn._linear_pointwise`, what `ppo_rlhf.onednn` uses; torch's bf16 `a @ b`
+    is oneDNN too). On AMD CPUs MKL takes its AVX2 path, so oneDNN's AVX-512 kernels reach about
+    twice MKL's rate; the peak is the best of them, so that MFU never credits a library choice as
+    utilisation.
     """
     import time
 
     import torch
 
     torch.set_num_threads(threads)
+    torch_dtype = getattr(torch, dtype)
     products = [lambda a, b: a @ b]
     if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         products.append(lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
     best = 0.0
     for product in products:
         for n in sizes:
-            a, b = torch.randn(n, n), torch.randn(n, n)
+            a, b = torch.randn(n, n, dtype=torch_dtype), torch.randn(n, n, dtype=torch_dtype)
             product(a, b)
             for _ in range(repeats):
                 t0 = time.perf_counter()
@@ -259,3 +263,72 @@ def peak_rss_mb() -> float:
 def current_rss_mb() -> float:
     with open(f"/proc/{os.getpid()}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+# -- the machine and its other load ---------------------------------------------------------------
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# The CPU flags worth recording with a result: what decides which kernels torch can use.
+NOTABLE_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                 "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    """(model name, the NOTABLE_FLAGS this CPU has) from /proc/cpuinfo; ("unknown", []) without it."""
+    model, flags = "unknown", set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return model, []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "unknown":
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return model, [f for f in NOTABLE_FLAGS if f in flags]
+
+
+def machine_kind() -> str:
+    """A short label for the kind of machine a result comes from: results of different kinds are
+    reported side by side, never in one ratio. E.g. 'AMD EPYC, AVX512-BF16, 2 cores'."""
+    model, flags = cpu_model_and_flags()
+    bf16 = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else \
+        "AVX-512, no bf16" if "avx512f" in flags else "no AVX-512"
+    return f"{model}, {bf16}, {os.cpu_count()} cores"
+
+
+def busy_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU jiffies of the whole machine so far, from /proc/stat ((0, 0) without it)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0, 0
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+class OtherLoad:
+    """Cores kept busy by other processes while the block ran (machine busy time minus this
+    process's CPU time, per wall second): a shared machine's load can swamp what is measured.
+
+        with OtherLoad() as load:
+            work()
+        load.cores
+    """
+
+    def __enter__(self) -> "OtherLoad":
+        import time
+
+        self._busy, _ = busy_jiffies()
+        self._own = sum(os.times()[:4])
+        self._t0 = time.perf_counter()
+        self.cores = 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import time
+
+        wall = time.perf_counter() - self._t0
+        busy = (busy_jiffies()[0] - self._busy) / os.sysconf("SC_CLK_TCK")
+        own = sum(os.times()[:4]) - self._own
+        self.cores = max(0.0, (busy - own) / wall) if wall > 0 else 0.0

@@ -3,6 +3,7 @@
     python benchmarks/generation.py --out bench_generation.json
     python benchmarks/generation.py --models tiny-gpt2 small-gpt2 --threads 1 --out gen.json
     python benchmarks/generation.py --device cuda --models qwen-0.5b-like --out gen_gpu.json
+    python benchmarks/generation.py --only group --out gen_group.json   # group rollouts only
 
 Random models built from presets with a random word-level vocabulary (~512 tokens), left-padded
 prompts of random length, pure sampling (temperature 1, no top-k/top-p) with a KV cache in both,
@@ -15,6 +16,13 @@ Each case is timed `--repeats` times after a warm-up, ours and HF interleaved (t
 shared), and the medians are reported as generated tokens per second. One CPU thread by default
 (`--threads`): both sides are overhead-bound at these sizes, and with two threads on a shared
 2-core machine every small op stalls whenever another process holds the other core.
+
+Group rollouts (GRPO / RLOO: n samples per prompt, `GROUP_CASES`): ours with
+`generate(..., num_samples=n)` (each prompt's prefill once, its KV cache copied to its n rows) against
+ours on the n-times repeated prompts ("separate": what a trainer without group sampling does) and
+against HF `generate(num_return_sequences=n)` (which repeats the prompts before its prefill). Tokens
+per second count the B x n x R generated tokens. Every case records the cores other processes kept
+busy meanwhile ("other load"), and the report names the CPU model and its bf16 flags.
 """
 
 from __future__ import annotations
@@ -25,6 +33,9 @@ import platform
 import statistics
 import time
 
+import sys
+from pathlib import Path
+
 import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -34,8 +45,13 @@ from ppo_rlhf.fileio import atomic_write_json
 from ppo_rlhf.generation import generate
 from ppo_rlhf.models import count_parameters, load_causal_lm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bc  # noqa: E402
+
 # (batch, longest prompt, new tokens): the two shapes of the TRL anchors in PERFORMANCE.md.
 CASES = [(8, 8, 16), (32, 16, 64)]
+# (prompts, samples per prompt, longest prompt, new tokens): group rollouts, short and long prompts.
+GROUP_CASES = [(8, 4, 16, 64), (4, 8, 96, 32)]  # tiny-gpt2: 128 positions
 
 
 def random_vocab_tokenizer(size: int) -> PreTrainedTokenizerFast:
@@ -110,19 +126,70 @@ def bench_case(model, tokenizer, batch, prompt_len, new_tokens, repeats, device,
         )
         assert out.shape == (batch, prompt_len + new_tokens)
 
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        ours(), hf()  # warm-up
-        times = {"ours": [], "hf": []}
-        for _ in range(repeats):
-            times["ours"].append(time_call(ours, device))
-            times["hf"].append(time_call(hf, device))
+    times = timed({"ours": ours, "hf": hf}, repeats, device, dtype)
     tokens = batch * new_tokens
     ours_tps = tokens / statistics.median(times["ours"])
     hf_tps = tokens / statistics.median(times["hf"])
     return {
         "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "ours_tokens_per_s": round(ours_tps, 1), "hf_tokens_per_s": round(hf_tps, 1),
-        "ratio": round(ours_tps / hf_tps, 3), "seconds": times,
+        "ratio": round(ours_tps / hf_tps, 3), "other_load_cores": times.pop("other_load_cores"),
+        "seconds": times,
+    }
+
+
+def timed(fns: dict, repeats: int, device, dtype) -> dict:
+    """{name: [seconds] * repeats} for each function after a warm-up, the functions interleaved (so
+    that drift in the machine's load hits them alike), plus the other load meanwhile."""
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), bc.OtherLoad() as load:
+        for fn in fns.values():  # warm-up
+            fn()
+        times = {name: [] for name in fns}
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                times[name].append(time_call(fn, device))
+    times["other_load_cores"] = round(load.cores, 2)
+    return times
+
+
+def bench_group_case(model, tokenizer, prompts, n, prompt_len, new_tokens, repeats, device, dtype,
+                     same_kernels: bool = False) -> dict:
+    """n samples for each of `prompts` prompts: ours grouped, ours on repeated prompts, HF."""
+    pad = tokenizer.pad_token_id
+    ids, mask = left_padded_prompts(prompts, prompt_len, len(tokenizer), pad, 0, device)
+    repeated_ids, repeated_mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+    never = len(tokenizer) + 1
+    generator = torch.Generator(device=device).manual_seed(0)
+    stock = model if same_kernels else stock_copy(model)
+    rows = prompts * n
+
+    def group():
+        response, _ = generate(model, ids, mask, max_new_tokens=new_tokens, eos_token_id=never,
+                               pad_token_id=pad, temperature=1.0, generator=generator, num_samples=n)
+        assert response.shape == (rows, new_tokens)
+
+    def separate():
+        response, _ = generate(model, repeated_ids, repeated_mask, max_new_tokens=new_tokens,
+                               eos_token_id=never, pad_token_id=pad, temperature=1.0,
+                               generator=generator)
+        assert response.shape == (rows, new_tokens)
+
+    def hf():
+        out = stock.generate(
+            input_ids=ids, attention_mask=mask.long(), do_sample=True, temperature=1.0, top_k=0,
+            top_p=1.0, max_new_tokens=new_tokens, eos_token_id=never, pad_token_id=pad,
+            use_cache=True, num_return_sequences=n,
+        )
+        assert out.shape == (rows, prompt_len + new_tokens)
+
+    times = timed({"group": group, "separate": separate, "hf": hf}, repeats, device, dtype)
+    tps = {name: rows * new_tokens / statistics.median(times[name]) for name in ("group", "separate", "hf")}
+    return {
+        "prompts": prompts, "samples_per_prompt": n, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        **{f"{name}_tokens_per_s": round(v, 1) for name, v in tps.items()},
+        "group_over_separate": round(tps["group"] / tps["separate"], 3),
+        "group_over_hf": round(tps["group"] / tps["hf"], 3),
+        "other_load_cores": times.pop("other_load_cores"), "seconds": times,
     }
 
 
@@ -138,7 +205,9 @@ def main(argv=None) -> dict:
         "2-core machine each small op waits whenever another process holds the other core",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CPU or CUDA), both sides")
+    parser.add_argument("--only", choices=("plain", "group"), default=None,
+                        help="run only the plain cases or only the group-rollout cases")
     parser.add_argument("--same-kernels", action="store_true",
                         help="HF generate also gets the oneDNN linear layers (decode loop alone)")
     args = parser.parse_args(argv)
@@ -147,10 +216,10 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.bf16 else None
     tokenizer = random_vocab_tokenizer(args.vocab)
-    results = []
+    results, group_results = [], []
     for name in args.models:
         model = load_causal_lm(name, tokenizer).to(device).eval()
-        for batch, prompt_len, new_tokens in CASES:
+        for batch, prompt_len, new_tokens in CASES if args.only != "group" else []:
             row = bench_case(
                 model, tokenizer, batch, prompt_len, new_tokens, args.repeats, device, dtype,
                 args.same_kernels,
@@ -160,7 +229,21 @@ def main(argv=None) -> dict:
             print(
                 f"{name:14s} B={batch:<3d} P={prompt_len:<3d} R={new_tokens:<3d} "
                 f"ours {row['ours_tokens_per_s']:>9.0f} tok/s   HF generate "
-                f"{row['hf_tokens_per_s']:>9.0f} tok/s   x{row['ratio']:.2f}",
+                f"{row['hf_tokens_per_s']:>9.0f} tok/s   x{row['ratio']:.2f}   "
+                f"other load {row['other_load_cores']:.1f}",
+                flush=True,
+            )
+        for prompts, n, prompt_len, new_tokens in GROUP_CASES if args.only != "plain" else []:
+            row = bench_group_case(model, tokenizer, prompts, n, prompt_len, new_tokens,
+                                   args.repeats, device, dtype, args.same_kernels)
+            row.update(model=name, parameters=count_parameters(model))
+            group_results.append(row)
+            print(
+                f"{name:14s} {prompts} prompts x n={n:<2d} P={prompt_len:<3d} R={new_tokens:<3d} "
+                f"group {row['group_tokens_per_s']:>8.0f} tok/s   separate "
+                f"{row['separate_tokens_per_s']:>8.0f} (x{row['group_over_separate']:.2f})   HF "
+                f"num_return_sequences {row['hf_tokens_per_s']:>8.0f} (x{row['group_over_hf']:.2f})   "
+                f"other load {row['other_load_cores']:.1f}",
                 flush=True,
             )
     report = {
@@ -168,6 +251,8 @@ def main(argv=None) -> dict:
         "device": (
             torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
         ),
+        "cpu": bc.cpu_model_and_flags()[0], "cpu_flags": bc.cpu_model_and_flags()[1],
+        "machine_kind": bc.machine_kind(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -175,6 +260,7 @@ def main(argv=None) -> dict:
         "bf16": args.bf16,
         "hf_kernels": "oneDNN (same as ours)" if args.same_kernels else "stock",
         "results": results,
+        "group_results": group_results,
     }
     atomic_write_json(args.out, report)
     return report
