@@ -150,3 +150,115 @@ def test_standalone_reward_without_model_path_asks_for_the_sft_model(capsys, tmp
     code, _, err = run_main(capsys, "reward", f"train_file={prefs}", f"out_dir={tmp_path / 'o'}")
     assert code == 2
     assert "model.path is required" in err and "the SFT model" in err
+
+
+@pytest.fixture(scope="module")
+def saved_policy(tmp_path_factory):
+    """A tokenizer, a small prompts file with an `answer` field and an untrained tiny policy."""
+    from ppo_rlhf.models import load_causal_lm, save_model
+    from ppo_rlhf.tasks import get_task
+    from ppo_rlhf.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("policy")
+    task = get_task("arithmetic")
+    tok = train_tokenizer(task.tokenizer_corpus(__import__("random").Random(0)), 320)
+    save_model(load_causal_lm("tiny-gpt2", tok, seed=0), tok, root / "model")
+    rows = [{"prompt": p, "answer": str(task.answer(p))} for p in task.prompts("eval")[:5]]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_eval_accepts_out_and_says_how_many_samples_per_prompt(capsys, saved_policy):
+    out = saved_policy / "eval.json"
+    code, _, err = run_main(capsys, "eval", "--out", out, f"policy={saved_policy / 'model'}",
+                            f"prompts_file={saved_policy / 'prompts.jsonl'}", "task=arithmetic", "n=12",
+                            "max_new_tokens=3")
+    assert code == 0, err
+    res = json.loads(out.read_text())
+    assert res["n"] == 12 and res["distinct_prompts"] == 5 and res["samples_per_prompt"] == 12 / 5
+    assert "has 5 prompts: n=12 samples are 2.4 per prompt" in err
+
+
+def test_eval_gold_function_receives_the_row_fields(capsys, saved_policy, tmp_path):
+    gold = tmp_path / "my_gold.py"
+    gold.write_text("def exact(prompts, responses, answer, truncated):\n"
+                    "    return [float(r.strip() == a) + (0.5 if t else 0.0) "
+                    "for r, a, t in zip(responses, answer, truncated)]\n")
+    out = tmp_path / "eval.json"
+    code, _, err = run_main(capsys, "eval", f"out={out}", f"policy={saved_policy / 'model'}",
+                            f"prompts_file={saved_policy / 'prompts.jsonl'}", f"gold={gold}:exact", "n=5",
+                            "max_new_tokens=2")
+    assert code == 0, err
+    res = json.loads(out.read_text())
+    assert 0.0 <= res["gold_reward"] <= 1.5 and res["samples_per_prompt"] == 1.0
+    code, _, err = run_main(capsys, "eval", f"policy={saved_policy / 'model'}", "task=arithmetic",
+                            f"prompts_file={saved_policy / 'prompts.jsonl'}", f"gold={gold}:exact")
+    assert code == 2 and "give one" in err
+
+
+def test_generate_out_writes_jsonl_rows_and_help_shows_defaults(capsys, saved_policy, tmp_path):
+    out = tmp_path / "samples.jsonl"
+    code, stdout, err = run_main(capsys, "generate", saved_policy / "model", "--prompts",
+                                 saved_policy / "prompts.jsonl", "--out", out, "--max-new-tokens", "3")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5 and set(rows[0]) == {"prompt", "response"} and stdout == ""
+    code, stdout, _ = run_main(capsys, "generate", "--help")
+    assert code == 0
+    for default in ("(default: 0.7)", "(default: 32)", "sampling seed (default: 0)", "(default: 1.0)"):
+        assert default in stdout
+    code, stdout, _ = run_main(capsys, "sft", "--help")
+    assert "tiny-gpt2       gpt2, 2 layers, hidden 128, 4 heads" in stdout
+    assert "model.layers=None" in stdout or "model.layers" in stdout
+
+
+def test_stage_flags_exist_only_where_the_stage_has_the_key(capsys):
+    code, stdout, _ = run_main(capsys, "reward", "--help")
+    assert "--out OUT" in stdout and "--task" not in stdout
+    code, stdout, _ = run_main(capsys, "eval", "--help")
+    assert "shortcut for out=FILE" in stdout
+
+
+def test_tokenizer_explains_a_smaller_vocabulary(capsys, tmp_path):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"text": "abab abab"}\n')
+    code, stdout, err = run_main(capsys, "tokenizer", "--out", tmp_path / "tok", f"texts={texts}",
+                                 "vocab_size=512")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "tok" / "summary.json").read_text())
+    assert summary["requested_vocab_size"] == 512 and summary["vocab_size"] < 512
+    assert "not the 512 asked for" in summary["vocab_note"] and "ran out of" in err
+
+
+def test_model_size_from_the_command_line(capsys, saved_policy, tmp_path):
+    from transformers import AutoConfig
+
+    from ppo_rlhf.config import SFTConfig, build_config
+    from ppo_rlhf.errors import UserError
+    from ppo_rlhf.models import load_causal_lm, model_spec
+    from ppo_rlhf.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(saved_policy / "model")
+    cfg = build_config(SFTConfig, overrides=["model.arch=llama", "model.layers=3", "model.hidden=64",
+                                             "model.heads=2"])
+    assert model_spec(cfg.model) == "llama:layers=3,hidden=64,heads=2"
+    m = load_causal_lm(model_spec(cfg.model), tok).config
+    assert (m.model_type, m.num_hidden_layers, m.hidden_size, m.num_attention_heads) == ("llama", 3, 64, 2)
+    assert m.vocab_size == len(tok) and m.pad_token_id == tok.pad_token_id and m.eos_token_id == tok.eos_token_id
+    # unset sizes come from the preset model.path names
+    cfg = build_config(SFTConfig, overrides=["model.path=small-gpt2", "model.layers=1"])
+    assert model_spec(cfg.model) == "gpt2:layers=1,hidden=256,heads=4"
+    with pytest.raises(UserError, match="not divisible by model.heads=3"):
+        model_spec(build_config(SFTConfig, overrides=["model.hidden=64", "model.heads=3"]).model)
+    with pytest.raises(UserError, match="is a saved model directory"):
+        model_spec(build_config(SFTConfig, overrides=[f"model.path={saved_policy / 'model'}",
+                                                      "model.layers=2"]).model)
+    # and through `ppo-rlhf sft`
+    train = tmp_path / "sft.jsonl"
+    train.write_text('{"prompt": "Q: 1+1=", "response": " 2"}\n{"prompt": "Q: 2+1=", "response": " 3"}\n')
+    code, _, err = run_main(capsys, "sft", "--out", tmp_path / "sft", f"train_file={train}", "max_steps=1",
+                            "batch_size=2", f"model.tokenizer={saved_policy / 'model'}", "model.arch=gpt2",
+                            "model.layers=1", "model.hidden=32", "model.heads=2", "run.tensorboard=false")
+    assert code == 0, err
+    saved = AutoConfig.from_pretrained(tmp_path / "sft" / "model")
+    assert (saved.model_type, saved.n_layer, saved.n_embd, saved.n_head) == ("gpt2", 1, 32, 2)

@@ -11,6 +11,7 @@ the input (config, data, paths) print one clear message and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -36,56 +37,98 @@ DESCRIPTIONS = {
 }
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the option list's layout and shows every flag's default (none for unset ones)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not unset and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _shortcuts(cls: type) -> dict[str, str]:
+    """The flags a stage offers as shortcuts for its own keys: --task, --out (out_dir or out)."""
+    keys = {f.name for f in dataclasses.fields(cls)}
+    flags = {}
+    if "task" in keys:
+        flags["task"] = "task"
+    for key in ("out_dir", "out"):
+        if key in keys:
+            flags["out"] = key
+            break
+    return flags
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ppo-rlhf", description="RLHF with PPO: SFT -> reward model -> PPO.")
+    p = argparse.ArgumentParser(prog="ppo-rlhf", description="RLHF with PPO: SFT -> reward model -> PPO.",
+                                epilog=f"Model presets (model.path=NAME, built from scratch):\n{preset_lines()}",
+                                formatter_class=_HelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, cls in STAGE_CONFIGS.items():
         sp = sub.add_parser(name, help=DESCRIPTIONS[name], description=help_text(cls),
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=_HelpFormatter,
+                            epilog=f"Model presets:\n{preset_lines()}" if name in ("sft", "pipeline") else None)
         sp.add_argument("--config", help="YAML file of options (overridden by key=value arguments)")
-        sp.add_argument("--task", help="shortcut for task=NAME")
-        sp.add_argument("--out", help="shortcut for out_dir=DIR")
+        flags = _shortcuts(cls)
+        if "task" in flags:
+            sp.add_argument("--task", help="shortcut for task=NAME (a built-in task, or "
+                            "path/to/task.py:Class / module:Class / module:gold_fn)")
+        if "out" in flags:
+            sp.add_argument("--out", help=f"shortcut for {flags['out']}=" + ("FILE" if flags["out"] == "out" else "DIR"))
+        if name == "pipeline":
+            sp.add_argument("--data", help="directory of your own JSONL files (sft_train.jsonl, "
+                            "prefs_train.jsonl, prompts_train.jsonl, ...) or a YAML listing them; "
+                            "shortcut for data_dir=DIR")
         if name in ("sft", "reward", "ppo"):
             sp.add_argument("--resume", action="store_true",
                             help="continue from the newest complete checkpoint in out_dir")
         sp.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides")
-    rp = sub.add_parser("report", help=DESCRIPTIONS["report"])
-    rp.add_argument("run_dir")
+    rp = sub.add_parser("report", help=DESCRIPTIONS["report"], formatter_class=_HelpFormatter)
+    rp.add_argument("run_dir", help="a pipeline run directory, or any directory of stage outputs")
     rp.add_argument("--out", help="HTML path (default RUN_DIR/report.html)")
-    lp = sub.add_parser("label", help=DESCRIPTIONS["label"])
+    lp = sub.add_parser("label", help=DESCRIPTIONS["label"], formatter_class=_HelpFormatter)
     src = lp.add_mutually_exclusive_group(required=True)
     src.add_argument("--pairs", help="JSONL of {prompt, a, b} or {prompt, chosen, rejected}")
     src.add_argument("--model", help="model directory to sample two responses per prompt from")
     lp.add_argument("--prompts", help="prompts JSONL (with --model)")
     lp.add_argument("--n", type=int, default=50, help="pairs to sample (with --model)")
-    lp.add_argument("--max-new-tokens", type=int, default=32)
-    lp.add_argument("--temperature", type=float, default=1.0)
-    lp.add_argument("--seed", type=int, default=0)
+    lp.add_argument("--max-new-tokens", type=int, default=32, help="response tokens (with --model)")
+    lp.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --model)")
+    lp.add_argument("--seed", type=int, default=0, help="sampling seed (with --model)")
     lp.add_argument("--out", required=True, help="preference JSONL to append the choices to")
-    lp.add_argument("--host", default="127.0.0.1")
-    lp.add_argument("--port", type=int, default=8765)
-    gp = sub.add_parser("generate", help=DESCRIPTIONS["generate"])
-    gp.add_argument("model_dir")
+    lp.add_argument("--host", default="127.0.0.1", help="address to serve the page on")
+    lp.add_argument("--port", type=int, default=8765, help="port to serve the page on")
+    gp = sub.add_parser("generate", help=DESCRIPTIONS["generate"], formatter_class=_HelpFormatter)
+    gp.add_argument("model_dir", help="a model directory saved by a stage, e.g. runs/demo/ppo/model")
     gp.add_argument("--prompts", help="prompts JSONL; without it, read prompts interactively from stdin")
-    gp.add_argument("--max-new-tokens", type=int, default=32)
-    gp.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    gp.add_argument("--top-p", type=float, default=1.0)
+    gp.add_argument("--out", help="write JSONL rows {\"prompt\", \"response\"} here instead of "
+                    "prompt<TAB>response lines on stdout (a tab or newline in a response stays intact)")
+    gp.add_argument("--max-new-tokens", type=int, default=32, help="response tokens at most")
+    gp.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
+    gp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold; 1 = off")
     gp.add_argument("--n", type=int, default=0, help="first N prompts of the file (0 = all)")
-    gp.add_argument("--seed", type=int, default=0)
+    gp.add_argument("--seed", type=int, default=0, help="sampling seed")
     return p
+
+
+def preset_lines() -> str:
+    """One line per model preset with its size, for --help and the README."""
+    from .models import MODEL_PRESETS, preset_size
+
+    return "\n".join(f"  {name:<15} {preset_size(name)}" for name in MODEL_PRESETS)
 
 
 def _stage_config(name: str, args: argparse.Namespace):
     cls = STAGE_CONFIGS[name]
     overrides = list(args.overrides)
-    keys = {f.name for f in __import__("dataclasses").fields(cls)}
-    for flag, key in (("task", "task"), ("out", "out_dir")):
+    for flag, key in _shortcuts(cls).items():
         value = getattr(args, flag, None)
-        if value is None:
-            continue
-        if key not in keys:
-            raise UserError(f"`ppo-rlhf {name}` has no --{flag} option")
-        overrides.append(f"{key}={value}")
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if getattr(args, "data", None) is not None:
+        overrides.append(f"data_dir={args.data}")
     return build_config(cls, args.config, overrides)
 
 
@@ -94,6 +137,9 @@ def _run(args: argparse.Namespace) -> int:
     if cmd in STAGE_CONFIGS:
         cfg = _stage_config(cmd, args)
         resume = getattr(args, "resume", False)
+        if cmd == "sft":  # model.arch/layers/hidden/heads -> the size spec to build
+            from .models import model_spec
+            cfg.model.path = model_spec(cfg.model)
         if cmd == "tokenizer":
             from .stages.tools import run_tokenizer
             result = run_tokenizer(cfg)
@@ -107,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
             from .stages.reward import run_reward
             result = run_reward(cfg, resume=resume)
         elif cmd == "ppo":
-            from .stages.ppo import run_ppo
+            from .stages.rl import run_ppo
             result = run_ppo(cfg, resume=resume)
         elif cmd == "eval":
             from .stages.evaluate import run_eval

@@ -38,9 +38,20 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | 
 class ModelConfig:
     """Which model to start from, and how to adapt it."""
 
-    path: str = opt("tiny-gpt2", "Preset name (tiny-gpt2, tiny-llama, small-gpt2, ...) or a local "
-                    "Hugging Face model directory. Stages after SFT default to the previous stage's output.")
+    path: str = opt("tiny-gpt2", "Preset name (tiny-gpt2: gpt2 2 layers d=128 4 heads; tiny-llama: llama "
+                    "2 x 128 x 4; small-gpt2: gpt2 4 x 256 x 4; qwen-0.5b-like: qwen2 24 x 896 x 14), a "
+                    "size spec like gpt2:layers=4,hidden=128,heads=4, or a local Hugging Face model "
+                    "directory. Stages after SFT default to the previous stage's output.")
     tokenizer: str = opt("", "Tokenizer directory; empty = the tokenizer saved in the model directory.")
+    arch: str | None = opt(None, "Build a model from scratch with this architecture (with model.layers, "
+                           "model.hidden, model.heads; vocabulary size and special ids from the "
+                           "tokenizer); null = as model.path.", choices=("gpt2", "llama"))
+    layers: int | None = opt(None, "Transformer blocks of a model built from scratch; null = the "
+                             "preset's (tiny: 2).", min=1)
+    hidden: int | None = opt(None, "Hidden size of a model built from scratch; null = the preset's "
+                             "(tiny: 128).", min=1)
+    heads: int | None = opt(None, "Attention heads of a model built from scratch (must divide "
+                            "model.hidden); null = the preset's (tiny: 4).", min=1)
     lora_r: int = opt(0, "LoRA rank; 0 trains all weights.", min=0)
     lora_alpha: float = opt(16.0, "LoRA scaling alpha.", min=0)
     lora_dropout: float = opt(0.0, "Dropout on the LoRA branch. Stage outputs are saved with the "
@@ -279,9 +290,14 @@ class EvalConfig:
     reference: str = opt("", "Reference (SFT) directory for the KL (optional).")
     reward_model: str = opt("", "Reward model directory for the RM score (optional).")
     prompts_file: str = opt("", "Prompts JSONL.")
-    task: str = opt("", "Built-in task for the gold reward (optional).")
+    task: str = opt("", "Task for the gold reward (optional): built-in (arithmetic, sentiment) or "
+                    "your own, path/to/task.py:Class or module:Class (docs/tasks.md).")
+    gold: str = opt("", "Gold reward function instead of a task: path/to/file.py:fn or module:fn, "
+                    "called as fn(prompts, responses, **row_fields) -> list of floats.")
     out: str = opt("", "Write the results as JSON here (optional).")
-    n: int = opt(400, "Prompts to evaluate (first n).", min=1)
+    n: int = opt(400, "Samples to evaluate: the first n prompts; a file with fewer prompts is "
+                 "cycled (each prompt sampled several times; the result reports "
+                 "distinct_prompts and samples_per_prompt).", min=1)
     max_new_tokens: int | None = opt(None, "Response tokens; null = the task's default (or 32).", min=1)
     temperature: float = opt(0.7, "Sampling temperature (0 = greedy).", min=0)
     batch_size: int = opt(64, "Prompts per generation batch.", min=1)

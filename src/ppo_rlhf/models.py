@@ -8,7 +8,9 @@ TRL) without this package:
   trunk (`model.base_model`) plus a linear head `model.score` applied at every position.
 
 A spec is either a preset name from `MODEL_PRESETS` (random init from a config, sized to the
-tokenizer) or a local directory written by `save_pretrained`. Nothing is ever fetched from a hub.
+tokenizer), a size spec `gpt2:layers=4,hidden=128,heads=4` / `llama:...` (what `model.arch`,
+`model.layers`, `model.hidden`, `model.heads` resolve to, see `model_spec`) or a local directory
+written by `save_pretrained`. Nothing is ever fetched from a hub.
 
 Reward normalisation (InstructGPT: RM scores shifted/scaled so that a reference set has mean 0 and
 std 1) is stored as `config.reward_gain` / `config.reward_bias`, so it travels with config.json.
@@ -217,11 +219,115 @@ def fuse_gelu(model: nn.Module) -> int:
     return swapped
 
 
+ARCHS = ("gpt2", "llama")
+"""Architectures that `model.arch` (or a size spec `ARCH:layers=..`) builds from scratch."""
+
+_SIZE_KEYS = ("layers", "hidden", "heads")
+_SIZE_DEFAULTS = {"layers": 2, "hidden": 128, "heads": 4}
+_SPEC_CONTEXT = 512
+
+
+def size_preset(arch: str, layers: int, hidden: int, heads: int) -> dict[str, Any]:
+    """A preset dict (as in `MODEL_PRESETS`) for `arch` at the given size.
+
+    GPT-2: learned positions over a 512-token context. Llama: as tiny-llama, MLP width 2 x hidden,
+    half as many key/value heads as heads (grouped-query attention) when heads is even.
+    """
+    if arch not in ARCHS:
+        raise UserError(f"model.arch: {arch!r} is not one of {', '.join(ARCHS)}")
+    for key, value in (("layers", layers), ("hidden", hidden), ("heads", heads)):
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"model.{key}: {value!r}; use a positive integer")
+    if hidden % heads:
+        raise UserError(f"model.hidden={hidden} is not divisible by model.heads={heads}; each head "
+                        f"gets hidden/heads dimensions (e.g. model.heads={_divisor_near(hidden, heads)})")
+    if arch == "gpt2":
+        return {"model_type": "gpt2", "n_layer": layers, "n_embd": hidden, "n_head": heads,
+                "n_positions": _SPEC_CONTEXT, "activation_function": "gelu_pytorch_tanh"}
+    kv = heads // 2 if heads % 2 == 0 else heads
+    return {"model_type": "llama", "num_hidden_layers": layers, "hidden_size": hidden,
+            "num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": 2 * hidden,
+            "max_position_embeddings": _SPEC_CONTEXT, "tie_word_embeddings": True}
+
+
+def _divisor_near(n: int, k: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - k))
+
+
+def parse_size_spec(spec: str) -> dict[str, Any] | None:
+    """`gpt2:layers=4,hidden=128,heads=4` -> its preset dict; None when `spec` is not of that form.
+
+    Missing sizes take tiny's (2 layers, hidden 128, 4 heads).
+    """
+    arch, sep, rest = spec.partition(":")
+    if not sep or arch not in ARCHS:
+        return None
+    sizes = dict(_SIZE_DEFAULTS)
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key.strip() not in _SIZE_KEYS:
+            raise UserError(f"model {spec!r}: cannot read {item!r}; write e.g. "
+                            f"{arch}:layers=4,hidden=128,heads=4")
+        try:
+            sizes[key.strip()] = int(value)
+        except ValueError:
+            raise UserError(f"model {spec!r}: {key.strip()}={value!r} is not an integer") from None
+    return size_preset(arch, sizes["layers"], sizes["hidden"], sizes["heads"])
+
+
+def model_spec(cfg) -> str:
+    """What to load for a `ModelConfig`: model.path, or, when model.arch/layers/hidden/heads are
+    set, the size spec `ARCH:layers=L,hidden=H,heads=N` of a model built from scratch.
+
+    Unset sizes come from the preset model.path names (e.g. tiny-llama + model.layers=4), else from
+    tiny's. Vocabulary size and special ids always come from the tokenizer.
+    """
+    given = {k: getattr(cfg, k, None) for k in _SIZE_KEYS}
+    arch = getattr(cfg, "arch", None)
+    if arch is None and all(v is None for v in given.values()):
+        return cfg.path
+    if cfg.path and Path(cfg.path).is_dir():
+        raise UserError(f"model.arch/layers/hidden/heads build a model from scratch, but model.path="
+                        f"{cfg.path} is a saved model directory (whose size is in its config.json); "
+                        "drop the size options or model.path")
+    base = MODEL_PRESETS.get(cfg.path) or parse_size_spec(cfg.path) or {}
+    base_arch = {"gpt2": "gpt2", "llama": "llama"}.get(base.get("model_type", ""), "gpt2")
+    sizes = {
+        "layers": base.get("n_layer", base.get("num_hidden_layers", _SIZE_DEFAULTS["layers"])),
+        "hidden": base.get("n_embd", base.get("hidden_size", _SIZE_DEFAULTS["hidden"])),
+        "heads": base.get("n_head", base.get("num_attention_heads", _SIZE_DEFAULTS["heads"])),
+    }
+    sizes.update({k: v for k, v in given.items() if v is not None})
+    arch = arch or base_arch
+    size_preset(arch, **sizes)  # validate now, before any work
+    return f"{arch}:layers={sizes['layers']},hidden={sizes['hidden']},heads={sizes['heads']}"
+
+
+def preset_size(name: str) -> str:
+    """`gpt2, 2 layers, hidden 128, 4 heads, 128-token context, ~0.4M parameters + embeddings`."""
+    p = MODEL_PRESETS.get(name) or parse_size_spec(name)
+    if p is None:
+        raise UserError(f"{name!r} is not a preset")
+    layers = p.get("n_layer", p.get("num_hidden_layers"))
+    hidden = p.get("n_embd", p.get("hidden_size"))
+    heads = p.get("n_head", p.get("num_attention_heads"))
+    context = p.get("n_positions", p.get("max_position_embeddings"))
+    if p["model_type"] == "gpt2":
+        per_layer = 12 * hidden * hidden  # attention 4 d^2 + MLP 8 d^2
+    else:
+        kv = p["num_key_value_heads"] * hidden // heads
+        per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * p["intermediate_size"]
+    params = layers * per_layer
+    count = f"{params / 1e6:.1f}M" if params >= 1e5 else f"{params / 1e3:.0f}k"
+    return (f"{p['model_type']}, {layers} layers, hidden {hidden}, {heads} heads, {context}-token "
+            f"context, ~{count} parameters without embeddings")
+
+
 def check_model_spec(spec: str | Path) -> None:
-    """Raise a UserError unless `spec` is an existing directory or a preset name (a typo, a
-    directory not yet written)."""
+    """Raise a UserError unless `spec` is an existing directory, a preset name or a size spec
+    (`gpt2:layers=4,hidden=128,heads=4`): a typo, a directory not yet written."""
     name = str(spec)
-    if Path(spec).is_dir() or name in MODEL_PRESETS:
+    if Path(spec).is_dir() or name in MODEL_PRESETS or parse_size_spec(name) is not None:
         return
     close = difflib.get_close_matches(name, MODEL_PRESETS, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -234,7 +340,7 @@ def check_model_spec(spec: str | Path) -> None:
 
 def _preset_config(name: str, tokenizer, dropout: float):
     check_model_spec(name)
-    kwargs = dict(MODEL_PRESETS[name])
+    kwargs = dict(MODEL_PRESETS.get(name) or parse_size_spec(name))
     model_type = kwargs.pop("model_type")
     special = {
         key: getattr(tokenizer, key)

@@ -1,13 +1,17 @@
 """Evaluation: sample a policy on held-out prompts and measure gold reward, RM score and KL.
 
     ppo-rlhf eval policy=run/ppo/model reference=run/sft/model reward_model=run/reward/model \
-        prompts_file=run/data/prompts_eval.jsonl task=arithmetic
+        prompts_file=run/data/prompts_eval.jsonl task=arithmetic --out eval.json
+
+`task=` may name your own task (`path/to/task.py:MyTask`) and `gold=module:fn` a gold function;
+see docs/tasks.md.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,33 +19,48 @@ import torch
 from .. import distributed as dist
 from ..config import EvalConfig
 from ..data.collate import collate_prompts
-from ..data.encode import encode_prompts
+from ..data.encode import TruncationReport, encode_prompts
 from ..data.jsonl import read_prompts
 from ..fileio import atomic_write_json
 from ..generation import generate, response_logprobs, sequence_rewards
 from ..models import load_causal_lm, load_scalar_model
-from ..tasks import get_task
+from ..tasks import gold_task
 from ..tokenizer import load_tokenizer
 from . import common
 
 
 @dataclass
 class PromptSet:
-    """Prompts as text (for the gold reward) and as token ids (for the model)."""
+    """Prompts as text (for the gold reward) and as token ids (for the model).
+
+    `fields` are each prompt row's other JSONL keys (for a gold function), `distinct` the number of
+    different prompts (rows repeat when a small file is cycled), `truncation` the encoding's report.
+    """
 
     texts: list[str]
     ids: list[list[int]]
+    fields: list[dict] = field(default_factory=list)
+    distinct: int = 0
+    truncation: TruncationReport | None = None
+
+    @property
+    def samples_per_prompt(self) -> float:
+        return len(self.ids) / self.distinct if self.distinct else 1.0
 
 
 def load_eval_prompts(path: str, tokenizer, max_prompt_len: int, n: int | None = None) -> PromptSet:
-    """The first `n` prompts of a file; a file with fewer is cycled (several samples per prompt),
-    so that small prompt spaces still give `n` samples and a stable mean."""
+    """The first `n` prompts of a file; a file with fewer is cycled (several samples per prompt,
+    reported as `samples_per_prompt`), so that small prompt spaces still give `n` samples and a
+    stable mean. A truncation is reported on the console and kept in `PromptSet.truncation`."""
     examples, _ = read_prompts(path)
+    distinct = len(examples) if n is None else min(n, len(examples))
     if n is not None:
         examples = [examples[i % len(examples)] for i in range(n)]
     texts = [e.prompt if isinstance(e.prompt, str) else e.prompt[-1]["content"] for e in examples]
-    ids, _ = encode_prompts(tokenizer, examples, max_prompt_len)
-    return PromptSet(texts, ids)
+    ids, report = encode_prompts(tokenizer, examples, max_prompt_len)
+    if report.prompts_truncated and dist.is_main():
+        print(f"[eval] {path}: {report.describe()}", file=sys.stderr)
+    return PromptSet(texts, ids, [e.fields for e in examples], distinct, report)
 
 
 def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor
@@ -60,21 +79,23 @@ def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch
 
 
 @torch.no_grad()
-def evaluate_policy(policy, tokenizer, prompts: PromptSet, *, task: str = "", device=None,
+def evaluate_policy(policy, tokenizer, prompts: PromptSet, *, task: str = "", gold: str = "", device=None,
                     reward_model=None, reference=None, max_new_tokens: int | None = None,
                     temperature: float = 0.7, batch_size: int = 64, seed: int = 1234,
                     sample_rows: int = 0, reference_ctx=None) -> dict:
     """Gold reward (mean/std), RM score and KL(policy||reference) per sequence on `prompts`.
 
-    With LoRA the reference is the policy itself inside `reference_ctx()` (adapters disabled),
-    as in the PPO rollout, instead of a `reference` model.
+    The gold reward comes from `task` (a built-in task or your own, `path/task.py:Class`) or from
+    a gold function `gold` (`module:fn`), which receive the prompt rows' fields. With LoRA the
+    reference is the policy itself inside `reference_ctx()` (adapters disabled), as in the PPO
+    rollout, instead of a `reference` model.
 
     Prompts are sharded over ranks and the statistics combined; prompt j samples from its own
     stream seeded from (seed, j), so the result does not depend on the number of ranks. KL is the
     k1 sum over response tokens under the sampling temperature, the quantity the PPO reward penalises.
     """
     device = device or next(policy.parameters()).device
-    task_obj = get_task(task) if task else None
+    task_obj = gold_task(task, gold)
     if max_new_tokens is None:
         max_new_tokens = task_obj.default_max_new_tokens if task_obj else 32
     greedy = temperature == 0
@@ -96,8 +117,8 @@ def evaluate_policy(policy, tokenizer, prompts: PromptSet, *, task: str = "", de
         seq = torch.cat([ids, resp], 1)
         seq_mask = torch.cat([mask, resp_mask], 1)
         if task_obj is not None:
-            golds += [task_obj.gold_reward(prompts.texts[j], t, truncated=tr)
-                      for j, t, tr in zip(idx, texts, truncated)]
+            golds += task_obj.gold_rewards([prompts.texts[j] for j in idx], texts, truncated,
+                                           [prompts.fields[j] if prompts.fields else {} for j in idx])
         if reward_model is not None:
             scores += sequence_rewards(reward_model, seq, seq_mask).float().tolist()
         if reference is not None or reference_ctx is not None:
@@ -113,7 +134,8 @@ def evaluate_policy(policy, tokenizer, prompts: PromptSet, *, task: str = "", de
                          "gold_reward": golds[-len(idx) + k] if golds else None,
                          "rm_score": scores[-len(idx) + k] if scores else None})
     policy.train(was_training)
-    out = {"n": len(prompts.ids), "response_length": _mean(lengths)}
+    out = {"n": len(prompts.ids), "distinct_prompts": prompts.distinct or len(prompts.ids),
+           "samples_per_prompt": prompts.samples_per_prompt, "response_length": _mean(lengths)}
     if task_obj is not None:
         out["gold_reward"], out["gold_reward_std"] = _mean_std(golds)
     if reward_model is not None:
@@ -151,7 +173,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     reference = load_causal_lm(cfg.reference, tokenizer).to(device).eval() if cfg.reference else None
     rm = load_scalar_model(cfg.reward_model, tokenizer).to(device).eval() if cfg.reward_model else None
     prompts = load_eval_prompts(cfg.prompts_file, tokenizer, cfg.max_prompt_len, cfg.n)
-    res = evaluate_policy(policy, tokenizer, prompts, task=cfg.task, device=device, reward_model=rm,
+    if prompts.distinct < cfg.n and dist.is_main():
+        print(f"[eval] {cfg.prompts_file} has {prompts.distinct} prompts: n={cfg.n} samples are "
+              f"{prompts.samples_per_prompt:.3g} per prompt (the file is cycled)", file=sys.stderr)
+    res = evaluate_policy(policy, tokenizer, prompts, task=cfg.task, gold=cfg.gold, device=device, reward_model=rm,
                           reference=reference, max_new_tokens=cfg.max_new_tokens,
                           temperature=cfg.temperature, batch_size=cfg.batch_size, seed=cfg.seed,
                           sample_rows=5)

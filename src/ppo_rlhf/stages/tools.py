@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from ..data.collate import collate_prompts
 from ..data.encode import encode_prompts
 from ..data.jsonl import load_records, read_prompts
 from ..errors import UserError
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, atomic_write_text
 from ..generation import generate
 from ..models import load_causal_lm
 from ..tasks import get_task, write_task_data
@@ -51,9 +52,21 @@ def run_tokenizer(cfg: TokenizerConfig) -> dict:
             for r in records:
                 texts.extend(_texts_of(r))
     tok = train_tokenizer(texts, vocab_size, out)
-    summary = {"stage": "tokenizer", **tokenizer_summary(tok), "config": to_dict(cfg)}
+    summary = {"stage": "tokenizer", **tokenizer_summary(tok), "requested_vocab_size": vocab_size}
+    if len(tok) < vocab_size:
+        summary["vocab_note"] = vocab_note(len(tok), vocab_size, len(texts))
+        print(f"[tokenizer] {summary['vocab_note']}", file=sys.stderr)
+    summary["config"] = to_dict(cfg)
     atomic_write_json(Path(out) / "summary.json", summary)
     return summary
+
+
+def vocab_note(got: int, asked: int, n_texts: int) -> str:
+    """Why a trained vocabulary is smaller than asked, in a sentence."""
+    return (f"vocabulary has {got} tokens, not the {asked} asked for: byte-level BPE starts from the "
+            f"256 bytes and 3 special tokens and adds a merge only for a pair of symbols that occurs "
+            f"in the text, and the {n_texts} texts ran out of such pairs after {got - 259} merges. "
+            "That is fine (a smaller model input); more varied text gives more merges.")
 
 
 def _guess_kind(path: str) -> str:
@@ -109,11 +122,20 @@ def run_generate(args) -> None:
         examples, _ = read_prompts(args.prompts)
         if args.n:
             examples = examples[:args.n]
+        rows = []
         for i in range(0, len(examples), 64):
             chunk = [e.prompt for e in examples[i:i + 64]]
             for prompt, response in zip(chunk, answer(chunk)):
-                print(f"{prompt if isinstance(prompt, str) else prompt[-1]['content']}\t{response}")
+                if args.out:
+                    rows.append(json.dumps({"prompt": prompt, "response": response}, ensure_ascii=False) + "\n")
+                else:
+                    print(f"{prompt if isinstance(prompt, str) else prompt[-1]['content']}\t{response}")
+        if args.out:
+            atomic_write_text(args.out, "".join(rows))
+            print(f"[generate] {len(rows)} rows {{\"prompt\", \"response\"}} -> {args.out}", file=sys.stderr)
         return
+    if args.out:
+        raise UserError("generate --out needs --prompts FILE.jsonl (interactive prompts print to the terminal)")
     print("Type a prompt and press Enter (Ctrl-D to quit).", file=sys.stderr)
     for line in sys.stdin:
         prompt = line.rstrip("\n")

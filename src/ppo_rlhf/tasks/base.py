@@ -79,10 +79,18 @@ class Task(ABC):
 
     def gold_rewards(self, prompts: list[str], responses: list[str], truncated: list[bool] | None = None,
                      fields: list[dict] | None = None) -> list[float]:
-        """`gold_reward` of each (prompt, response); `fields` (the prompt rows' other JSONL keys) are
-        not used by the built-in tasks, whose prompts say everything."""
-        truncated = truncated or [False] * len(prompts)
-        return [self.gold_reward(p, r, truncated=t) for p, r, t in zip(prompts, responses, truncated)]
+        """`gold_reward` of each (prompt, response). `fields` are the prompt rows' other JSONL keys:
+        a subclass's gold_reward receives those it names (the built-in tasks name none, their
+        prompts say everything)."""
+        from ppo_rlhf.rewards import _accepted_fields
+
+        n = len(prompts)
+        truncated = truncated or [False] * n
+        fields = fields or [{}] * n
+        accepts = _accepted_fields(self.gold_reward)
+        return [self.gold_reward(p, r, truncated=t, **{k: v for k, v in f.items()
+                                                      if (accepts is None or k in accepts) and k != "truncated"})
+                for p, r, t, f in zip(prompts, responses, truncated, fields)]
 
     @abstractmethod
     def pretrain_texts(self, n: int, rng: random.Random) -> list[str]:
