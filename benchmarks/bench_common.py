@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 SPECIALS = ["<|pad|>", "<|eos|>", "<|bos|>", "<|unk|>"]
@@ -55,7 +55,9 @@ class Case:
     ppo_epochs: int = 2
     num_minibatches: int = 2
     device: str = "cpu"  # "cuda": both sides on the GPU
-    bf16: bool = False  # bf16 autocast on both sides (CUDA)
+    # "fp32" or "bf16" (autocast, fp32 weights) on both sides, or "default": each side's own
+    # default (ours: run.dtype's default; TRL: bf16=True unless fp16).
+    precision: str = "fp32"
 
     @property
     def tokens_per_update(self) -> int:
@@ -63,8 +65,17 @@ class Case:
 
     @property
     def label(self) -> str:
-        where = "" if self.device == "cpu" else f" {self.device}{' bf16' if self.bf16 else ''}"
+        where = ("" if self.device == "cpu" else f" {self.device}") + f" {self.precision}"
         return f"{self.model.name} B={self.batch} {self.prompt_len}+{self.response_len}{where}"
+
+    def at(self, precision: str) -> "Case":
+        """This configuration in another precision."""
+        return replace(self, precision=precision)
+
+    @property
+    def shape_label(self) -> str:
+        """The label without the precision."""
+        return self.label.rsplit(" ", 1)[0]
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -36,9 +36,10 @@ def make_config(case: bc.Case, paths: dict, updates: int, threads: int, out_dir:
         "train": {"updates": updates + 1, "ppo_epochs": case.ppo_epochs,
                   "num_minibatches": case.num_minibatches, "grad_accum": 1},
         "optim": {"lr": 1e-5},
-        "run": {"threads": threads, "device": case.device, "dtype": "bfloat16" if case.bf16 else "float32",
-                "tensorboard": False, "eval_every": 0, "seed": 0},
+        "run": {"threads": threads, "device": case.device, "tensorboard": False, "eval_every": 0, "seed": 0},
     }
+    if case.precision != "default":  # "default": run.dtype as the config leaves it
+        overrides["run"]["dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[case.precision]
     return build_config(PPOConfig, base=overrides)
 
 
@@ -51,7 +52,7 @@ def main(case_json: str, paths_json: str, updates: int, threads: int) -> dict:
 
     from ppo_rlhf.metrics import PhaseTimer
     from ppo_rlhf.stages import common
-    from ppo_rlhf.stages.ppo import PPOTrainer
+    from ppo_rlhf.stages.rl import RLTrainer as PPOTrainer
 
     import_s = time.perf_counter() - t_import
     case = bc.Case.from_json(json.loads(case_json))
@@ -91,6 +92,7 @@ def main(case_json: str, paths_json: str, updates: int, threads: int) -> dict:
             "peak_rss_mb": bc.peak_rss_mb(), "rss_after_load_mb": rss_after_load,
             "peak_gpu_mb": bc.gpu_memory_mb(),
             "import_s": import_s, "setup_s": setup_s, "threads": torch.get_num_threads(),
+            "dtype": common.resolve_dtype(cfg.run, device),
             "mean_response_length": sum(lengths) / len(lengths), "truncated_frac": min(truncated),
             "response_tokens": int(sum(lengths) * B), "expected_response_tokens": B * R * (updates + 1),
             "versions": {"transformers": transformers.__version__, "torch": torch.__version__}}

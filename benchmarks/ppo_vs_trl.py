@@ -6,12 +6,17 @@
 Both sides load the same tokenizer, the same saved random GPT-2 weights (policy = reference init,
 reward = value init) and the same prompt token ids, with the same batch size, prompt length,
 response length (full length: pad/EOS cannot be sampled, see bench_common.py), temperature 0.7,
-2 PPO epochs x 2 minibatches, k1 KL at beta 0.05, fp32, the same number of torch threads. Each side
+2 PPO epochs x 2 minibatches, k1 KL at beta 0.05, the same number of torch threads, and the same
+precision: each configuration runs in fp32 on both sides, in bf16 on both sides (bf16 autocast with
+fp32 weights; TRL `bf16=True`), and at each side's default (ours: `run.dtype`'s default; TRL's:
+bf16=True), all in one invocation (`--precisions`); a run that two of these share is run once. Each side
 runs in its own subprocess (ours with this Python, TRL with --trl-python, the virtualenv described
 in benchmarks/README.md), so its peak RSS is its own. Reported: median wall seconds per PPO update
 over `--updates` updates after one warm-up update, tokens/s = batch x (prompt + response) / that,
 CPU seconds per update (less sensitive to other load on a shared machine), peak RSS, the phase
-split (generate / score / train), MFU against the fp32 matmul peak measured here, and ours/TRL.
+split (generate / score / train), MFU against the matmul peak measured here in the dtype that
+side computed in (fp32 and bf16 peaks, both measured), and ours/TRL. The CPU model and its flags
+are recorded with the results: figures from different kinds of machine never share a ratio.
 Each case runs `--rounds` times with the sides alternating, each run starting in a quiet moment when
 there is one (`--quiet-wait`), and each side keeps its fastest round: on a shared 2-core machine other
 sessions' load otherwise decides the result. The figures of every round are in the JSON.
@@ -42,7 +47,7 @@ MAIN = [bc.Case(SMALL, 8, 8, 16), bc.Case(SMALL, 32, 16, 64), bc.Case(LARGE, 8, 
 QUICK = MAIN[:2]
 # --device cuda: a ~0.5B-parameter GPT-2 shape (24 layers, d=1280: 472M in the blocks), bf16 autocast.
 GPU_SHAPE = bc.ModelShape(24, 1280, 20)
-GPU = [bc.Case(GPU_SHAPE, b, 64, 256, device="cuda", bf16=True) for b in (32, 128)]
+GPU = [bc.Case(GPU_SHAPE, b, 64, 256, device="cuda", precision="bf16") for b in (32, 128)]
 # Scaling sweeps around 2 layers d=64, B=32, 16+64 (overhead-bound) and 4 layers d=256 (compute).
 SWEEPS = {
     "response_len": [bc.Case(SMALL, 32, 16, r) for r in (16, 64, 256)],
@@ -111,21 +116,22 @@ def run_worker(python: str, script: str, case: bc.Case, paths: dict, updates: in
     return {"error": f"exit {proc.returncode}: {tail}"}
 
 
-def measure_peak(threads: int, omp_wait_policy: str, device: str = "cpu") -> float:
-    """Matmul peak in GFLOP/s, in a fresh process with the workers' threading environment:
-    fp32 on the CPU, bf16 on a CUDA device."""
+def measure_peak(threads: int, omp_wait_policy: str, device: str = "cpu", dtype: str = "float32") -> float:
+    """Matmul peak in GFLOP/s of `dtype` ("float32" or "bfloat16"), in a fresh process with the
+    workers' threading environment (on a CUDA device: bf16 only)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     if omp_wait_policy:
         env["OMP_WAIT_POLICY"] = omp_wait_policy
     call = "1000 * bench_common.gpu_bf16_peak_tflops()" if device == "cuda" else \
-        f"bench_common.matmul_peak_gflops({threads})"
+        f"bench_common.matmul_peak_gflops({threads}, dtype={dtype!r})"
     code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench_common; print({call})"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def summarise(res: dict, case: bc.Case, peak_gflops: float) -> dict:
-    """Medians, tokens/s and MFU of one worker result."""
+def summarise(res: dict, case: bc.Case, peaks: dict[str, float]) -> dict:
+    """Medians, tokens/s and MFU (against the peak of the precision the side computed in) of one
+    worker result."""
     if "error" in res:
         return res
     med = statistics.median(res["update_s"])
@@ -135,7 +141,7 @@ def summarise(res: dict, case: bc.Case, peak_gflops: float) -> dict:
     res["tokens_per_s"] = case.tokens_per_update / med
     res["phases_median_s"] = {k: statistics.median(v) for k, v in res["phases_s"].items()}
     res["useful_gflop"] = flops["total"] / 1e9
-    res["mfu"] = flops["total"] / med / (peak_gflops * 1e9)
+    res["mfu"] = flops["total"] / med / (peaks[res["dtype"]] * 1e9)
     return res
 
 
@@ -165,11 +171,11 @@ def print_table(rows: list[list], header: list[str]) -> str:
 
 def side_cells(r: dict | None) -> list:
     if r is None:
-        return ["-"] * 7
+        return ["-"] * 8
     if "error" in r:
-        return ["error"] + ["-"] * 6
+        return ["error"] + ["-"] * 7
     ph = r["phases_median_s"]
-    return [f"{r['median_s']:.3f}", f"{r['tokens_per_s']:,.0f}", f"{r['median_cpu_s']:.2f}",
+    return [{"float32": "fp32", "bfloat16": "bf16"}.get(r["dtype"], r["dtype"]), f"{r['median_s']:.3f}", f"{r['tokens_per_s']:,.0f}", f"{r['median_cpu_s']:.2f}",
             f"{r['peak_rss_mb']:,.0f}" + (f" (GPU {r['peak_gpu_mb']:,.0f})" if r.get("peak_gpu_mb") else ""),
             f"{ph['generate']:.2f}/{ph['score']:.2f}/{ph['train']:.2f}",
             f"{100 * r['mfu']:.1f}%", f"{r['other_load_cores']:.1f}"]
@@ -198,20 +204,39 @@ def source_state() -> dict:
     return {"commit": commit, "src_sha256": digest.hexdigest()[:16], "uncommitted_src_files": len(dirty)}
 
 
-def machine_info(threads: int, peak: float) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+def machine_info(threads: int, peaks: dict[str, float]) -> dict:
+    """The machine a result comes from: results of different kinds never share a ratio."""
     import torch
+
+    cpu, flags = bc.cpu_model_and_flags()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "gpu": gpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
-            "torch": torch.__version__, "matmul_peak_gflops_fp32": peak, "platform": platform.platform(),
-            "loadavg_at_end": os.getloadavg()}
+    return {"cpu": cpu, "cpu_flags": flags, "kind": bc.machine_kind(), "gpu": gpu, "cores": os.cpu_count(),
+            "threads": threads, "python": platform.python_version(), "torch": torch.__version__,
+            **{f"matmul_peak_gflops_{dtype}": peak for dtype, peak in peaks.items()},
+            "platform": platform.platform(), "loadavg_at_end": os.getloadavg()}
+
+
+def ours_default_precision(device: str) -> str:
+    """The precision our trainer computes in when run.dtype is left at its default."""
+    import torch
+
+    from ppo_rlhf.config import RunConfig
+    from ppo_rlhf.stages.common import resolve_dtype
+
+    return {"float32": "fp32", "bfloat16": "bf16"}[resolve_dtype(RunConfig(), torch.device(device))]
+
+
+# TRL 1.12's configs default to bf16=True unless fp16 is set (trl/trainer/*_config.py); the
+# worker reports the dtype TRL really used, and a mismatch is printed.
+TRL_DEFAULT_PRECISION = "bf16"
+
+
+def run_case(case: bc.Case, side: str) -> bc.Case:
+    """The case a side actually runs for `case`: 'default' becomes the side's own precision, so
+    that the same work is run (and timed) once."""
+    if case.precision != "default":
+        return case
+    return case.at(ours_default_precision(case.device) if side == "ours" else TRL_DEFAULT_PRECISION)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                     help="cuda: the ~0.5B GPT-2 configurations in bf16 on the GPU (MFU against the "
                     "measured bf16 matmul peak) instead of the CPU ones")
+    ap.add_argument("--precisions", default="",
+                    help="comma-separated, of fp32, bf16, default (each side's own default): the "
+                         "main configurations in each, ours against TRL at the same precision "
+                         "(default fp32,bf16,default on the CPU; bf16 on CUDA). Sweeps are fp32")
     ap.add_argument("--timeout", type=int, default=900, help="seconds allowed per worker process")
     ap.add_argument("--omp-wait-policy", default="PASSIVE",
                     help="OMP_WAIT_POLICY of both workers ('' = leave unset). PASSIVE: idle OpenMP threads "
@@ -252,14 +281,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[ppo_vs_trl] TRL skipped: {args.trl_python} not found. Create the TRL virtualenv as "
               "benchmarks/README.md says, or pass --trl-python PATH.", flush=True)
 
-    wait_for_quiet(args.quiet_wait)
-    peak = max(measure_peak(args.threads, args.omp_wait_policy, args.device) for _ in range(2))
-    what = "bf16 matmul peak on the GPU" if args.device == "cuda" else \
-        f"fp32 matmul peak with {args.threads} threads"
-    print(f"[ppo_vs_trl] {what}: {peak:,.0f} GFLOP/s; "
-          f"{updates} timed updates after 1 warm-up per run; {rounds} round(s)", flush=True)
+    precisions = [p for p in (args.precisions or ("bf16" if args.device == "cuda" else "fp32,bf16,default")
+                              ).split(",") if p]
+    if any(p not in ("fp32", "bf16", "default") for p in precisions):
+        ap.error(f"--precisions: {args.precisions!r}: use fp32, bf16 and/or default")
+    dtypes = ["bfloat16"] if args.device == "cuda" else ["float32", "bfloat16"]
 
-    main_cases = GPU if args.device == "cuda" else QUICK if args.quick else MAIN
+    def peaks_now() -> dict[str, float]:
+        return {dtype: measure_peak(args.threads, args.omp_wait_policy, args.device, dtype) for dtype in dtypes}
+
+    wait_for_quiet(args.quiet_wait)
+    first, second = peaks_now(), peaks_now()
+    peaks = {dtype: max(first[dtype], second[dtype]) for dtype in dtypes}
+    where = "on the GPU" if args.device == "cuda" else f"with {args.threads} threads"
+    print(f"[ppo_vs_trl] {bc.machine_kind()}; matmul peak {where}: "
+          + ", ".join(f"{dtype} {peak:,.0f} GFLOP/s" for dtype, peak in peaks.items())
+          + f"; {updates} timed updates after 1 warm-up per run; {rounds} round(s)", flush=True)
+
+    base_cases = GPU if args.device == "cuda" else QUICK if args.quick else MAIN
+    main_cases = [case.at(p) for p in precisions for case in base_cases]
     sweep_cases = {} if (args.quick or args.no_sweeps or args.device == "cuda") else SWEEPS
     todo: list[tuple[bc.Case, bool]] = [(c, True) for c in main_cases]
     for cases in sweep_cases.values():
@@ -273,8 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[bc.Case, dict[str, dict]] = {}
     t_start = time.time()
     source_at_start = source_state()
-    attempts: dict[bc.Case, dict[str, list[dict]]] = {}
+    attempts: dict[bc.Case, dict[str, list[dict]]] = {}  # keyed by the case a side actually runs
     for rnd in range(rounds):
+        done: set[tuple[bc.Case, str]] = set()
         for i, (case, with_trl) in enumerate(todo):
             paths = bc.prepare(case, root)
             sides = [("ours", sys.executable, "ours_worker.py")]
@@ -283,29 +324,42 @@ def main(argv: list[str] | None = None) -> int:
             if (i + rnd) % 2:  # alternate which side goes first, so drift in machine load hits both alike
                 sides.reverse()
             for side, python, script in sides:
+                actual = run_case(case, side)
+                if (actual, side) in done:  # e.g. 'default' = a precision already run
+                    continue
+                done.add((actual, side))
                 quiet = wait_for_quiet(args.quiet_wait)
-                res = summarise(run_worker(python, script, case, paths, updates, args.threads, args.timeout,
-                                           args.omp_wait_policy), case, peak)
+                res = summarise(run_worker(python, script, actual, paths, updates, args.threads, args.timeout,
+                                           args.omp_wait_policy), actual, peaks)
                 res["other_load_cores_at_start"] = quiet
                 res["round"] = rnd
-                attempts.setdefault(case, {}).setdefault(side, []).append(res)
+                attempts.setdefault(actual, {}).setdefault(side, []).append(res)
                 msg = res["error"][-800:] if "error" in res else (
-                    f"{res['median_s']:.3f} s/update, {res['tokens_per_s']:,.0f} tok/s, peak RSS "
+                    f"{res['dtype']}: {res['median_s']:.3f} s/update, {res['tokens_per_s']:,.0f} tok/s, peak RSS "
                     f"{res['peak_rss_mb']:,.0f} MB, other load {res['other_load_cores']:.1f} cores")
-                print(f"[{time.time() - t_start:6.0f} s] round {rnd + 1}/{rounds} {case.label:<20} {side:<4} {msg}",
+                print(f"[{time.time() - t_start:6.0f} s] round {rnd + 1}/{rounds} {actual.label:<25} {side:<4} {msg}",
                       flush=True)
-    for case, by_side in attempts.items():
-        results[case] = {side: best_round(runs) for side, runs in by_side.items()}
-    # Other load depresses a peak measurement: keep the best of the one at the start and one now.
+    for case, _ in todo:
+        results[case] = {}
+        for side in ("ours", "trl"):
+            runs = attempts.get(run_case(case, side), {}).get(side)
+            if runs:
+                results[case][side] = best_round(runs)
+    # Other load depresses a peak measurement: keep the best of the ones at the start and now.
     wait_for_quiet(args.quiet_wait)
-    peak = max(peak, measure_peak(args.threads, args.omp_wait_policy, args.device))
+    last = peaks_now()
+    peaks = {dtype: max(peaks[dtype], last[dtype]) for dtype in dtypes}
     for by_side in results.values():
-        for res in by_side.values():
+        for side, res in by_side.items():
             if "error" not in res:
-                res["mfu"] = res["useful_gflop"] / res["median_s"] / peak
+                res["mfu"] = res["useful_gflop"] / res["median_s"] / peaks[res["dtype"]]
+                expected = {"trl": TRL_DEFAULT_PRECISION}.get(side)
+                if expected and res["case"]["precision"] == expected and \
+                        res["dtype"] != {"fp32": "float32", "bf16": "bfloat16"}[expected]:
+                    print(f"[ppo_vs_trl] warning: TRL ran in {res['dtype']} for {expected}", flush=True)
 
-    header = ["config", "side", "s/update", "tokens/s", "CPU s/upd", "peak RSS MB", "gen/score/train s", "MFU",
-              "other load"]
+    header = ["config", "side", "dtype", "s/update", "tokens/s", "CPU s/upd", "peak RSS MB", "gen/score/train s",
+              "MFU", "other load"]
     rows, comparisons = [], []
     for case in main_cases:
         ours, trl = results[case].get("ours"), results[case].get("trl")
@@ -313,12 +367,17 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(["", "TRL"] + side_cells(trl))
         tps, rss = ratio(ours, trl, "tokens_per_s"), ratio(ours, trl, "peak_rss_mb")
         cpu = ratio(trl, ours, "median_cpu_s")
-        rows.append(["", "ours/TRL", "", f"{tps:.2f}x" if tps else "-", f"{cpu:.2f}x" if cpu else "-",
+        rows.append(["", "ours/TRL", "", "", f"{tps:.2f}x" if tps else "-", f"{cpu:.2f}x" if cpu else "-",
                      f"{rss:.2f}x" if rss else "-", "", "", ""])
-        comparisons.append({"case": case.to_json(), "label": case.label, "ours_over_trl_tokens_per_s": tps,
-                            "trl_over_ours_cpu_s": cpu, "ours_over_trl_peak_rss": rss})
-    print(f"\nPPO update, ours vs TRL 1.12.0 (median of {updates} updates, best of {rounds} round(s); "
-          "CPU s/upd ratio = TRL/ours; RSS ratio = ours/TRL; other load = cores busy outside the run)")
+        comparisons.append({"case": case.to_json(), "label": case.label, "precision": case.precision,
+                            "dtypes": {side: r.get("dtype") for side, r in results[case].items()},
+                            "ours_over_trl_tokens_per_s": tps,
+                            "trl_over_ours_cpu_s": cpu, "ours_over_trl_peak_rss": rss,
+                            "mfu": {side: r.get("mfu") for side, r in results[case].items()}})
+    print(f"\nPPO update, ours vs TRL 1.12.0 on {bc.machine_kind()} (median of {updates} updates, best of "
+          f"{rounds} round(s); MFU against the matmul peak of each side's dtype: "
+          + ", ".join(f"{d} {p:,.0f} GFLOP/s" for d, p in peaks.items())
+          + "; CPU s/upd ratio = TRL/ours; RSS ratio = ours/TRL; other load = cores busy outside the run)")
     main_table = print_table(rows, header)
 
     sweep_tables = {}
@@ -331,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             grow = (ours["median_s"] / results[base]["ours"]["median_s"]) if ours and "error" not in ours \
                 and "error" not in results[base]["ours"] else None
             tps = ratio(ours, trl, "tokens_per_s")
-            srows.append([case.label] + side_cells(ours) + [f"{work:.1f}x", f"{grow:.1f}x" if grow else "-",
+            srows.append([case.label] + side_cells(ours)[1:] + [f"{work:.1f}x", f"{grow:.1f}x" if grow else "-",
                           f"{trl['median_s']:.3f}" if trl and "error" not in trl else "-",
                           f"{tps:.2f}x" if tps else "-"])
         print(f"\nScaling in {name} (ours; work = useful FLOPs relative to the first row)")
@@ -340,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "TRL s/update", "ours/TRL tok/s"])
 
     out = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
-           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(args.threads, peak),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(args.threads, peaks),
+           "precisions": precisions,
            "ours_source": {"at_start": source_at_start, "at_end": source_state()}, "omp_wait_policy": args.omp_wait_policy or None,
            "updates_timed": updates, "rounds": rounds, "trl_python": trl_python, "comparisons": comparisons,
            "sweeps": {name: [c.label for c in cases] for name, cases in sweep_cases.items()},

@@ -49,10 +49,11 @@ def main(case_json: str, paths_json: str, updates: int, threads: int) -> dict:
     train = datasets.Dataset.from_dict({"input_ids": ids})
     n_updates = updates + 1  # the first update is the warm-up
     out_dir = tempfile.mkdtemp(prefix="trl-ppo-bench-")
+    # "fp32" / "bf16": autocast off / on (fp32 weights, like ours); "default": TRL's own (bf16=True).
+    precision = {} if case.precision == "default" else {"bf16": case.precision == "bf16", "fp16": False}
     args = PPOConfig(
         output_dir=out_dir, report_to="none", save_strategy="no", use_cpu=case.device == "cpu",
-        # fp32 like ours on the CPU (TRL's default bf16 autocast is slower there); bf16 on the GPU
-        bf16=case.bf16, fp16=False,
+        **precision,
         gradient_checkpointing=False,  # TRL's default True would add a recompute forward
         per_device_train_batch_size=B, gradient_accumulation_steps=1,  # 1 micro-batch per minibatch
         num_mini_batches=case.num_minibatches, num_ppo_epochs=case.ppo_epochs,
@@ -111,6 +112,7 @@ def main(case_json: str, paths_json: str, updates: int, threads: int) -> dict:
             "peak_rss_mb": bc.peak_rss_mb(), "rss_after_load_mb": rss_after_load,
             "peak_gpu_mb": bc.gpu_memory_mb(),
             "import_s": import_s, "setup_s": setup_s, "threads": torch.get_num_threads(),
+            "dtype": "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32",
             "sampled_pad_tokens": counts["pad"], "sampled_eos_tokens": counts["eos"],
             "response_tokens": counts["response_tokens"], "expected_response_tokens": B * R * n_updates,
             "versions": {"trl": trl.__version__, "transformers": transformers.__version__,
