@@ -288,3 +288,29 @@ def test_report_renders_in_chromium(tmp_path: Path, chromium, monkeypatch) -> No
     assert all(complete and width > 0 for _alt, complete, width in images), images
     chromium.execute_script("window.scrollTo(0, 0);")
     save_screenshot(chromium, "report.png")
+
+
+def test_hand_chained_run_gets_its_summary_from_the_stage_summaries(tmp_path: Path) -> None:
+    """Stages run one by one into any directory names: no run summary.json, still a full report."""
+    run = tmp_path / "chained"
+    _write_lines(run / "my-sft" / "metrics.jsonl", [{"step": s, "stage": "sft", "sft/train_loss": 1.0 / (s + 1)}
+                                                    for s in range(5)])
+    (run / "my-sft" / "summary.json").write_text(json.dumps({"stage": "sft", "gold_reward": 0.25, "seconds": 61}))
+    _write_lines(run / "rm" / "metrics.jsonl", [{"step": s, "rm/train_loss": 0.7} for s in range(5)])
+    (run / "rm" / "summary.json").write_text(json.dumps({"stage": "reward", "eval_accuracy": 0.8}))
+    make_ppo_dir(run / "rl-run", steps=20)
+    (run / "rl-run" / "summary.json").write_text(json.dumps({"stage": "ppo", "gold_reward": 0.75, "kl": 1.5,
+                                                            "seconds": 125}))
+    text = write_report(run).read_text(encoding="utf-8")
+    assert "No summary.json" not in text
+    assert "0.25 → 0.75" in text  # the gold-reward card: SFT -> PPO
+    assert "80.0%" in text and "1.5 nats" in text
+    assert "gathered from the stages&#x27; summary.json files" in text
+
+
+def test_reward_function_means_are_plotted(tmp_path: Path) -> None:
+    stage = tmp_path / "ppo"
+    _write_lines(stage / "metrics.jsonl", [{"step": s, "objective/kl": 0.1 * s, "reward_fn/exact": s / 10,
+                                            "reward_fn/format": 1.0} for s in range(10)])
+    text = write_report(stage).read_text(encoding="utf-8")
+    assert 'alt="Reward functions (mean per rollout)"' in text

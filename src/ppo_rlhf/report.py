@@ -34,7 +34,9 @@ from ppo_rlhf.fileio import atomic_write_text
 
 STAGE_ORDER = ("sft", "reward", "ppo")
 STAGE_TITLES = {"sft": "Supervised fine-tuning", "reward": "Reward model", "ppo": "PPO"}
-_STAGE_ALIASES = {"rm": "reward", "reward_model": "reward", "rlhf": "ppo"}
+_STAGE_ALIASES = {"rm": "reward", "reward_model": "reward", "rlhf": "ppo", "rl": "ppo"}
+REWARD_FN_PREFIX = "reward_fn/"
+"""Metric namespace of the reward functions' means (one curve each in the PPO section)."""
 _STAGE_PREFIXES = {"sft/": "sft", "rm/": "reward", "objective/": "ppo"}
 
 class PlotSpec(NamedTuple):
@@ -88,6 +90,7 @@ SUMMARY_LABELS = {
     "ppo_gold_reward": "Gold reward after PPO",
     "final_kl": "Final KL to reference (nats)",
     "rm_accuracy": "Reward-model held-out accuracy",
+    "summary_source": "Summary",
 }
 _SAMPLES_PER_STEP = 3
 _MAX_TEXT_CHARS = 2000
@@ -137,8 +140,36 @@ def write_report(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
             "that has logged at least one step"
         )
     summary = _read_json(run_dir / "summary.json")
+    if summary is None and len(stages) > 1:  # a hand-chained run: gather the stages' own summaries
+        summary = summary_from_stages(stages)
     out = Path(out_path) if out_path is not None else run_dir / "report.html"
     atomic_write_text(out, render_html(run_dir, stages, summary))
+    return out
+
+
+def summary_from_stages(stages: Sequence[Stage]) -> dict | None:
+    """The run summary's headline figures from each stage's summary.json, for a run whose stages
+    were run one by one (no pipeline summary.json): gold reward after SFT and after PPO, RM
+    accuracy, final KL, wall time per stage."""
+    out: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    for stage in stages:
+        s = stage.summary or {}
+        if stage.kind == "sft" and _as_float(s.get("gold_reward")) is not None:
+            out["sft_gold_reward"] = s["gold_reward"]
+        elif stage.kind == "reward" and _as_float(s.get("eval_accuracy")) is not None:
+            out["rm_accuracy"] = s["eval_accuracy"]
+        elif stage.kind == "ppo":
+            for key, name in (("gold_reward", "ppo_gold_reward"), ("kl", "final_kl"), ("rm_score", "ppo_rm_score")):
+                if _as_float(s.get(key)) is not None:
+                    out[name] = s[key]
+        if _as_float(s.get("seconds")) is not None:
+            seconds[stage.path.name] = s["seconds"]
+    if seconds:
+        out["stage_seconds"] = seconds
+    if not out:
+        return None
+    out["summary_source"] = "gathered from the stages' summary.json files (no run summary.json)"
     return out
 
 
@@ -493,6 +524,8 @@ def _stage_section(stage: Stage, anchor: str) -> str:
                      + _kv_table(_flatten_summary(stage.summary)) + "</details>")
     xlabel = STEP_LABELS.get(stage.kind, "step")
     plots = STAGE_PLOTS.get(stage.kind) or _generic_plots(stage.records)
+    if stage.kind == "ppo":
+        plots = plots + _reward_function_plots(stage.records)
     parts.append(_plot_grid(stage.records, plots, xlabel))
     if stage.kind == "ppo":
         parts.append("<h3>PPO diagnostics</h3>")
@@ -525,6 +558,15 @@ def _plot_grid(records: list[dict], plots: list[PlotSpec], xlabel: str) -> str:
         parts.append('<p class="note">Not plotted (not in metrics.jsonl): '
                      + ", ".join(f"<code>{_esc(k)}</code>" for k in missing) + "</p>")
     return "".join(parts)
+
+
+def _reward_function_plots(records: list[dict]) -> list[PlotSpec]:
+    """One plot of every reward function's mean (`reward_fn/<name>`), when the run had any."""
+    keys = sorted({k for r in records for k in r if k.startswith(REWARD_FN_PREFIX)})
+    if not keys:
+        return []
+    return [PlotSpec("Reward functions (mean per rollout)", "reward",
+                     [(k, k[len(REWARD_FN_PREFIX):]) for k in keys])]
 
 
 def _generic_plots(records: list[dict]) -> list[PlotSpec]:
