@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 from tiny_tokenizer import make_tokenizer
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ppo_rlhf import generation
 from ppo_rlhf.errors import UserError
 from ppo_rlhf.generation import (
     _decoder_class,
+    cache_keyword,
     _GPT2Decoder,
     _HFDecoder,
     _LlamaDecoder,
@@ -44,8 +49,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# Families decoded through the model's own forward (`_HFDecoder`), built locally with random weights:
+# Mistral (sliding-window cache layers), Qwen3 (q/k norms), Gemma (scaled embeddings, GeGLU),
+# Phi (LayerNorm, partial rotary, biased projections), Phi-3 (fused QKV).
+GENERIC_FAMILIES = ["mistral", "qwen3", "gemma", "phi", "phi3"]
+
+
 def small_model(model_type: str) -> AutoModelForCausalLM:
-    """qwen2 (biased q/k/v) takes the Llama fast path; qwen3 (q/k norms) the model's own forward."""
+    """qwen2 (biased q/k/v) takes the Llama fast path; GENERIC_FAMILIES the model's own forward."""
     config = AutoConfig.for_model(
         model_type, vocab_size=len(TOK), hidden_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
@@ -55,18 +66,57 @@ def small_model(model_type: str) -> AutoModelForCausalLM:
     return AutoModelForCausalLM.from_config(config)
 
 
-@pytest.fixture(scope="module", params=["tiny-gpt2", "tiny-llama", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=["tiny-gpt2", "tiny-llama", "qwen2", *GENERIC_FAMILIES])
 def policy(request):
-    if request.param.startswith("qwen"):
-        return small_model(request.param).eval()
-    return load_causal_lm(request.param, TOK, seed=0).eval()
+    if request.param.startswith("tiny-"):
+        return load_causal_lm(request.param, TOK, seed=0).eval()
+    return small_model(request.param).eval()
+
+
+TRANSFORMERS = tuple(int(x) for x in transformers.__version__.split(".")[:2])
 
 
 def test_decoder_choice():
-    assert _decoder_class(load_causal_lm("tiny-gpt2", TOK).base_model) is _GPT2Decoder
+    gpt2 = load_causal_lm("tiny-gpt2", TOK).base_model
+    # transformers 5.0 has no GPT2Attention.scaling: GPT-2 then decodes through its own forward.
+    fast_gpt2 = hasattr(gpt2.h[0].attn, "scaling")
+    assert _decoder_class(gpt2) is (_GPT2Decoder if fast_gpt2 else _HFDecoder)
+    assert fast_gpt2 or TRANSFORMERS < (5, 24)
     assert _decoder_class(load_causal_lm("tiny-llama", TOK).base_model) is _LlamaDecoder
     assert _decoder_class(small_model("qwen2").base_model) is _LlamaDecoder
-    assert _decoder_class(small_model("qwen3").base_model) is _HFDecoder
+    for family in GENERIC_FAMILIES:
+        assert _decoder_class(small_model(family).base_model) is _HFDecoder, family
+
+
+def test_cache_keyword_follows_the_forward_signature():
+    def new(input_ids=None, cache=None, **kwargs): ...
+    def old(input_ids=None, past_key_values=None, **kwargs): ...
+    def none(input_ids=None, **kwargs): ...
+
+    @functools.wraps(old)
+    def decorated(*args, **kwargs):
+        return old(*args, **kwargs)
+
+    assert cache_keyword(new) == "cache" and cache_keyword(old) == "past_key_values"
+    assert cache_keyword(decorated) == "past_key_values"
+    with pytest.raises(UserError, match="takes no KV cache"):
+        cache_keyword(none)
+    # transformers renamed past_key_values to cache in 5.24
+    expected = "cache" if TRANSFORMERS >= (5, 24) else "past_key_values"
+    for family in GENERIC_FAMILIES:
+        assert cache_keyword(small_model(family).base_model.forward) == expected, family
+
+
+def test_a_cache_the_forward_ignores_is_an_error_not_context_free_decoding(monkeypatch):
+    """The transformers 5.0-5.23 defect: `cache=` vanished into **kwargs and each step after the
+    prompt ran without context. A keyword the forward swallows must stop generation."""
+    model = small_model("mistral").eval()
+    monkeypatch.setattr(generation, "cache_keyword", lambda forward: "swallowed_by_kwargs")
+    ids, mask = prompts()
+    with pytest.raises(RuntimeError, match=r"after the 7-token prompt the KV cache .* holds 0 "
+                                           r"positions, not 7"):
+        generate(model, ids, mask, max_new_tokens=3, eos_token_id=None, pad_token_id=PAD,
+                 temperature=0)
 
 
 def prompts(lengths=(7, 5, 3, 1, 6, 2), width=7, seed=0):

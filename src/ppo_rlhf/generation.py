@@ -23,6 +23,7 @@ against `model.generate` (greedy) and against `response_logprobs`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -209,14 +210,6 @@ class _GPT2Decoder(_Decoder):
 
     def __init__(self, trunk: nn.Module, full_mask: torch.Tensor, prompt_len: int):
         super().__init__(trunk, full_mask, prompt_len)
-        longest, context = int(self.positions[:, -1].max()) + 1, trunk.wpe.num_embeddings
-        if longest > context:
-            new_tokens = full_mask.shape[1] - prompt_len
-            raise UserError(
-                f"generate: the longest prompt plus max_new_tokens={new_tokens} is {longest} "
-                f"tokens, more than the model's {context}-token context; fix: lower "
-                "max_new_tokens or the maximum prompt length"
-            )
         # Submodules looked up once: nn.Module attribute access and wrapper calls cost as much as
         # these tiny ops (~7% of a step at batch 8). The MLP is unrolled without its dropout,
         # which is off while sampling.
@@ -299,23 +292,53 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * normed.to(x.dtype)
 
 
+def cache_keyword(forward) -> str:
+    """The keyword a model's `forward` takes its KV cache by: `cache` from transformers 5.24,
+    `past_key_values` before it.
+
+    Passing the wrong one fails silently: the forward's `**kwargs` swallows it, and every decoding
+    step after the prompt then runs without context. So the signature decides (decorators keep it
+    through `functools.wraps`).
+    """
+    parameters = inspect.signature(forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    raise UserError(
+        f"{type(getattr(forward, '__self__', forward)).__name__}.forward takes no KV cache (neither "
+        "`cache` nor `past_key_values`), so it cannot be sampled from incrementally; fix: use a "
+        "decoder-only causal LM (GPT-2, Llama, Qwen, Mistral, Gemma, Phi)"
+    )
+
+
 class _HFDecoder:
     """Any other architecture: the trunk's own forward with a `DynamicCache` and 2-D mask."""
 
     def __init__(self, trunk: nn.Module, full_mask: torch.Tensor, prompt_len: int):
-        self.trunk, self.full_mask = trunk, full_mask
+        self.trunk, self.full_mask, self.prompt_len = trunk, full_mask, prompt_len
         self.positions = position_ids_from_mask(full_mask)
         self.kv_cache = DynamicCache(config=trunk.config)
+        self.cache_keyword = cache_keyword(trunk.forward)
 
     def __call__(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         end = start + ids.shape[1]
-        return self.trunk(
+        hidden = self.trunk(
             input_ids=ids,
             attention_mask=self.full_mask[:, :end],
             position_ids=self.positions[:, start:end],
-            cache=self.kv_cache,
             use_cache=True,
+            **{self.cache_keyword: self.kv_cache},
         ).last_hidden_state
+        if start == 0 and self.kv_cache.get_seq_length() != self.prompt_len:
+            # The forward did not use our cache: the steps would run without the prompt.
+            raise RuntimeError(
+                f"generate: after the {self.prompt_len}-token prompt the KV cache passed to "
+                f"{type(self.trunk).__name__}.forward as `{self.cache_keyword}=` holds "
+                f"{self.kv_cache.get_seq_length()} positions, not {self.prompt_len}: this "
+                "transformers version passes the cache some other way; fix: install a "
+                "transformers version that pyproject.toml declares, and report this"
+            )
+        return hidden
 
     def expand(self, n: int) -> None:
         """After the prefill, make each row n consecutive rows (see `_Decoder.expand`)."""
@@ -342,8 +365,11 @@ def _check_context(trunk: nn.Module, full_mask: torch.Tensor, prompt_len: int) -
 def _decoder_class(trunk: nn.Module) -> type:
     """The fast decoder for architectures whose forward it reproduces, else `_HFDecoder`."""
     model_type = trunk.config.model_type
-    if model_type == "gpt2" and not trunk.config.add_cross_attention:
-        return _GPT2Decoder
+    if model_type == "gpt2":
+        # Early transformers 5 releases (5.0 among them) have no GPT2Attention.scaling, the fast
+        # path's softmax scale: those decode through the model's own forward.
+        plain = not trunk.config.add_cross_attention and hasattr(trunk.h[0].attn, "scaling")
+        return _GPT2Decoder if plain else _HFDecoder
     if model_type not in ("llama", "qwen2"):
         return _HFDecoder
     full_attention = all(
