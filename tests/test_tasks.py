@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from ppo_rlhf.errors import UserError
-from ppo_rlhf.tasks import TASKS, ArithmeticTask, SentimentTask, get_task, write_task_data
+from ppo_rlhf.tasks import TASKS, ArithmeticTask, SentimentTask, Task, get_task, write_task_data
 from ppo_rlhf.tasks.sentiment import sentiment_gold
 
 TASK_NAMES = sorted(TASKS)
@@ -259,3 +259,104 @@ def test_write_task_data_rankings_and_default_noise(tmp_path):
     assert meta["noise_temperature"] == task.default_noise_temperature and meta["k"] == 3
     with pytest.raises(UserError, match="noise_temperature"):
         write_task_data(task, tmp_path, seed=0, noise_temperature=-1.0)
+
+
+# ---- your own task (issue 12) ------------------------------------------------------------------
+USER_TASK = '''
+import random
+from ppo_rlhf.tasks import Task
+
+
+class Reverse:
+    """Minimal protocol: a gold reward (with a row field) and a response budget."""
+    name = "reverse"
+    default_max_new_tokens = 12
+
+    def gold_reward(self, prompt, response, answer=None, truncated=False):
+        target = answer if answer is not None else prompt.split(":", 1)[1].strip()[::-1]
+        return float(response.strip() == target) - (0.5 if truncated else 0.0)
+
+
+class Echo(Task):
+    """A full task with a data generator."""
+    name = "echo"
+    default_max_new_tokens = 4
+
+    def all_prompts(self):
+        return [f"say {w}:" for w in ("a", "b", "c", "d", "e", "f", "g", "h", "i", "j")]
+
+    def demonstration(self, prompt, rng):
+        return " " + prompt[4]
+
+    def candidate(self, prompt, rng):
+        return " " + rng.choice("abcdefghij")
+
+    def gold_reward(self, prompt, response, *, truncated=False):
+        return float(response.strip() == prompt[4])
+
+    def pretrain_texts(self, n, rng):
+        return [f"say a: a" for _ in range(n)]
+
+    def tokenizer_corpus(self, rng):
+        return [p + " " + p[4] for p in self.all_prompts()]
+
+
+def length_gold(prompts, responses, **fields):
+    return [float(len(r)) for r in responses]
+'''
+
+
+@pytest.fixture
+def task_file(tmp_path):
+    path = tmp_path / "my_task.py"
+    path.write_text(USER_TASK)
+    return path
+
+
+def test_a_user_task_class_from_a_file(task_file):
+    from ppo_rlhf.tasks import UserTask
+
+    task = get_task(f"{task_file}:Reverse")
+    assert isinstance(task, UserTask) and task.name == "reverse" and task.default_max_new_tokens == 12
+    assert task.gold_reward("rev: abc", " cba") == 1.0
+    assert task.gold_rewards(["rev: abc", "rev: xy"], ["cba", "zz"], [False, True],
+                             [{"answer": "cba"}, {"answer": "zz"}]) == [1.0, 0.5]
+    with pytest.raises(UserError, match="has no data generator"):
+        task.all_prompts()
+
+
+def test_a_task_subclass_is_used_as_is_and_writes_data(task_file, tmp_path):
+    task = get_task(f"{task_file}:Echo")
+    assert isinstance(task, Task) and task.gold_rewards(["say b:"], [" b"]) == [1.0]
+    paths = write_task_data(task, tmp_path / "data", seed=0, n_sft=4, n_prefs=4, n_prompts=4, n_eval=2)
+    assert paths["sft_train"].read_text().count("\n") == 4
+
+
+def test_a_gold_function_and_a_module_spec_are_tasks(task_file):
+    from ppo_rlhf.tasks import gold_task
+
+    assert get_task(f"{task_file}:length_gold").gold_rewards(["p"], ["abc"]) == [3.0]
+    assert gold_task(gold="ppo_rlhf.tasks.arithmetic:gold").gold_reward("Q: 2+2=", " 4") == 1.0
+    assert gold_task() is None
+    with pytest.raises(UserError, match="has no attribute 'Nope'"):
+        get_task(f"{task_file}:Nope")
+    with pytest.raises(UserError, match="path/to/task.py:Class"):
+        get_task("my_own_task")
+
+
+def test_a_failing_user_gold_names_the_task_and_row(task_file):
+    task = get_task(f"{task_file}:Reverse")
+    with pytest.raises(UserError, match=r"gold of task .*Reverse.* row 1"):
+        task.gold_rewards(["rev: ab", "no colon"], ["ba", "x"])  # IndexError on the 2nd prompt
+
+
+def test_data_for_a_task_without_generator_is_a_clear_error(task_file, tmp_path):
+    from ppo_rlhf.config import DataConfig, build_config
+    from ppo_rlhf.stages.tools import run_data
+
+    cfg = build_config(DataConfig, overrides=[f"task={task_file}:Reverse", f"out_dir={tmp_path / 'd'}"])
+    with pytest.raises(UserError, match="has no data generator"):
+        run_data(cfg)
+    cfg = build_config(DataConfig, overrides=[f"task={task_file}:Echo", f"out_dir={tmp_path / 'd'}",
+                                              "n_sft=4", "n_prefs=4", "n_prompts=4", "n_eval=2"])
+    assert set(run_data(cfg)["files"]) >= {"sft_train", "prefs_train", "prompts_train"}

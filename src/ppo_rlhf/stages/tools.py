@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..fileio import atomic_write_json, atomic_write_text
 from ..generation import generate
 from ..models import load_causal_lm
-from ..tasks import get_task, write_task_data
+from ..tasks import Task, get_task, write_task_data
 from ..tokenizer import load_tokenizer, tokenizer_summary, train_tokenizer
 from . import common
 from .evaluate import decode_responses
@@ -95,7 +95,12 @@ def _guess_kind(path: str) -> str:
 
 def run_data(cfg: DataConfig) -> dict:
     out = common.require(cfg.out_dir, "out_dir", "where to write the JSONL files (--out DIR)")
-    paths = write_task_data(get_task(cfg.task), out, cfg.seed, n_sft=cfg.n_sft, n_prefs=cfg.n_prefs,
+    task = get_task(cfg.task)
+    if not isinstance(task, Task):
+        raise UserError(f"task {cfg.task!r} has no data generator: it implements only the gold reward. "
+                        "Give your own JSONL files (`ppo-rlhf pipeline --data DIR`), or subclass "
+                        "ppo_rlhf.tasks.Task and implement its generator methods (docs/tasks.md)")
+    paths = write_task_data(task, out, cfg.seed, n_sft=cfg.n_sft, n_prefs=cfg.n_prefs,
                             n_prompts=cfg.n_prompts, n_eval=cfg.n_eval, holdout=cfg.holdout,
                             noise_temperature=cfg.noise_temperature)
     summary = {"stage": "data", "files": {k: str(v) for k, v in paths.items()}, "config": to_dict(cfg)}
