@@ -19,8 +19,10 @@ from ppo_rlhf.models import (
     MODEL_PRESETS,
     adapters_disabled,
     apply_lora,
+    check_same_tokenizer,
     count_parameters,
     disable_dropout,
+    fold_reward_normalisation,
     load_causal_lm,
     load_scalar_model,
     merge_lora,
@@ -28,6 +30,7 @@ from ppo_rlhf.models import (
     sequence_scores,
     set_reward_normalisation,
     token_scores,
+    vocab_sha256,
 )
 
 PAD, EOS, BOS = 0, 1, 2
@@ -328,3 +331,93 @@ def test_gelu_new_directories_run_the_fused_gelu_with_the_same_outputs(tok, tmp_
     save_model(rm, tok, tmp_path / "rm")
     loaded_rm = load_scalar_model(tmp_path / "rm", tok)
     assert not any(isinstance(m, NewGELUActivation) for m in loaded_rm.modules())
+
+
+# ---------------------------------------------------------------------------------------------
+# One tokenizer per run
+
+
+def _word_tokenizer(tokens: list[str], pad="<|pad|>", eos="<|eos|>", bos="<|bos|>"):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=pad, eos_token=eos,
+                                   bos_token=bos, unk_token="<unk>")
+
+
+SPECIALS = ["<|pad|>", "<|eos|>", "<|bos|>", "<unk>"]
+
+
+def test_same_tokenizer_passes_from_directories_and_objects(tok, tmp_path):
+    save_model(load_causal_lm("tiny-gpt2", tok), tok, tmp_path / "sft")
+    save_model(load_scalar_model("tiny-gpt2", tok, init_from_causal_lm=True), tok, tmp_path / "rm")
+    check_same_tokenizer(tmp_path / "sft", "policy", tmp_path / "rm", "reward model")
+    check_same_tokenizer(str(tmp_path / "sft"), "policy", make_tokenizer(), "reward model")
+    check_same_tokenizer("tiny-gpt2", "policy", tmp_path / "rm", "reward model")  # a preset: built to fit
+
+
+@pytest.mark.parametrize("other, message", [
+    # 13 more words: the 263- vs 276-token case of issue 13, in small
+    (lambda: make_tokenizer(53), r"vocabulary size 44 vs 57; vocabularies differ \(sha256 \w{12} vs "
+                                 r"\w{12}\): 13 tokens only in reward model's \(e.g. 'w40', 'w41', 'w42'\)"),
+    # same size and specials, two words swapped: the ids mean other tokens
+    (lambda: _word_tokenizer(SPECIALS + ["w1", "w0"] + [f"w{i}" for i in range(2, 40)]),
+     r"use different tokenizers: vocabularies differ \(sha256 \w+ vs \w+\): 2 tokens with other "
+     r"ids \(e.g. 'w0', 'w1'\)"),
+    # eos and bos exchanged
+    (lambda: _word_tokenizer(SPECIALS + [f"w{i}" for i in range(40)], eos="<|bos|>", bos="<|eos|>"),
+     r"eos_token_id 1 vs 2; bos_token_id 2 vs 1\."),
+])
+def test_mismatched_tokenizers_are_refused_naming_both_directories(tok, tmp_path, other, message):
+    save_model(load_causal_lm("tiny-gpt2", tok), tok, tmp_path / "sft")
+    other = other()
+    save_model(load_scalar_model("tiny-gpt2", other, init_from_causal_lm=True), other, tmp_path / "rm")
+    sft, rm = tmp_path / "sft", tmp_path / "rm"
+    with pytest.raises(UserError, match=message) as err:
+        check_same_tokenizer(sft, "policy", rm, "reward model")
+    assert f"policy ({sft}) and reward model ({rm}) use different tokenizers" in str(err.value)
+    assert "fix:" in str(err.value)
+
+
+def test_vocab_hash_depends_on_tokens_and_ids_only(tok):
+    same = _word_tokenizer(SPECIALS + [f"w{i}" for i in range(40)])
+    assert vocab_sha256(same) == vocab_sha256(tok) and len(vocab_sha256(tok)) == 64
+    assert vocab_sha256(make_tokenizer(41)) != vocab_sha256(tok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Value model from the reward model
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_folded_normalisation_makes_the_raw_head_output_the_normalised_score(tok, tmp_path, name):
+    rm = load_scalar_model(name, tok, init_from_causal_lm=True, head_init_std=0.5)
+    ids, mask = left_padded([6, 5, 4, 3, 6, 2, 1, 6], 6, len(tok))
+    set_reward_normalisation(rm, sequence_scores(rm, ids, mask, normalise=False))
+    gain, bias = rm.config.reward_gain, rm.config.reward_bias
+    assert abs(gain - 1) > 0.1 and abs(bias) > 0.01  # a normalisation that matters
+    normalised = sequence_scores(rm, ids, mask)
+    raw_tokens = token_scores(rm, ids, mask)
+    save_model(rm, tok, tmp_path / "rm")
+
+    value = fold_reward_normalisation(load_scalar_model(tmp_path / "rm", tok))
+    assert (value.config.reward_gain, value.config.reward_bias) == (1.0, 0.0)
+    # every position's raw output is now gain * raw + bias; the sequence scores are unchanged
+    assert torch.allclose(token_scores(value, ids, mask), gain * raw_tokens + bias, atol=1e-5)
+    assert torch.allclose(sequence_scores(value, ids, mask, normalise=False), normalised, atol=1e-5)
+    assert torch.allclose(sequence_scores(value, ids, mask), normalised, atol=1e-5)
+    assert value.score.bias.requires_grad  # the value model trains its head's bias too
+
+    save_model(value, tok, tmp_path / "value")  # the bias survives save and load
+    reloaded = load_scalar_model(tmp_path / "value", tok)
+    assert torch.allclose(token_scores(reloaded, ids, mask), gain * raw_tokens + bias, atol=1e-5)
+    again = fold_reward_normalisation(reloaded)  # folding twice changes nothing
+    assert torch.allclose(token_scores(again, ids, mask), gain * raw_tokens + bias, atol=1e-5)
+
+
+def test_fold_after_lora_wrapping_is_refused(tok):
+    model = apply_lora(load_scalar_model("tiny-gpt2", tok, init_from_causal_lm=True), r=2, alpha=4,
+                       dropout=0.0)
+    with pytest.raises(TypeError, match="fold before wrapping the model with LoRA"):
+        fold_reward_normalisation(model)

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
 import json
+import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -185,9 +187,14 @@ def load_scalar_model(
                 "num_labels=1; fix: point at a directory saved by the reward stage, or set "
                 "init_from_causal_lm to start a reward model from this causal LM"
             )
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, local_files_only=True, dtype=dtype
-        )
+        score_bias = _saved_score_bias(path)
+        # HF's score head has no bias, so a folded one would be reported as an unused weight.
+        with _quiet_load_report() if score_bias is not None else nullcontext():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, local_files_only=True, dtype=dtype
+            )
+        if score_bias is not None:
+            _add_score_bias(model).copy_(score_bias)
         _check_vocab(model, tokenizer, spec_or_dir)
     _set_special_ids(model.config, tokenizer)
     _speed_up(model)
@@ -385,9 +392,67 @@ def _check_vocab(model: PreTrainedModel, tokenizer, spec) -> None:
         )
 
 
+_SPECIAL_IDS = ("pad_token_id", "eos_token_id", "bos_token_id")
+
+
+def vocab_sha256(tokenizer) -> str:
+    """sha256 of the tokenizer's token -> id mapping (added tokens included), in hex."""
+    items = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def check_same_tokenizer(a, what_a: str, b, what_b: str) -> None:
+    """Refuse two models that were not trained with one tokenizer; UserError naming both.
+
+    `a`, `b`: a model directory (the tokenizer saved beside the weights, as every stage saves it)
+    or a loaded tokenizer; `what_a`, `what_b` say which model each is ("policy", "reward model").
+    Compared: vocabulary size, the pad/eos/bos ids and the vocabulary itself (token -> id). A
+    reward model trained on another vocabulary scores ids that mean other tokens -- silently,
+    whenever its embedding is large enough -- so any difference is an error. A preset name (not
+    a directory) is built for whatever tokenizer it is given, so it matches by construction and
+    is not checked.
+    """
+    from ppo_rlhf.tokenizer import load_tokenizer
+
+    def resolve(x):
+        if isinstance(x, (str, Path)):
+            return (load_tokenizer(x), str(x)) if Path(x).is_dir() else (None, str(x))
+        return x, getattr(x, "name_or_path", "") or "a loaded tokenizer"
+
+    (tok_a, where_a), (tok_b, where_b) = resolve(a), resolve(b)
+    if tok_a is None or tok_b is None:
+        return
+    differences = []
+    if len(tok_a) != len(tok_b):
+        differences.append(f"vocabulary size {len(tok_a)} vs {len(tok_b)}")
+    for name in _SPECIAL_IDS:
+        id_a, id_b = getattr(tok_a, name, None), getattr(tok_b, name, None)
+        if id_a != id_b:
+            differences.append(f"{name} {id_a} vs {id_b}")
+    hash_a, hash_b = vocab_sha256(tok_a), vocab_sha256(tok_b)
+    if hash_a != hash_b:
+        vocab_a, vocab_b = tok_a.get_vocab(), tok_b.get_vocab()
+        only_a = sorted(set(vocab_a) - set(vocab_b))
+        only_b = sorted(set(vocab_b) - set(vocab_a))
+        moved = sorted(t for t in set(vocab_a) & set(vocab_b) if vocab_a[t] != vocab_b[t])
+        parts = [f"{len(tokens)} tokens {label} (e.g. {', '.join(repr(t) for t in tokens[:3])})"
+                 for tokens, label in ((only_a, f"only in {what_a}'s"), (only_b, f"only in {what_b}'s"),
+                                       (moved, "with other ids")) if tokens]
+        differences.append(f"vocabularies differ (sha256 {hash_a[:12]} vs {hash_b[:12]}): "
+                           + "; ".join(parts))
+    if differences:
+        raise UserError(
+            f"{what_a} ({where_a}) and {what_b} ({where_b}) use different tokenizers: "
+            f"{'; '.join(differences)}. A model reads token ids, so ids from another vocabulary "
+            "mean other tokens to it; fix: build every model of a run with one tokenizer (the "
+            "reward stage starts from the SFT model and keeps its tokenizer), or point at the "
+            "directories of one run"
+        )
+
+
 def _set_special_ids(config, tokenizer) -> None:
     """Pad/eos/bos ids from the tokenizer; HF pooling and generation read them from the config."""
-    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+    for name in _SPECIAL_IDS:
         value = getattr(tokenizer, name, None)
         if value is not None:
             setattr(config, name, value)
@@ -459,6 +524,62 @@ def set_reward_normalisation(model: nn.Module, raw_scores: torch.Tensor) -> tupl
     config.reward_gain = 1.0 / std
     config.reward_bias = -mean / std
     return config.reward_gain, config.reward_bias
+
+
+@torch.no_grad()
+def fold_reward_normalisation(model: nn.Module) -> nn.Module:
+    """Fold a reward model's normalisation into its head; returns the model, changed in place.
+
+    score(h) := gain * score(h) + bias, then gain, bias := 1, 0: the normalised scores
+    (`sequence_scores`) are unchanged, and the raw head output (`token_scores`) now is on their
+    scale. A value model initialised from the reward model reads the raw head, so unfolded its
+    values start off the rewards' scale (by up to 0.5 on the arithmetic task). The head gets a
+    bias, which `save_model` writes and `load_scalar_model` restores. Call before LoRA wrapping.
+    """
+    hf = unwrap(model)
+    config = hf.config
+    gain, bias = getattr(config, "reward_gain", 1.0), getattr(config, "reward_bias", 0.0)
+    if not isinstance(hf.score, nn.Linear):
+        raise TypeError(f"fold_reward_normalisation: the head is a {type(hf.score).__name__}, "
+                        "not a linear layer; fold before wrapping the model with LoRA")
+    head_bias = _add_score_bias(hf)
+    hf.score.weight.mul_(gain)
+    head_bias.mul_(gain).add_(bias)
+    config.reward_gain, config.reward_bias = 1.0, 0.0
+    return model
+
+
+def _add_score_bias(model: PreTrainedModel) -> torch.Tensor:
+    """The score head's bias, added as zeros when the head has none (HF's heads have none)."""
+    head = model.score
+    if head.bias is None:
+        head.bias = nn.Parameter(torch.zeros(head.out_features, device=head.weight.device,
+                                             dtype=head.weight.dtype),
+                                 requires_grad=head.weight.requires_grad)
+    return head.bias.data
+
+
+def _saved_score_bias(path: Path) -> torch.Tensor | None:
+    """The `score.bias` a folded head (`fold_reward_normalisation`) saved in `path`, else None."""
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as weights:
+            if "score.bias" in weights.keys():
+                return weights.get_tensor("score.bias")
+    return None
+
+
+@contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    """Silence transformers' loading report (a logged warning) for one `from_pretrained`."""
+    log = logging.getLogger("transformers.modeling_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def save_model(
