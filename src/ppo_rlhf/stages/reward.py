@@ -24,7 +24,8 @@ from ..data.jsonl import read_preferences
 from ..generation import generate, sequence_rewards
 from ..guards import GracefulStop
 from ..metrics import Progress, write_summary
-from ..models import apply_lora, load_causal_lm, load_scalar_model, save_model, set_reward_normalisation
+from ..models import (apply_lora, check_same_tokenizer, load_causal_lm, load_scalar_model, save_model,
+                      set_reward_normalisation)
 from ..tokenizer import load_tokenizer
 from . import common
 from .evaluate import load_eval_prompts
@@ -87,6 +88,9 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict:
     t_start = time.time()
 
     tokenizer = load_tokenizer(common.tokenizer_source(cfg.model))
+    if cfg.norm_prompts_file and cfg.norm_policy:  # its samples are scored by this RM
+        check_same_tokenizer(cfg.norm_policy, "normalisation policy (norm_policy)", tokenizer,
+                             "reward model")
     pairs_raw, _ = read_preferences(cfg.train_file)
     train, trunc = encode_pairs(tokenizer, pairs_raw, cfg.max_prompt_len, cfg.max_len)
     evalset = []
