@@ -103,6 +103,17 @@ class TextExample:
     source: str
 
 
+def prompt_text(example: SFTExample | PreferencePair | PromptExample | str | list[dict]) -> str:
+    """The prompt as plain text, for gold rewards, reward functions and sample logs: the string
+    itself, or the last message's content of a messages list (the question being answered).
+
+    `example` is an example read from a file or its `.prompt`. What the model reads is
+    `data.encode.format_prompt` (chat template or joined messages); this is the question alone.
+    """
+    prompt = getattr(example, "prompt", example)
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
 @dataclass
 class ReadReport:
     """What reading one data file found; `describe()` is the sentence for the run log.

@@ -20,10 +20,10 @@ from .. import distributed as dist
 from ..config import EvalConfig
 from ..data.collate import collate_prompts
 from ..data.encode import TruncationReport, encode_prompts
-from ..data.jsonl import read_prompts
+from ..data.jsonl import prompt_text, read_prompts
 from ..fileio import atomic_write_json
 from ..generation import generate, response_logprobs, sequence_rewards
-from ..models import load_causal_lm, load_scalar_model
+from ..models import check_same_tokenizer, load_causal_lm, load_scalar_model
 from ..tasks import gold_task
 from ..tokenizer import load_tokenizer
 from . import common
@@ -56,7 +56,7 @@ def load_eval_prompts(path: str, tokenizer, max_prompt_len: int, n: int | None =
     distinct = len(examples) if n is None else min(n, len(examples))
     if n is not None:
         examples = [examples[i % len(examples)] for i in range(n)]
-    texts = [e.prompt if isinstance(e.prompt, str) else e.prompt[-1]["content"] for e in examples]
+    texts = [prompt_text(e) for e in examples]
     ids, report = encode_prompts(tokenizer, examples, max_prompt_len)
     if report.prompts_truncated and dist.is_main():
         print(f"[eval] {path}: {report.describe()}", file=sys.stderr)
@@ -169,6 +169,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     device = common.resolve_device("auto")
     dist.init_distributed(device)
     tokenizer = load_tokenizer(str(policy_dir))
+    for other, what in ((cfg.reference, "reference"), (cfg.reward_model, "reward_model")):
+        if other:  # scored with the policy's token ids
+            check_same_tokenizer(policy_dir, "policy", other, what)
     policy = load_causal_lm(str(policy_dir), tokenizer).to(device)
     reference = load_causal_lm(cfg.reference, tokenizer).to(device).eval() if cfg.reference else None
     rm = load_scalar_model(cfg.reward_model, tokenizer).to(device).eval() if cfg.reward_model else None

@@ -12,7 +12,7 @@ import torch
 from ..config import DataConfig, TokenizerConfig, to_dict
 from ..data.collate import collate_prompts
 from ..data.encode import encode_prompts
-from ..data.jsonl import load_records, read_prompts
+from ..data.jsonl import load_records, prompt_text, read_prompts
 from ..errors import UserError
 from ..fileio import atomic_write_json, atomic_write_text
 from ..generation import generate
@@ -134,7 +134,7 @@ def run_generate(args) -> None:
                 if args.out:
                     rows.append(json.dumps({"prompt": prompt, "response": response}, ensure_ascii=False) + "\n")
                 else:
-                    print(f"{prompt if isinstance(prompt, str) else prompt[-1]['content']}\t{response}")
+                    print(f"{prompt_text(prompt)}\t{response}")
         if args.out:
             atomic_write_text(args.out, "".join(rows))
             print(f"[generate] {len(rows)} rows {{\"prompt\", \"response\"}} -> {args.out}", file=sys.stderr)
