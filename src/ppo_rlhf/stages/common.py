@@ -10,9 +10,8 @@ import platform
 import random
 import shlex
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -266,25 +265,28 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def global_batches(n: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[list[int]]:
-    """Endless stream of global batches (indices into the dataset), epoch after epoch, from
-    `start_step` on. Batches never straddle two epochs' orders (the tail wraps to the next)."""
+def global_batch(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Global batch number `step` (0-based; indices into the dataset): the epochs' shuffled orders
+    laid end to end and cut into batches, so a batch at an epoch's end takes its tail from the
+    next epoch's order. A pure function of (n, batch_size, seed, step), so resume is exact."""
     if n == 0:
         raise UserError("the training set is empty after filtering")
-    pos = start_step * batch_size
-    epoch, offset = divmod(pos, n)
-    order = epoch_order(n, seed, epoch)
+    batch: list[int] = []
+    pos = step * batch_size
+    while len(batch) < batch_size:
+        epoch, offset = divmod(pos, n)
+        take = epoch_order(n, seed, epoch)[offset: offset + batch_size - len(batch)]
+        batch.extend(take)
+        pos += len(take)
+    return batch
+
+
+def global_batches(n: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[list[int]]:
+    """Endless stream of `global_batch`es from `start_step` on."""
+    step = start_step
     while True:
-        batch = []
-        while len(batch) < batch_size:
-            take = order[offset: offset + batch_size - len(batch)]
-            batch.extend(take)
-            offset += len(take)
-            if offset >= n:
-                epoch += 1
-                offset = 0
-                order = epoch_order(n, seed, epoch)
-        yield batch
+        yield global_batch(n, batch_size, seed, step)
+        step += 1
 
 
 def micro_batches(indices: list[int], grad_accum: int) -> list[list[int]]:
@@ -309,58 +311,37 @@ def check_batch(batch_size: int, grad_accum: int, key: str) -> None:
                         f"{grad_accum}; lower grad_accum or raise the batch size")
 
 
-@dataclass
+class Schedule(NamedTuple):
+    """An optimizer, its LR scheduler and the learning rate the config asks for (restored on
+    resume by `use_config_lr`)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    lr: float
+
+
 class Training:
-    """What an SFT-style stage trains with: model (and its DDP/FSDP wrapper), optimiser, schedule,
-    checkpoints, non-finite guard and metrics logger, resumed from the newest checkpoint if asked."""
+    """What an SFT-style stage trains: the model and its DDP/FSDP wrapper, the trainable
+    parameters, the optimiser and the LR schedule. `state()` and `schedules` are what the stage
+    loop checkpoints and restores (loop.py); `load` has no plain values to restore."""
 
-    model: torch.nn.Module
-    ddp_model: torch.nn.Module
-    params: list
-    opt: torch.optim.Optimizer
-    sched: object
-    ckpt: object
-    guard: object
-    logger: object
-    steps: int
-    start: int
-    last_ckpt: Path | None
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig, run: RunConfig, device: torch.device,
+                 total_steps: int):
+        self.model = model
+        self.ddp_model = dist.wrap_model(model, device, run)  # before the optimizer: FSDP swaps the parameters
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = make_optimizer(self.params, optim)
+        self.sched = make_scheduler(self.opt, optim, total_steps)
+        self.max_grad_norm = optim.max_grad_norm
+        self.total_steps = total_steps
+        self.schedules = [Schedule(self.opt, self.sched, optim.lr)]
 
-    def state(self, step: int) -> dict:
-        """Checkpoint content at `step` (on every rank: FSDP gathers the shards to rank 0)."""
-        from ..checkpoint import rng_state
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model, "optimizer": self.opt, "scheduler": self.sched}
 
-        return dist.for_saving({"model": self.model, "optimizer": self.opt, "scheduler": self.sched,
-                                "step": step, "rng": rng_state(), **guard_state(self.guard)})
+    def load(self, values: dict[str, Any]) -> None:
+        pass
 
-    def save(self, step: int) -> None:
-        self.last_ckpt = self.ckpt.save(step, self.state(step))
-
-
-def prepare_training(model: torch.nn.Module, optim: OptimConfig, run: RunConfig, out_dir: Path,
-                     device: torch.device, steps: int, stage: str, resume: bool) -> Training | dict:
-    """Wrap, build the optimiser and schedule, resume if asked; a finished run returns its summary."""
-    from ..checkpoint import CheckpointManager, set_rng_state
-    from ..guards import NonFiniteGuard
-    from ..metrics import MetricsLogger
-
-    ddp_model = dist.wrap_model(model, device, run)  # before the optimizer: FSDP swaps the parameters
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, optim)
-    sched = make_scheduler(opt, optim, steps)
-    ckpt = CheckpointManager(out_dir, keep_last=run.keep_last, enabled=dist.is_main())
-    guard = NonFiniteGuard(run.max_nonfinite)
-    start, last_ckpt = 0, None
-    if resume and (last_ckpt := ckpt.latest_valid()) is not None:
-        values = ckpt.load(last_ckpt, dist.for_loading({"model": model, "optimizer": opt, "scheduler": sched}))
-        start = values["step"]
-        set_rng_state(values["rng"])
-        load_guard_state(guard, values)
-        use_config_lr(opt, sched, optim.lr)
-        if (done := finished_summary(out_dir, start, steps, stage)) is not None:
-            return done
-    logger = MetricsLogger(out_dir, enabled=dist.is_main(), tensorboard=run.tensorboard,
-                           wandb_project=run.wandb_project or None, console_every=max(1, steps // 10))
-    # Drop what an interrupted attempt logged after the checkpoint (all of it when starting afresh).
-    logger.truncate_after(start if start else -1)
-    return Training(model, ddp_model, params, opt, sched, ckpt, guard, logger, steps, start, last_ckpt)
+    def optimizer_step(self, ctx, loss: torch.Tensor) -> tuple[bool, float]:
+        """Clip, check and step under the loop's guard (`ctx`: a loop.StepContext)."""
+        return ctx.clip_and_step(self.params, self.opt, self.sched, self.max_grad_norm, loss)

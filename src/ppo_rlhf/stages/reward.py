@@ -22,13 +22,13 @@ from ..data.collate import collate_pairs, collate_prompts
 from ..data.encode import check_token_ids, encode_pairs
 from ..data.jsonl import read_preferences
 from ..generation import generate, sequence_rewards
-from ..guards import GracefulStop
-from ..metrics import Progress, write_summary
+from ..metrics import write_summary
 from ..models import (apply_lora, check_same_tokenizer, load_causal_lm, load_scalar_model, save_model,
                       set_reward_normalisation)
 from ..tokenizer import load_tokenizer
 from . import common
 from .evaluate import load_eval_prompts
+from .loop import StageLoop, StepResult
 
 
 def pair_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,11 +80,50 @@ def normalisation_scores(cfg: RewardConfig, model, tokenizer, train_pairs, devic
     return torch.cat(scores).float().cpu()
 
 
+class RewardStage(common.Training):
+    """Reward-model training for the stage loop (loop.py): a step is one optimizer step on a
+    global batch of pairs; the loss is the mean over the batch's pairs."""
+
+    name, unit = "reward", "step"
+
+    def __init__(self, cfg: RewardConfig, model, train: list, evalset: list, pad_id: int, device,
+                 total_steps: int):
+        super().__init__(model, cfg.optim, cfg.run, device, total_steps)
+        self.cfg, self.train, self.evalset, self.pad_id, self.device = cfg, train, evalset, pad_id, device
+
+    def step(self, ctx) -> StepResult:
+        cfg = self.cfg
+        self.model.train()
+        global_idx = common.global_batch(len(self.train), cfg.batch_size, cfg.run.seed, ctx.step - 1)
+        stats = torch.zeros(2, dtype=torch.float64)
+        for micro in common.micro_batches(dist.shard(global_idx), cfg.grad_accum):
+            batch = collate_pairs([self.train[i] for i in micro], self.pad_id)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with common.autocast(self.device, cfg.run.dtype):
+                chosen, rejected = pair_scores(self.ddp_model, batch)
+            loss, acc = pairwise_rm_loss(chosen.float(), rejected.float(), margin=cfg.margin or None)
+            # mean over the global batch: weight each micro-batch by its share of it
+            (loss * len(micro) * dist.world_size() / len(global_idx)).backward()
+            stats += torch.tensor([loss.item() * len(micro), float(acc) * len(micro)], dtype=torch.float64)
+        stats = dist.all_reduce_sum(stats) / len(global_idx)
+        _, gnorm = self.optimizer_step(ctx, stats[0].float())
+        return StepResult({"rm/train_loss": stats[0], "rm/train_acc": stats[1], "rm/grad_norm": gnorm,
+                           "rm/lr": self.sched.get_last_lr()[0], "rm/skipped_steps": ctx.guard.skipped_total},
+                          progress={"loss": f"{stats[0].item():.3f}", "acc": f"{stats[1].item():.2f}"})
+
+    def evaluate(self, step: int, model=None) -> StepResult:
+        """Held-out pairwise loss and accuracy of `model` (default: the one being trained)."""
+        if not self.evalset:
+            return StepResult({})
+        ev = evaluate_pairs(model or self.model, self.evalset, self.pad_id, self.cfg.batch_size, self.device)
+        return StepResult({"rm/eval_loss": ev["loss"], "rm/eval_acc": ev["accuracy"]})
+
+
 def run_reward(cfg: RewardConfig, resume: bool = False) -> dict:
     out_dir = Path(common.require(cfg.out_dir, "out_dir", "where to write the reward model"))
     common.require_file(cfg.train_file, "train_file", "make one with `ppo-rlhf data --task arithmetic --out DIR`")
     common.check_batch(cfg.batch_size, cfg.grad_accum, "batch_size")
-    device = common.setup(cfg.run)
+    device = common.setup(cfg.run, "reward")
     t_start = time.time()
 
     tokenizer = load_tokenizer(common.tokenizer_source(cfg.model))
@@ -104,62 +143,23 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict:
     if cfg.model.lora_r:
         model = apply_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout)
     steps = common.total_steps(len(train), cfg.batch_size, cfg.epochs, cfg.max_steps)
-    run = common.prepare_training(model, cfg.optim, cfg.run, out_dir, device, steps, "reward", resume)
-    if isinstance(run, dict):  # --resume found the run finished
-        return run
-    ddp_model, params, opt, sched, guard, logger, start = (
-        run.ddp_model, run.params, run.opt, run.sched, run.guard, run.logger, run.start)
+    stage = RewardStage(cfg, model, train, evalset, tokenizer.pad_token_id, device, steps)
+    loop = StageLoop(stage, out_dir, cfg.run)
+    if (done := loop.begin(resume)) is not None:  # --resume found the run finished
+        return done
     if dist.is_main() and (trunc.prompts_truncated or trunc.responses_truncated or trunc.dropped):
         print(f"[reward] {cfg.train_file}: {trunc.describe()}")
-
-    progress = Progress(steps - start, "reward", enabled=dist.is_main())
-    batches = common.global_batches(len(train), cfg.batch_size, cfg.run.seed, start)
-    pad_id = tokenizer.pad_token_id
-    step = start
-    with GracefulStop() as stop:
-        while step < steps:
-            model.train()
-            global_idx = next(batches)
-            stats = torch.zeros(2, dtype=torch.float64)
-            for micro in common.micro_batches(dist.shard(global_idx), cfg.grad_accum):
-                batch = {k: v.to(device) for k, v in collate_pairs([train[i] for i in micro], pad_id).items()}
-                with common.autocast(device, cfg.run.dtype):
-                    chosen, rejected = pair_scores(ddp_model, batch)
-                loss, acc = pairwise_rm_loss(chosen.float(), rejected.float(), margin=cfg.margin or None)
-                # mean over the global batch: weight each micro-batch by its share of it
-                (loss * len(micro) * dist.world_size() / len(global_idx)).backward()
-                stats += torch.tensor([loss.item() * len(micro), float(acc) * len(micro)], dtype=torch.float64)
-            stats = dist.all_reduce_sum(stats) / len(global_idx)
-            ok, gnorm = common.clip_and_step(params, opt, sched, cfg.optim.max_grad_norm, guard,
-                                             stats[0].float(), step=step + 1, last_checkpoint=run.last_ckpt)
-            step += 1
-            progress.update(loss=f"{stats[0].item():.3f}", acc=f"{stats[1].item():.2f}")
-            if step % cfg.run.log_every == 0 or step == steps:
-                logger.log(step, {"rm/train_loss": stats[0].item(), "rm/train_acc": stats[1].item(),
-                                  "rm/grad_norm": gnorm, "rm/lr": sched.get_last_lr()[0],
-                                  "rm/skipped_steps": guard.skipped_total}, stage="reward")
-            if evalset and cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < steps:
-                ev = evaluate_pairs(model, evalset, pad_id, cfg.batch_size, device)
-                logger.log(step, {"rm/eval_loss": ev["loss"], "rm/eval_acc": ev["accuracy"]}, stage="reward")
-            stopping = dist.any_rank(stop.requested)  # all ranks stop at the same step
-            if (cfg.run.save_every and step % cfg.run.save_every == 0) or stopping:
-                run.save(step)
-            if stopping:
-                progress.close()
-                logger.close()
-                print(f"[reward] stopped at step {step}; resume with: {common.resume_command('reward')}")
-                return {"stopped_at": step}
-    progress.close()
-    if run.last_ckpt != run.ckpt.path_for(steps):  # not saved by the loop; before the LoRA merge changes the model
-        run.ckpt.save(steps, run.state(steps))
+    if not loop.run():  # the final checkpoint is saved before the LoRA merge changes the model
+        return {"stopped_at": loop.step}
 
     final = model.merge_and_unload() if cfg.model.lora_r else model
     summary = {"stage": "reward", "steps": steps, "train_pairs": len(train), "truncation": trunc.describe(),
-               "skipped_steps": guard.skipped_total}
+               "skipped_steps": loop.guard.skipped_total}
     if evalset:
-        ev = evaluate_pairs(final, evalset, pad_id, cfg.batch_size, device)
-        summary.update(eval_accuracy=ev["accuracy"], eval_loss=ev["loss"], eval_pairs=len(evalset))
-        logger.log(steps, {"rm/eval_loss": ev["loss"], "rm/eval_acc": ev["accuracy"]}, stage="reward")
+        result = stage.evaluate(steps, final)
+        loop.log(result)
+        summary.update(eval_accuracy=result.metrics["rm/eval_acc"], eval_loss=result.metrics["rm/eval_loss"],
+                       eval_pairs=len(evalset))
     with dist.full_params(final):
         raw = normalisation_scores(cfg, final, tokenizer, train, device)
     set_reward_normalisation(final, raw)
@@ -171,6 +171,5 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict:
         save_model(exported, tokenizer, out_dir / "model")
         summary.update(seconds=time.time() - t_start, config=to_dict(cfg))
         write_summary(out_dir, summary)
-    logger.close()
-    dist.barrier()
+    loop.close()
     return summary

@@ -22,12 +22,12 @@ from ..config import SFTConfig, to_dict
 from ..data.collate import collate_sft, position_ids_from_mask
 from ..data.encode import check_token_ids, encode_sft
 from ..data.jsonl import read_sft
-from ..guards import GracefulStop
-from ..metrics import Progress, write_summary
+from ..metrics import write_summary
 from ..models import apply_lora, load_causal_lm, save_model
 from ..tokenizer import load_tokenizer
 from . import common
 from .evaluate import evaluate_policy, load_eval_prompts
+from .loop import StageLoop, StepResult
 
 
 def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,11 +58,48 @@ def eval_loss(model, encoded, pad_id: int, batch_size: int, device) -> float:
     return (total[0] / total[1].clamp(min=1)).item()
 
 
+class SFTStage(common.Training):
+    """SFT for the stage loop (loop.py): a step is one optimizer step on a global batch."""
+
+    name, unit = "sft", "step"
+
+    def __init__(self, cfg: SFTConfig, model, train: list, evalset: list, pad_id: int, device,
+                 total_steps: int):
+        super().__init__(model, cfg.optim, cfg.run, device, total_steps)
+        self.cfg, self.train, self.evalset, self.pad_id, self.device = cfg, train, evalset, pad_id, device
+
+    def step(self, ctx) -> StepResult:
+        cfg = self.cfg
+        self.model.train()
+        global_idx = common.global_batch(len(self.train), cfg.batch_size, cfg.run.seed, ctx.step - 1)
+        n_tokens = sum(int(sum(self.train[i].loss_mask[1:])) for i in global_idx)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in common.micro_batches(dist.shard(global_idx), cfg.grad_accum):
+            batch = collate_sft([self.train[i] for i in micro], self.pad_id)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with common.autocast(self.device, cfg.run.dtype):
+                s, _ = token_losses(self.ddp_model, batch)
+            # DDP averages gradients over ranks, hence the world-size factor.
+            (s * dist.world_size() / max(1, n_tokens)).backward()
+            loss_sum += s.detach()
+        loss = dist.all_reduce_sum(loss_sum) / max(1, n_tokens)
+        _, gnorm = self.optimizer_step(ctx, loss)
+        return StepResult({"sft/train_loss": loss, "sft/grad_norm": gnorm, "sft/lr": self.sched.get_last_lr()[0],
+                           "sft/skipped_steps": ctx.guard.skipped_total},
+                          progress={"loss": f"{loss.item():.3f}"})
+
+    def evaluate(self, step: int) -> StepResult:
+        if not self.evalset:
+            return StepResult({})
+        el = eval_loss(self.model, self.evalset, self.pad_id, self.cfg.batch_size, self.device)
+        return StepResult({"sft/eval_loss": el, "sft/eval_ppl": math.exp(min(el, 50))})
+
+
 def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     out_dir = Path(common.require(cfg.out_dir, "out_dir", "where to write the SFT model"))
     common.require_file(cfg.train_file, "train_file", "make one with `ppo-rlhf data --task arithmetic --out DIR`")
     common.check_batch(cfg.batch_size, cfg.grad_accum, "batch_size")
-    device = common.setup(cfg.run)
+    device = common.setup(cfg.run, "sft")
     t_start = time.time()
 
     tokenizer = load_tokenizer(common.tokenizer_source(cfg.model))
@@ -79,79 +116,37 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     if cfg.model.lora_r:
         model = apply_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout)
     steps = common.total_steps(len(train), cfg.batch_size, cfg.epochs, cfg.max_steps)
-    run = common.prepare_training(model, cfg.optim, cfg.run, out_dir, device, steps, "sft", resume)
-    if isinstance(run, dict):  # --resume found the run finished
-        return run
-    ddp_model, params, opt, sched, guard, logger, start = (
-        run.ddp_model, run.params, run.opt, run.sched, run.guard, run.logger, run.start)
-    if not start and dist.is_main():
-        logger.log(0, {"data/examples": len(train), "data/truncated_prompts": trunc.prompts_truncated,
-                       "data/truncated_responses": trunc.responses_truncated,
-                       "data/dropped": trunc.dropped}, stage="sft")
+    stage = SFTStage(cfg, model, train, evalset, tokenizer.pad_token_id, device, steps)
+    loop = StageLoop(stage, out_dir, cfg.run)
+    if (done := loop.begin(resume)) is not None:  # --resume found the run finished
+        return done
+    if not loop.step and dist.is_main():
+        loop.logger.log(0, {"data/examples": len(train), "data/truncated_prompts": trunc.prompts_truncated,
+                            "data/truncated_responses": trunc.responses_truncated,
+                            "data/dropped": trunc.dropped}, stage="sft")
     if dist.is_main() and (trunc.prompts_truncated or trunc.responses_truncated or trunc.dropped):
         print(f"[sft] {cfg.train_file}: {trunc.describe()}")
-
-    progress = Progress(steps - start, "sft", enabled=dist.is_main())
-    batches = common.global_batches(len(train), cfg.batch_size, cfg.run.seed, start)
-    pad_id = tokenizer.pad_token_id
-    step = start
-    with GracefulStop() as stop:
-        while step < steps:
-            model.train()
-            global_idx = next(batches)
-            n_tokens = sum(int(sum(train[i].loss_mask[1:])) for i in global_idx)
-            loss_sum = torch.zeros((), device=device)
-            for micro in common.micro_batches(dist.shard(global_idx), cfg.grad_accum):
-                batch = {k: v.to(device) for k, v in collate_sft([train[i] for i in micro], pad_id).items()}
-                with common.autocast(device, cfg.run.dtype):
-                    s, _ = token_losses(ddp_model, batch)
-                # DDP averages gradients over ranks, hence the world-size factor.
-                (s * dist.world_size() / max(1, n_tokens)).backward()
-                loss_sum += s.detach()
-            loss = dist.all_reduce_sum(loss_sum) / max(1, n_tokens)
-            ok, gnorm = common.clip_and_step(params, opt, sched, cfg.optim.max_grad_norm, guard, loss,
-                                             step=step + 1, last_checkpoint=run.last_ckpt)
-            step += 1
-            progress.update(loss=f"{loss.item():.3f}")
-            if step % cfg.run.log_every == 0 or step == steps:
-                logger.log(step, {"sft/train_loss": loss.item(), "sft/grad_norm": gnorm,
-                                  "sft/lr": sched.get_last_lr()[0],
-                                  "sft/skipped_steps": guard.skipped_total}, stage="sft")
-            if evalset and cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < steps:
-                el = eval_loss(model, evalset, pad_id, cfg.batch_size, device)
-                logger.log(step, {"sft/eval_loss": el, "sft/eval_ppl": math.exp(min(el, 50))}, stage="sft")
-            stopping = dist.any_rank(stop.requested)  # all ranks stop at the same step
-            if (cfg.run.save_every and step % cfg.run.save_every == 0) or stopping:
-                run.save(step)
-            if stopping:
-                progress.close()
-                logger.close()
-                print(f"[sft] stopped at step {step}; resume with: {common.resume_command('sft')}")
-                return {"stopped_at": step}
-    progress.close()
+    if not loop.run():
+        return {"stopped_at": loop.step}
 
     summary = {"stage": "sft", "steps": steps, "train_examples": len(train),
                "truncation": trunc.describe(), "duplicates": read_report.duplicates,
-               "final_train_loss": loss.item() if steps > start else None,
-               "skipped_steps": guard.skipped_total}
-    if evalset:
-        el = eval_loss(model, evalset, pad_id, cfg.batch_size, device)
-        summary.update(eval_loss=el, eval_ppl=math.exp(min(el, 50)))
-        logger.log(steps, {"sft/eval_loss": el, "sft/eval_ppl": summary["eval_ppl"]}, stage="sft")
+               "final_train_loss": float(loop.last.metrics["sft/train_loss"]) if loop.last else None,
+               "skipped_steps": loop.guard.skipped_total}
+    final = loop.evaluate()
+    if final:
+        summary.update(eval_loss=final["sft/eval_loss"], eval_ppl=final["sft/eval_ppl"])
     if cfg.task and cfg.eval_prompts_file:
         prompts = load_eval_prompts(cfg.eval_prompts_file, tokenizer, cfg.max_prompt_len)
         with dist.full_params(model):
             res = evaluate_policy(model, tokenizer, prompts, task=cfg.task, device=device,
                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.run.seed)
         summary.update(gold_reward=res["gold_reward"], gold_reward_std=res["gold_reward_std"])
-        logger.log(steps, {"sft/gold_reward": res["gold_reward"]}, stage="sft")
-    state = run.state(steps)
+        loop.logger.log(steps, {"sft/gold_reward": res["gold_reward"]}, stage="sft")
+    exported = dist.plain_copy(model)  # on every rank: FSDP gathers the shards to rank 0
     if dist.is_main():
-        save_model(state["model"], tokenizer, out_dir / "model")  # merges a copy of a LoRA model
-        if run.last_ckpt != run.ckpt.path_for(steps):  # not already saved by the loop (or resumed from)
-            run.ckpt.save(steps, state)
+        save_model(exported, tokenizer, out_dir / "model")  # merges a copy of a LoRA model
         summary.update(seconds=time.time() - t_start, config=to_dict(cfg))
         write_summary(out_dir, summary)
-    logger.close()
-    dist.barrier()
+    loop.close()
     return summary
