@@ -206,7 +206,7 @@ def test_console_prints_every_evaluation_and_says_where_the_metrics_are(tmp_path
             if step % 25 == 0:
                 logger.log(step, {"eval/gold_reward": 0.5}, stage="ppo")
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0].startswith("[ppo] the console shows every evaluation and every 15th step")
+    assert lines[0].startswith("[ppo] the console shows every evaluation and every 15 steps")
     assert str(tmp_path / "metrics.jsonl") in lines[0]
     assert lines[1:] == ["ppo step 15 | objective/kl 0.1", "ppo step 25 | eval/gold_reward 0.5",
                          "ppo step 30 | objective/kl 0.1"]

@@ -346,7 +346,7 @@ def test_a_gold_function_and_a_module_spec_are_tasks(task_file):
 
 def test_a_failing_user_gold_names_the_task_and_row(task_file):
     task = get_task(f"{task_file}:Reverse")
-    with pytest.raises(UserError, match=r"gold of task .*Reverse.* row 1"):
+    with pytest.raises(UserError, match=r"gold reward of task '.*Reverse' raised on row 1"):
         task.gold_rewards(["rev: ab", "no colon"], ["ba", "x"])  # IndexError on the 2nd prompt
 
 

@@ -30,7 +30,7 @@ DESCRIPTIONS = {
     "reward": "train a reward model on preference pairs (Bradley-Terry)",
     "ppo": "PPO against the reward model with a KL penalty to the SFT model",
     "eval": "gold reward / RM score / KL of a policy on held-out prompts",
-    "pipeline": "tokenizer -> data -> sft -> reward -> ppo -> eval on a built-in task",
+    "pipeline": "tokenizer -> data -> sft -> reward -> ppo -> eval on a built-in task or your own data",
     "report": "write the HTML report of a run directory",
     "label": "serve the preference-labelling page",
     "generate": "sample responses from a saved model",
@@ -120,22 +120,23 @@ def preset_lines() -> str:
     return "\n".join(f"  {name:<15} {preset_size(name)}" for name in MODEL_PRESETS)
 
 
-def _stage_config(name: str, args: argparse.Namespace):
-    cls = STAGE_CONFIGS[name]
+def _stage_overrides(name: str, args: argparse.Namespace) -> list[str]:
+    """The key=value overrides, with the --task/--out/--data shortcuts as keys."""
     overrides = list(args.overrides)
-    for flag, key in _shortcuts(cls).items():
+    for flag, key in _shortcuts(STAGE_CONFIGS[name]).items():
         value = getattr(args, flag, None)
         if value is not None:
             overrides.append(f"{key}={value}")
     if getattr(args, "data", None) is not None:
         overrides.append(f"data_dir={args.data}")
-    return build_config(cls, args.config, overrides)
+    return overrides
 
 
 def _run(args: argparse.Namespace) -> int:
     cmd = args.command
     if cmd in STAGE_CONFIGS:
-        cfg = _stage_config(cmd, args)
+        overrides = _stage_overrides(cmd, args)
+        cfg = build_config(STAGE_CONFIGS[cmd], args.config, overrides)
         resume = getattr(args, "resume", False)
         if cmd == "sft":  # model.arch/layers/hidden/heads -> the size spec to build
             from .models import model_spec
@@ -159,8 +160,8 @@ def _run(args: argparse.Namespace) -> int:
             from .stages.evaluate import run_eval
             result = run_eval(cfg)
         else:
-            from .stages.pipeline import run_pipeline
-            result = run_pipeline(cfg)
+            from .stages.pipeline import explicit_keys, run_pipeline
+            result = run_pipeline(cfg, explicit=explicit_keys(args.config, overrides))
         _print_result(result)
         return 0
     if cmd == "report":

@@ -307,12 +307,28 @@ class EvalConfig:
 
 @dataclass
 class PipelineConfig:
-    """`ppo-rlhf pipeline`: tokenizer -> data -> sft -> reward -> ppo -> eval on a built-in task."""
+    """`ppo-rlhf pipeline`: tokenizer -> data -> sft -> reward -> ppo -> eval on a built-in task's
+    generated data, or on your own JSONL files (`--data DIR`)."""
 
-    task: str = opt("arithmetic", "Built-in task.")
+    task: str = opt("arithmetic", "Task: built-in (arithmetic, sentiment) or your own "
+                    "(path/to/task.py:Class, docs/tasks.md); with data_dir, only the gold reward of "
+                    "the evaluations (default there: none).")
+    data_dir: str = opt("", "Your own data instead of a task's generated files: a directory holding "
+                        "sft_train.jsonl, prefs_train.jsonl, prompts_train.jsonl (and optionally "
+                        "sft_eval, prefs_eval, prompts_eval, pretrain .jsonl), or a YAML file mapping "
+                        "those names to paths.")
+    gold: str = opt("", "Gold reward function for the evaluations (path/to/file.py:fn or module:fn) "
+                    "instead of a task.")
+    eval_fraction: float = opt(0.1, "With data_dir and no prefs_eval/prompts_eval file: the share of "
+                               "preference records / prompts split off (whole prompts) for evaluation.",
+                               min=0.01, max=0.9)
+    algo: str = opt("", "RL algorithm preset for the RL stage (sets ppo.algo=NAME, e.g. grpo); "
+                    "empty = the RL stage's default (PPO).")
     out_dir: str = opt("runs/demo", "Run directory; each stage is skipped when its output exists.")
     seed: int = opt(0, "Seed of every stage.")
-    model: str = opt("tiny-gpt2", "Model preset or local HF directory to start from.")
+    model: str = opt("tiny-gpt2", "Model to start from: a preset, a size spec "
+                     "(gpt2:layers=4,hidden=128,heads=4) or a local HF directory; sft.model.arch / "
+                     "layers / hidden / heads set the size too.")
     tokenizer: TokenizerConfig = opt(factory=TokenizerConfig, help="Tokenizer stage.")
     data: DataConfig = opt(factory=DataConfig, help="Data stage.")
     sft: SFTConfig = opt(factory=SFTConfig, help="SFT stage.")
@@ -602,8 +618,10 @@ def markdown_reference() -> str:
         out.append("")
     out += ["## `ppo-rlhf pipeline`", "",
             (PipelineConfig.__doc__ or "").strip(),
-            "", "Top-level keys: `task`, `out_dir`, `seed`, `model`; each stage's options nest under "
-            "its name (`sft.optim.lr=1e-3`, `ppo.train.updates=40`).", ""]
+            "", "Top-level keys: `task`, `data_dir`, `gold`, `eval_fraction`, `algo`, `out_dir`, `seed`, "
+            "`model`; each stage's options nest under its name (`sft.optim.lr=1e-3`, "
+            "`ppo.train.updates=40`). Settings you give are kept; the pipeline fills in only those "
+            "left at their defaults (paths, seeds, the task).", ""]
     return "\n".join(out)
 
 

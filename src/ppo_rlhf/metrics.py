@@ -143,8 +143,9 @@ class MetricsLogger:
     def where_line(self, stage: str | None = None) -> str:
         """The console line that says where the full metrics are."""
         tb = f"; TensorBoard: tensorboard --logdir {self.out_dir / 'tb'}" if self._use_tensorboard else ""
-        return (f"[{stage or 'metrics'}] the console shows every evaluation and every "
-                f"{self.console_every}th step; every metric of every step is in "
+        every = "every step" if self.console_every == 1 else f"every {self.console_every} steps"
+        return (f"[{stage or 'metrics'}] the console shows every evaluation and {every}; every "
+                f"metric of every step is in "
                 f"{self.out_dir / METRICS_FILE}{tb}; `ppo-rlhf report` plots them")
 
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:

@@ -248,10 +248,11 @@ class RewardFunctions:
 
 
 def call_batch(fn: Callable, name: str, prompts: list[str], responses: list[str], kwargs: dict[str, list],
-               where: Callable[[int], str]) -> list:
+               where: Callable[[int], str], what: str = "reward function") -> list:
     """`fn(prompts, responses, **kwargs)` checked to return one value per response.
 
-    When the batch call raises, each row is retried alone to name the row that fails.
+    When the batch call raises, each row is retried alone to name the row that fails. `what`
+    names the kind of function in the messages.
     """
     n = len(prompts)
     try:
@@ -259,17 +260,17 @@ def call_batch(fn: Callable, name: str, prompts: list[str], responses: list[str]
     except Exception as err:
         bad = _first_failing_row(fn, prompts, responses, kwargs)
         at = f" on {where(bad)}" if bad is not None else f" on the batch of rows {where(0)} ... ({n} rows)"
-        raise RewardFunctionError(f"reward function {name!r} raised{at}: {type(err).__name__}: {err}"
+        raise RewardFunctionError(f"{what} {name!r} raised{at}: {type(err).__name__}: {err}"
                                   ) from err
     if isinstance(values, torch.Tensor):
         values = values.tolist()
     elif hasattr(values, "tolist") and not isinstance(values, (list, tuple)):  # numpy arrays
         values = values.tolist()
     if not isinstance(values, (list, tuple)):
-        raise RewardFunctionError(f"reward function {name!r} returned {type(values).__name__}; it must "
+        raise RewardFunctionError(f"{what} {name!r} returned {type(values).__name__}; it must "
                                   f"return a list with one float per response ({n} here)")
     if len(values) != n:
-        raise RewardFunctionError(f"reward function {name!r} returned {len(values)} values for {n} "
+        raise RewardFunctionError(f"{what} {name!r} returned {len(values)} values for {n} "
                                   f"responses (first row: {where(0)}); return one per response")
     return list(values)
 

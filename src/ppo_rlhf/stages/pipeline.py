@@ -1,30 +1,56 @@
-"""The whole InstructGPT loop on a built-in task, one stage after another:
+"""The whole InstructGPT loop, one stage after another:
 
     tokenizer -> data -> sft -> reward -> ppo -> eval
 
-    ppo-rlhf pipeline --task arithmetic --out runs/demo
+    ppo-rlhf pipeline --task arithmetic --out runs/demo      # a built-in task's generated data
+    ppo-rlhf pipeline --data my_data/ --out runs/mine        # your own JSONL files
+
+With `--data DIR` (or `data_dir=files.yaml`, a YAML mapping the names below to paths), the files are
+
+    sft_train.jsonl     {"prompt", "response"} or {"messages"}        required
+    prefs_train.jsonl   {"prompt", "chosen", "rejected"} or rankings   required (unless reward functions
+                                                                        replace the reward model)
+    prompts_train.jsonl {"prompt", ...any fields}                      required
+    sft_eval.jsonl, prefs_eval.jsonl, prompts_eval.jsonl, pretrain.jsonl ({"text"})   optional
+
+The tokenizer is trained on your text. Without prefs_eval / prompts_eval, `eval_fraction` of the
+preference records / prompts (whole prompts, seeded) is split off for evaluation into RUN/data/.
+`task=` or `gold=` gives the gold reward that every evaluation reports (docs/tasks.md).
 
 Every stage writes into RUN/<stage>/ and is skipped when its output already exists, so an
-interrupted pipeline continues where it stopped. RUN/summary.json gathers the figures.
+interrupted pipeline continues where it stopped. RUN/summary.json gathers the figures and
+RUN/report.html shows them. A setting you give (command line, YAML, keyword) is kept; only the
+ones you leave at their defaults are filled in from the run directory and the task.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .. import distributed as dist
-from ..config import PipelineConfig, to_dict
-from ..fileio import atomic_write_json
-from ..tasks import get_task
+from ..config import PipelineConfig, _flatten, load_yaml, parse_override, set_key, to_dict
+from ..data.jsonl import load_records
+from ..errors import UserError
+from ..fileio import atomic_write_json, atomic_write_text
+from ..tasks import gold_task
 from .evaluate import run_eval
-from .ppo import run_ppo
 from .reward import run_reward
+from .rl import run_ppo
 from .sft import run_sft
 from .tools import run_data, run_tokenizer
 
 STAGES = ("tokenizer", "data", "sft", "reward", "ppo", "eval")
+
+USER_FILES = {
+    "sft_train": "sft", "sft_eval": "sft", "prefs_train": "preferences", "prefs_eval": "preferences",
+    "prompts_train": "prompts", "prompts_eval": "prompts", "pretrain": "texts",
+}
+"""The user-data file names (without .jsonl) and the reader of each."""
 
 
 def _done(path: Path) -> bool:
@@ -35,59 +61,206 @@ def _read_summary(path: Path) -> dict:
     return json.loads((path / "summary.json").read_text())
 
 
-def configure(cfg: PipelineConfig) -> PipelineConfig:
-    """Fill every stage's paths from the run directory (explicit settings are kept)."""
+def explicit_keys(yaml_path: str | Path | None = None, overrides: Iterable[str] = (),
+                  base: dict | None = None) -> set[str]:
+    """The dotted keys a user set (YAML file, `key=value` overrides, a dict): `configure` keeps them."""
+    keys = {k for k, _ in _flatten(base or {})}
+    if yaml_path:
+        keys |= {k for k, _ in _flatten(load_yaml(yaml_path))}
+    keys |= {parse_override(text)[0] for text in overrides}
+    return keys
+
+
+def _get(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(obj: Any, key: str, value: Any) -> None:
+    *head, last = key.split(".")
+    for part in head:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
+def user_data_files(data: str) -> dict[str, Path]:
+    """{name: path} of the user's files in a directory, or as listed by a YAML file."""
+    p = Path(data)
+    if p.is_dir():
+        found = {name: p / f"{name}.jsonl" for name in USER_FILES if (p / f"{name}.jsonl").is_file()}
+        where = f"{p}/"
+    elif p.is_file() and p.suffix in (".yaml", ".yml"):
+        listed = load_yaml(p)
+        unknown = sorted(set(listed) - set(USER_FILES))
+        if unknown:
+            raise UserError(f"{p}: unknown file name(s) {', '.join(unknown)}; the names are "
+                            f"{', '.join(USER_FILES)}")
+        found = {name: (p.parent / str(path)) for name, path in listed.items()}
+        for name, path in found.items():
+            if not path.is_file():
+                raise UserError(f"{p}: {name}: no such file {path} (relative paths start at {p.parent})")
+        where = f"{p}"
+    else:
+        raise UserError(f"data_dir: {p} is neither a directory of JSONL files nor a .yaml file listing them")
+    missing = [n for n in ("sft_train", "prompts_train") if n not in found]
+    if missing:
+        raise UserError(f"data_dir: {where} has no {' or '.join(f'{n}.jsonl' for n in missing)}; a "
+                        f"pipeline on your data needs sft_train.jsonl ({{\"prompt\", \"response\"}}), "
+                        "prompts_train.jsonl ({\"prompt\"}) and prefs_train.jsonl ({\"prompt\", "
+                        "\"chosen\", \"rejected\"}; not needed with ppo.reward.functions)")
+    return found
+
+
+def _reward_functions_given(cfg: PipelineConfig, reward_functions: Sequence | None) -> bool:
+    return bool(getattr(cfg.ppo.reward, "functions", "")) or bool(reward_functions)
+
+
+def configure(cfg: PipelineConfig, explicit: Iterable[str] = (),
+              reward_functions: Sequence[Callable] | None = None) -> PipelineConfig:
+    """Fill every stage's paths and shared settings from the run directory, the task and the data.
+
+    A key is filled only when the user did not set it: it is not in `explicit` (the keys given on
+    the command line, in YAML or as keywords) and still holds its default value.
+    """
+    explicit = set(explicit)
+    defaults = PipelineConfig()
+
+    def fill(key: str, value: Any) -> None:
+        if key not in explicit and _get(cfg, key) == _get(defaults, key):
+            _set(cfg, key, value)
+
     run = Path(cfg.out_dir)
-    task = get_task(cfg.task)
     data = run / "data"
-    cfg.tokenizer.out_dir = cfg.tokenizer.out_dir or str(run / "tokenizer")
-    cfg.tokenizer.task = cfg.tokenizer.task or cfg.task
-    cfg.data.out_dir = cfg.data.out_dir or str(data)
-    cfg.data.task = cfg.task
-    cfg.data.seed = cfg.seed
+    if cfg.data_dir:
+        fill("task", "")  # your own data: no built-in task unless you name one
+    task_obj = gold_task(cfg.task, cfg.gold)
+    gold = cfg.task or cfg.gold  # what the sft and ppo stages' `task` key takes
+    if cfg.algo:
+        set_key(cfg, "ppo.algo", cfg.algo, where="algo: ")
 
-    s = cfg.sft
-    s.out_dir = s.out_dir or str(run / "sft")
-    s.train_file = s.train_file or str(data / "sft_train.jsonl")
-    s.eval_file = s.eval_file or str(data / "sft_eval.jsonl")
-    s.task = s.task or cfg.task
-    s.eval_prompts_file = s.eval_prompts_file or str(data / "prompts_eval.jsonl")
-    s.model.path = cfg.model if s.model.path == "tiny-gpt2" else s.model.path
-    s.model.tokenizer = s.model.tokenizer or cfg.tokenizer.out_dir
-    s.run.seed = cfg.seed
+    fill("tokenizer.out_dir", str(run / "tokenizer"))
+    if cfg.data_dir:
+        files = resolve_user_files(cfg, reward_functions)
+        given = user_data_files(cfg.data_dir)  # the tokenizer reads your files as given
+        fill("tokenizer.texts", ",".join(str(given[n]) for n in ("sft_train", "prefs_train", "prompts_train",
+                                                                    "pretrain") if n in given))
+    else:
+        files = {name: data / f"{name}.jsonl" for name in USER_FILES}
+        fill("tokenizer.task", cfg.task)
+        fill("data.task", cfg.task)
+        fill("data.seed", cfg.seed)
+    fill("data.out_dir", str(data))
+    max_new_tokens = task_obj.default_max_new_tokens if task_obj else 32
 
-    r = cfg.reward
-    r.out_dir = r.out_dir or str(run / "reward")
-    r.train_file = r.train_file or str(data / "prefs_train.jsonl")
-    r.eval_file = r.eval_file or str(data / "prefs_eval.jsonl")
-    r.norm_prompts_file = r.norm_prompts_file or str(data / "prompts_train.jsonl")
-    r.max_new_tokens = task.default_max_new_tokens
-    r.model.path = str(Path(s.out_dir) / "model") if r.model.path == "tiny-gpt2" else r.model.path
-    r.run.seed = cfg.seed
+    fill("sft.out_dir", str(run / "sft"))
+    fill("sft.train_file", str(files["sft_train"]))
+    fill("sft.eval_file", str(files.get("sft_eval", "")))
+    fill("sft.task", gold)
+    fill("sft.eval_prompts_file", str(files["prompts_eval"]) if gold else "")
+    fill("sft.model.path", cfg.model)
+    fill("sft.model.tokenizer", cfg.tokenizer.out_dir)
+    fill("sft.run.seed", cfg.seed)
+    from ..models import model_spec
 
-    p = cfg.ppo
-    p.out_dir = p.out_dir or str(run / "ppo")
-    p.policy = p.policy or str(Path(s.out_dir) / "model")
-    p.reward_model = p.reward_model or str(Path(r.out_dir) / "model")
-    p.prompts_file = p.prompts_file or str(data / "prompts_train.jsonl")
-    p.eval_prompts_file = p.eval_prompts_file or str(data / "prompts_eval.jsonl")
-    p.ptx_file = p.ptx_file or str(data / "pretrain.jsonl")
-    p.task = p.task or cfg.task
-    p.run.seed = cfg.seed
+    cfg.sft.model.path = model_spec(cfg.sft.model)
 
-    e = cfg.eval
-    e.policy = e.policy or str(Path(p.out_dir) / "model")
-    e.reference = e.reference or p.policy
-    e.reward_model = e.reward_model or p.reward_model
-    e.prompts_file = e.prompts_file or p.eval_prompts_file
-    e.task = e.task or cfg.task
-    e.temperature = p.rollout.temperature
-    e.seed = cfg.seed + 4242
+    has_rm = "prefs_train" in files
+    fill("reward.out_dir", str(run / "reward"))
+    fill("reward.train_file", str(files.get("prefs_train", "")))
+    fill("reward.eval_file", str(files.get("prefs_eval", "")))
+    fill("reward.norm_prompts_file", str(files["prompts_train"]))
+    fill("reward.max_new_tokens", cfg.ppo.rollout.max_new_tokens or max_new_tokens)
+    fill("reward.model.path", str(Path(cfg.sft.out_dir) / "model"))
+    fill("reward.run.seed", cfg.seed)
+
+    fill("ppo.out_dir", str(run / "ppo"))
+    fill("ppo.policy", str(Path(cfg.sft.out_dir) / "model"))
+    fill("ppo.reward_model", str(Path(cfg.reward.out_dir) / "model") if has_rm else "")
+    fill("ppo.prompts_file", str(files["prompts_train"]))
+    fill("ppo.eval_prompts_file", str(files["prompts_eval"]))
+    fill("ppo.ptx_file", str(files.get("pretrain", "")))
+    fill("ppo.task", gold)
+    fill("ppo.run.seed", cfg.seed)
+
+    fill("eval.policy", str(Path(cfg.ppo.out_dir) / "model"))
+    fill("eval.reference", cfg.ppo.policy)
+    fill("eval.reward_model", cfg.ppo.reward_model)
+    fill("eval.prompts_file", cfg.ppo.eval_prompts_file)
+    fill("eval.task", cfg.task)
+    fill("eval.gold", cfg.gold)
+    fill("eval.temperature", cfg.ppo.rollout.temperature)
+    fill("eval.seed", cfg.seed + 4242)
     return cfg
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict:
-    cfg = configure(cfg)
+def resolve_user_files(cfg: PipelineConfig, reward_functions: Sequence | None = None) -> dict[str, Path]:
+    """Where each stage reads the user's data: the given files, or RUN/data/ for the ones the data
+    stage splits off (prefs_eval from prefs_train, prompts_eval from prompts_train)."""
+    files = user_data_files(cfg.data_dir)
+    data = Path(cfg.out_dir) / "data"
+    if "prefs_train" not in files and not _reward_functions_given(cfg, reward_functions):
+        raise UserError(f"data_dir: {cfg.data_dir} has no prefs_train.jsonl for the reward model; add one "
+                        "({\"prompt\", \"chosen\", \"rejected\"} per line), or train on reward "
+                        "functions instead: ppo.reward.functions=path/to/file.py:fn")
+    for train, held_out in (("prefs_train", "prefs_eval"), ("prompts_train", "prompts_eval")):
+        if train in files and held_out not in files:
+            files[train], files[held_out] = data / f"{train}.jsonl", data / f"{held_out}.jsonl"
+    return files
+
+
+def split_off(lines: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, held out) lines: whole prompts (all records of one prompt together), about
+    `fraction` of the records and at least one prompt held out, chosen by a seeded shuffle."""
+    groups: dict[str, list[str]] = {}
+    for line in lines:
+        record = json.loads(line)
+        key = json.dumps(record.get("prompt", record.get("messages")), sort_keys=True)
+        groups.setdefault(key, []).append(line)
+    if len(groups) < 2:
+        raise UserError(f"cannot split off an evaluation set: the file has {len(groups)} distinct prompt(s); "
+                        "give an eval file (prefs_eval.jsonl / prompts_eval.jsonl)")
+    order = list(groups)
+    random.Random(seed).shuffle(order)
+    held: list[str] = []
+    target = max(1, round(fraction * len(lines)))
+    for key in order[:-1]:  # the last group always stays for training
+        if len(held) >= target:
+            break
+        held.extend(groups.pop(key))
+    train = [line for key in order if key in groups for line in groups[key]]
+    return train, held
+
+
+def prepare_user_data(cfg: PipelineConfig) -> dict:
+    """The data stage for your own files: read and check every file (each report printed), write
+    the split-off evaluation files into RUN/data/, and RUN/data/summary.json."""
+    given = user_data_files(cfg.data_dir)
+    out = Path(cfg.data.out_dir)
+    reports, splits = {}, {}
+    for name, path in given.items():
+        _, report = load_records(path, USER_FILES[name])
+        reports[name] = report.describe()
+        print(f"[data] {report.describe()}")
+    for train, held_out in (("prefs_train", "prefs_eval"), ("prompts_train", "prompts_eval")):
+        if train in given and held_out not in given:
+            lines = [ln for ln in given[train].read_text(encoding="utf-8").splitlines() if ln.strip()]
+            kept, held = split_off(lines, cfg.eval_fraction, cfg.seed)
+            atomic_write_text(out / f"{train}.jsonl", "".join(ln + "\n" for ln in kept))
+            atomic_write_text(out / f"{held_out}.jsonl", "".join(ln + "\n" for ln in held))
+            splits[held_out] = f"{len(held)} of {len(lines)} records of {given[train]} held out (whole prompts)"
+            print(f"[data] {held_out}: {splits[held_out]}")
+    summary = {"stage": "data", "source": cfg.data_dir, "files": {k: str(v) for k, v in given.items()},
+               "read": reports, "split": splits}
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def run_pipeline(cfg: PipelineConfig, explicit: Iterable[str] = (),
+                 reward_functions: Sequence[Callable] | None = None) -> dict:
+    """Run (or continue) every stage; returns the run summary. `explicit`: see `configure`;
+    `reward_functions`: Python callables added to the RL stage's reward (see `ppo_rlhf.rewards`)."""
+    cfg = configure(cfg, explicit, reward_functions)
     run = Path(cfg.out_dir)
     run.mkdir(parents=True, exist_ok=True)
     summary_path = run / "summary.json"
@@ -109,12 +282,15 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     if dist.is_main():
         stage("tokenizer", lambda: run_tokenizer(cfg.tokenizer), Path(cfg.tokenizer.out_dir))
-        stage("data", lambda: run_data(cfg.data), Path(cfg.data.out_dir))
+        prepare = (lambda: prepare_user_data(cfg)) if cfg.data_dir else (lambda: run_data(cfg.data))
+        stage("data", prepare, Path(cfg.data.out_dir))
     dist.barrier()
     # resume=True: a stage interrupted in an earlier call continues from its newest checkpoint
     stage("sft", lambda: run_sft(cfg.sft, resume=True), Path(cfg.sft.out_dir))
-    stage("reward", lambda: run_reward(cfg.reward, resume=True), Path(cfg.reward.out_dir))
-    stage("ppo", lambda: run_ppo(cfg.ppo, resume=True), Path(cfg.ppo.out_dir))
+    if cfg.ppo.reward_model:
+        stage("reward", lambda: run_reward(cfg.reward, resume=True), Path(cfg.reward.out_dir))
+    rl_kwargs = {"reward_functions": list(reward_functions)} if reward_functions else {}
+    stage("ppo", lambda: run_ppo(cfg.ppo, resume=True, **rl_kwargs), Path(cfg.ppo.out_dir))
 
     eval_dir = run / "eval"
 
@@ -127,22 +303,19 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     stage("eval", evaluate, eval_dir)
     ev = _read_summary(eval_dir)
-    rm = _read_summary(Path(cfg.reward.out_dir))
+    rm = _read_summary(Path(cfg.reward.out_dir)) if cfg.ppo.reward_model else {}
     summary.update({
-        "task": cfg.task,
+        "task": cfg.task or cfg.gold or None, "data": cfg.data_dir or "generated",
         "sft_gold_reward": ev["sft"].get("gold_reward"), "sft_gold_reward_std": ev["sft"].get("gold_reward_std"),
         "ppo_gold_reward": ev["ppo"].get("gold_reward"), "ppo_gold_reward_std": ev["ppo"].get("gold_reward_std"),
         "sft_rm_score": ev["sft"].get("rm_score"), "ppo_rm_score": ev["ppo"].get("rm_score"),
         "final_kl": ev["ppo"].get("kl"), "rm_accuracy": rm.get("eval_accuracy"),
-        "eval_prompts": ev["ppo"].get("n"), "stage_seconds": seconds,
-        "config": to_dict(cfg),
+        "eval_prompts": ev["ppo"].get("n"), "eval_distinct_prompts": ev["ppo"].get("distinct_prompts"),
+        "stage_seconds": seconds, "config": to_dict(cfg),
     })
     if dist.is_main():
         atomic_write_json(summary_path, summary)
-        try:
-            from ..report import write_report
+        from ..report import write_report
 
-            summary["report"] = str(write_report(run))
-        except ImportError:
-            pass
+        summary["report"] = str(write_report(run))
     return summary

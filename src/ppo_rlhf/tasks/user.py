@@ -84,8 +84,8 @@ class UserTask:
         def where(i: int) -> str:
             return f"row {i}, prompt {_short(prompts[i])}, response {_short(responses[i])}"
 
-        name = f"gold of task {self.spec}"
-        values = call_batch(self._gold, name, prompts, responses, columns, where)
+        name = self.spec
+        values = call_batch(self._gold, name, prompts, responses, columns, where, what="gold reward of task")
         out = []
         for i, v in enumerate(values):
             value = _check_value(v, name, where(i), len(responses[i]))
