@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 from tiny_tokenizer import make_tokenizer
@@ -23,6 +24,7 @@ from ppo_rlhf.generation import (
     response_values,
     sample_tokens,
     sequence_rewards,
+    truncate_logits,
 )
 from ppo_rlhf.models import (
     adapters_disabled,
@@ -135,6 +137,41 @@ def hf_greedy(model, ids, mask, max_new_tokens, eos):
     return out[:, ids.shape[1] :]
 
 
+def kept_tokens(logits: list[float], top_k: int, top_p: float) -> list[int]:
+    """Plain-Python top-k then top-p: the token ids sampling keeps, most likely first."""
+    order = sorted(range(len(logits)), key=lambda i: -logits[i])
+    if 0 < top_k < len(logits):
+        order = [i for i in order if logits[i] >= logits[order[top_k - 1]]]  # ties stay
+    z = sum(math.exp(logits[i]) for i in order)
+    kept, mass = [], 0.0
+    for i in order:
+        if kept and mass >= top_p:
+            break
+        kept.append(i)
+        mass += math.exp(logits[i]) / z
+    return kept
+
+
+def naive_truncated_logprobs(model, sequences, mask, prompt_len, temperature, top_k, top_p):
+    """Log-prob of each response token under softmax over the kept tokens only, position by
+    position from a plain forward's logits; and (sum over kept tokens of p) per position."""
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=sequences, attention_mask=mask, position_ids=positions).logits.double()
+    logits = logits[:, prompt_len - 1 : -1] / temperature
+    out = torch.zeros(logits.shape[:2], dtype=torch.float64)
+    for b in range(logits.shape[0]):
+        for t in range(logits.shape[1]):
+            if not mask[b, prompt_len + t]:
+                continue
+            row = logits[b, t].tolist()
+            kept = kept_tokens(row, top_k, top_p)
+            token = int(sequences[b, prompt_len + t])
+            assert token in kept, "the sampler drew a token outside the truncated distribution"
+            log_z = math.log(sum(math.exp(row[i]) for i in kept))
+            out[b, t] = row[token] - log_z
+    return out.float()
+
+
 def naive_logprobs(model, sequences, mask, prompt_len, temperature):
     """log_softmax(logits / T) at the response tokens from the full logits, and the entropy."""
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -203,7 +240,8 @@ def test_sampling_is_deterministic_given_the_generator(policy):
     assert not torch.equal(a[0], c[0])
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 5, 0.8)])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 5, 0.8), (1.0, 0, 0.6),
+                                                     (0.9, 3, 1.0)])
 def test_sampled_logprobs_match_scoring(policy, temperature, top_k, top_p):
     ids, mask = prompts()
     gen = torch.Generator().manual_seed(0)
@@ -214,12 +252,20 @@ def test_sampled_logprobs_match_scoring(policy, temperature, top_k, top_p):
     )
     sequences = torch.cat([ids, response], 1)
     full_mask = torch.cat([mask, response_mask], 1)
-    # Both of the full softmax(logits / temperature), whatever top-k / top-p sampled from.
+    # Both of the distribution actually sampled: softmax(logits / T) truncated by top-k / top-p
+    # and renormalised over the kept tokens (issue 13, defect 7: training stays on-policy).
     scored, entropy = response_logprobs(policy, sequences, full_mask, ids.shape[1],
-                                        temperature=temperature, with_entropy=True)
+                                        temperature=temperature, top_k=top_k, top_p=top_p,
+                                        with_entropy=True)
     assert torch.allclose(sampled, scored, atol=1e-5)
     assert torch.allclose(sampled_entropy, entropy, atol=1e-5)
     assert (sampled[~response_mask] == 0).all() and (sampled_entropy[~response_mask] == 0).all()
+    naive = naive_truncated_logprobs(policy, sequences, full_mask, ids.shape[1], temperature, top_k,
+                                     top_p)
+    assert torch.allclose(sampled, naive, atol=1e-5)
+    if top_k or top_p < 1:  # the full softmax would give other (lower) log-probs
+        full, _ = response_logprobs(policy, sequences, full_mask, ids.shape[1], temperature=temperature)
+        assert (sampled - full)[response_mask].min() > 1e-3
 
 
 def test_decoding_on_one_thread_restores_the_thread_count(policy):
@@ -300,6 +346,44 @@ def test_sample_tokens_greedy_top_k_top_p():
     draws = torch.stack([sample_tokens(logits[:1], top_p=0.7, generator=gen) for _ in range(200)])
     assert set(draws.flatten().tolist()) == {1, 3}
     assert (sample_tokens(logits[:1].repeat(100, 1), top_p=0.5, generator=gen) == 1).all()
+
+
+def test_truncate_logits_keeps_top_k_then_top_p_of_the_renormalised_distribution():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])  # probabilities ~ [.03, .64, .09, .24]
+    inf = float("-inf")
+
+    def kept(**kw):
+        out = truncate_logits(logits, **kw)
+        return [i for i in range(4) if out[0, i] > inf]
+
+    assert truncate_logits(logits) is logits  # no filter: the logits themselves
+    assert kept(top_k=2) == [1, 3] and kept(top_k=4) == [0, 1, 2, 3]
+    assert kept(top_p=0.7) == [1, 3] and kept(top_p=0.5) == [1] and kept(top_p=0.0) == [1]
+    # top-3 renormalised: [.665, .245, .090] for tokens 1, 3, 2; the mass before token 2 is .910
+    assert kept(top_k=3, top_p=0.9) == [1, 3] and kept(top_k=3, top_p=0.92) == [1, 2, 3]
+    assert torch.equal(truncate_logits(logits, top_k=2)[0, [1, 3]], logits[0, [1, 3]])
+    # `keep` re-admits the sampled token whatever its rank (scoring passes the sampled ids)
+    out = truncate_logits(logits.repeat(2, 1), top_k=1, keep=torch.tensor([2, 1]))
+    assert (out > inf).tolist() == [[False, True, True, False], [False, True, False, False]]
+    ties = truncate_logits(torch.tensor([[1.0, 2.0, 2.0, 0.0]]), top_k=1)
+    assert (ties > inf).tolist() == [[False, True, True, False]]  # ties with the k-th stay
+    for top_k, top_p in [(2, 1.0), (0, 0.7), (3, 0.9), (3, 0.92)]:
+        assert kept(top_k=top_k, top_p=top_p) == sorted(kept_tokens(logits[0].tolist(), top_k, top_p))
+
+
+def test_truncated_logprobs_are_differentiable_and_finite():
+    policy = load_causal_lm("tiny-llama", TOK, seed=0)
+    ids, mask = prompts()
+    response, response_mask = generate(policy, ids, mask, max_new_tokens=6, eos_token_id=EOS,
+                                       pad_token_id=PAD, temperature=1.0, top_k=4, top_p=0.8,
+                                       generator=torch.Generator().manual_seed(0))
+    sequences, full_mask = torch.cat([ids, response], 1), torch.cat([mask, response_mask], 1)
+    logprobs, entropy = response_logprobs(policy, sequences, full_mask, ids.shape[1], top_k=4,
+                                          top_p=0.8, with_entropy=True, chunk_size=5)
+    (logprobs.sum() + entropy.sum()).backward()
+    grads = [p.grad for p in policy.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert torch.isfinite(logprobs).all() and torch.isfinite(entropy).all()
 
 
 def test_sample_tokens_frequencies_follow_the_softmax():

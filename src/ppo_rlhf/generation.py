@@ -82,6 +82,40 @@ def fp32_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 # Sampling
 
 
+def truncate_logits(
+    logits: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(N, V) logits (already divided by the temperature) with the tokens that top-k / top-p
+    sampling drops set to -inf: softmax of the result is the distribution actually sampled.
+
+    Same order as HF: top-k (ties with the k-th logit stay), then top-p on the renormalised
+    top-k distribution (the smallest set of most likely tokens whose probability reaches top_p;
+    the most likely token always stays). The sampler (`generate`) and the training forward
+    (`response_logprobs`) both call this, so stored and recomputed log-probs are of one
+    distribution -- PPO's ratio is then on-policy. `keep` (N,) token ids stay whatever their
+    rank: scoring passes the sampled tokens, which the sampler kept by construction, so a rounding
+    difference at the cut between the decoder's and the training forward's logits cannot make a
+    sampled token's log-prob -inf. Returns `logits` itself when neither filter is on. The kept
+    set is a constant for autograd; gradients reach the kept logits.
+    """
+    use_top_k = 0 < top_k < logits.shape[-1]
+    if not use_top_k and top_p >= 1.0:
+        return logits
+    with torch.no_grad():
+        removed = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        if use_top_k:
+            removed = logits < logits.topk(top_k, dim=-1).values[..., -1:]
+        if top_p < 1.0:
+            probs = torch.softmax(logits.masked_fill(removed, float("-inf")), dim=-1)
+            probs, order = probs.sort(dim=-1, descending=True)
+            cut = (probs.cumsum(-1) - probs) >= top_p  # the mass before a token already reaches top_p
+            cut[..., 0] = False
+            removed = removed | torch.zeros_like(cut).scatter(-1, order, cut)
+        if keep is not None:
+            removed.scatter_(-1, keep.view(-1, 1), False)
+    return logits.masked_fill(removed, float("-inf"))
+
+
 def sample_tokens(
     logits: torch.Tensor,
     *,
@@ -93,23 +127,15 @@ def sample_tokens(
 ) -> torch.Tensor:
     """(B,) token ids drawn from (B, V) logits; temperature 0 is greedy (argmax).
 
-    Same order as HF: temperature, then top-k, then top-p (keep the smallest set of most likely
-    tokens whose probability reaches top_p). Draws by inverse CDF, one uniform per row, which is
-    far cheaper than `torch.multinomial` or Gumbel noise over the whole vocabulary. `uniform`
-    (B,) in [0, 1) supplies those draws instead of `generator` (see `row_uniforms`).
+    Draws from softmax(truncate_logits(logits / temperature, top_k, top_p)) by inverse CDF, one
+    uniform per row, which is far cheaper than `torch.multinomial` or Gumbel noise over the
+    whole vocabulary. `uniform` (B,) in [0, 1) supplies those draws instead of `generator` (see
+    `row_uniforms`).
     """
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    index = None
-    if 0 < top_k < logits.shape[-1]:
-        logits, index = logits.topk(top_k, dim=-1)  # sorted, most likely first
+    logits = truncate_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
     probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        if index is None:
-            probs, index = probs.sort(dim=-1, descending=True)
-        mass_before = probs.cumsum(-1) - probs
-        probs = probs.masked_fill(mass_before >= top_p, 0.0)  # the first token always stays
     cdf = probs.cumsum(-1)
     # u in (0, total]: the first index with cdf >= u is never a zero-probability token.
     if uniform is None:
@@ -119,8 +145,14 @@ def sample_tokens(
     else:
         uniform = uniform.to(cdf.dtype).view(-1, 1)
     choice = torch.searchsorted(cdf, (1.0 - uniform) * cdf[:, -1:]).squeeze(-1)
-    choice = choice.clamp_(max=probs.shape[-1] - 1)
-    return choice if index is None else index.gather(-1, choice[:, None]).squeeze(-1)
+    return choice.clamp_(max=probs.shape[-1] - 1)
+
+
+def _entropy(scaled: torch.Tensor, logsumexp: torch.Tensor) -> torch.Tensor:
+    """(N,) entropy of softmax(scaled) from (N, V) logits and their (N,) logsumexp; tokens a
+    filter set to -inf have probability 0 and add nothing (not 0 * -inf = NaN)."""
+    probs = torch.exp(scaled - logsumexp[:, None])
+    return logsumexp - (probs * scaled.masked_fill(probs == 0, 0.0)).sum(-1)
 
 
 def row_uniforms(row_seeds: Sequence[int], n: int) -> torch.Tensor:
@@ -417,10 +449,11 @@ def generate(
     input_ids, attention_mask: (B, P) left-padded prompts. Returns `(response_ids, response_mask)`,
     both (B, R): a row keeps its EOS (mask True) and is then padded with `pad_token_id` (mask
     False); R is the longest response (decoding stops once every row has produced EOS). With
-    `return_logprobs`, also returns (B, R) float32 log-probs of the sampled tokens under
-    log_softmax(logits / temperature) (temperature 1 when greedy), 0 where the mask is False;
-    with `return_entropy`, then (B, R) float32 entropies of that same distribution, 0 likewise.
-    Both are of the full softmax, before top-k / top-p, as `response_logprobs` computes them.
+    `return_logprobs`, also returns (B, R) float32 log-probs of the sampled tokens under the
+    distribution sampled, log_softmax(truncate_logits(logits / temperature, top_k, top_p))
+    (temperature 1 when greedy), 0 where the mask is False; with `return_entropy`, then (B, R)
+    float32 entropies of that same distribution, 0 likewise. `response_logprobs` with the same
+    temperature, top_k and top_p computes the same.
 
     Deterministic given `generator` (on the model's device). With `row_seeds` (one int per row)
     each row draws from its own stream instead (`row_uniforms`), so a row's sample does not depend
@@ -471,20 +504,21 @@ def generate(
             decoder.expand(num_samples)
             hidden = hidden.repeat_interleave(num_samples, dim=0)
         while steps < max_new_tokens:
-            logits = fp32_logits(head, hidden[:, -1])
+            # The distribution sampled, whose log-probs are stored: truncated, renormalised.
+            scaled = truncate_logits(
+                fp32_logits(head, hidden[:, -1]) / (temperature or 1.0), top_k=top_k, top_p=top_p
+            )
             token = sample_tokens(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                scaled, temperature=0 if temperature == 0 else 1.0, generator=generator,
                 uniform=None if uniforms is None else uniforms[:, steps],
             )
             response[:, steps] = token
             if logprobs is not None or entropy is not None:
-                scaled = logits / (temperature or 1.0)
                 logsumexp = scaled.logsumexp(-1)
             if logprobs is not None:
                 logprobs[:, steps] = scaled.gather(-1, token[:, None]).squeeze(-1) - logsumexp
             if entropy is not None:
-                probs = torch.exp(scaled - logsumexp[:, None])
-                entropy[:, steps] = logsumexp - (probs * scaled).sum(-1)
+                entropy[:, steps] = _entropy(scaled, logsumexp)
             finished |= (token[:, None] == eos).any(-1)
             steps += 1
             if steps == max_new_tokens or (steps % check_every == 0 and bool(finished.all())):
@@ -511,16 +545,17 @@ def generate(
 
 def _token_logprobs(
     head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
-    with_entropy: bool,
+    with_entropy: bool, top_k: int = 0, top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) log-probs of `targets` and (N,) entropies (empty unless asked) from (N, D) states."""
-    logits = fp32_logits(head, hidden) / temperature
+    logits = truncate_logits(
+        fp32_logits(head, hidden) / temperature, top_k=top_k, top_p=top_p, keep=targets
+    )
     logsumexp = logits.logsumexp(-1)
     logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - logsumexp
     if not with_entropy:
         return logprobs, logprobs.new_zeros(0)
-    entropy = logsumexp - (torch.softmax(logits, -1) * logits).sum(-1)
-    return logprobs, entropy
+    return logprobs, _entropy(logits, logsumexp)
 
 
 def response_logprobs(
@@ -530,10 +565,14 @@ def response_logprobs(
     prompt_len: int,
     *,
     temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
     with_entropy: bool = False,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (and entropies) of the response tokens under log_softmax(logits / temperature).
+    """Log-probs (and entropies) of the response tokens under
+    log_softmax(truncate_logits(logits / temperature, top_k, top_p)), the distribution `generate`
+    samples from with the same settings (top_k 0 and top_p 1: the full softmax).
 
     sequences, attention_mask: (B, P + R), prompt left-padded, response right-padded.
     Returns (B, R) float32 log-probs and, with `with_entropy`, (B, R) entropies; both 0 where the
@@ -554,13 +593,13 @@ def response_logprobs(
     response_mask = attention_mask[:, prompt_len:].bool()
     states = hidden[:, prompt_len - 1 : -1][response_mask]  # (N, D), N real response tokens
     targets = sequences[:, prompt_len:][response_mask]
-    if chunk_size is None:
-        chunk_size = max(1, _MAX_CHUNK_LOGITS // head.weight.shape[0])
+    if chunk_size is None:  # top-p sorts each chunk: its indices and probabilities take 3x more
+        chunk_size = max(1, _MAX_CHUNK_LOGITS // head.weight.shape[0] // (4 if top_p < 1 else 1))
     chunks = []
     use_checkpoint = torch.is_grad_enabled() and states.shape[0] > chunk_size
     for start in range(0, states.shape[0], chunk_size):
         end = start + chunk_size
-        args = (head, states[start:end], targets[start:end], temperature, with_entropy)
+        args = (head, states[start:end], targets[start:end], temperature, with_entropy, top_k, top_p)
         if use_checkpoint:
             chunks.append(checkpoint(_token_logprobs, *args, use_reentrant=False))
         else:
