@@ -136,7 +136,7 @@ def run_ours(paths: dict, settings: dict, seed: int, updates: int, eval_every: i
         "eval_prompts_file": paths["eval_prompts_file"], "task": TASK, "max_prompt_len": s["max_prompt_len"],
         "eval_samples": s["eval_samples"],
         "rollout.batch_size": s["batch_size"], "rollout.temperature": s["temperature"],
-        "rollout.max_new_tokens": s["max_new_tokens"], "rollout.penalise_missing_eos": "false",
+        "rollout.max_new_tokens": s["max_new_tokens"], "rollout.truncated": "keep",
         "reward.kl_coef": s["kl_coef"], "reward.kl_estimator": "k1", "reward.kl_control": "fixed",
         "loss.clip_eps": s["clip_eps"], "loss.value_clip_eps": s["value_clip_eps"], "loss.vf_coef": s["vf_coef"],
         "loss.gamma": s["gamma"], "loss.lam": s["lam"],

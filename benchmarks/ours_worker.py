@@ -1,9 +1,9 @@
-"""Our side of benchmarks/ppo_vs_trl.py: time `ppo_rlhf.stages.ppo.PPOTrainer.iteration`.
+"""Our side of benchmarks/ppo_vs_trl.py: time `ppo_rlhf.stages.rl.RLTrainer.step`.
 
 Run by ppo_vs_trl.py in its own process (so that its peak RSS is its own):
     python benchmarks/ours_worker.py CASE_JSON PATHS_JSON UPDATES THREADS
 
-Each timed update is what `run_ppo` times: one `trainer.iteration()` (rollout, scoring, the
+Each timed update is what `run_ppo` times: one `trainer.step()` (rollout, scoring, the
 ppo_epochs x num_minibatches optimizer steps and the metrics). Phases come from the trainer's own
 PhaseTimer (time/generate, time/score, time/train). Profiling is profile_ppo.py's job.
 
@@ -30,7 +30,7 @@ def make_config(case: bc.Case, paths: dict, updates: int, threads: int, out_dir:
         "out_dir": out_dir, "policy": paths["policy"], "reward_model": paths["reward"],
         "prompts_file": paths["prompts_jsonl"], "max_prompt_len": case.prompt_len,
         "rollout": {"batch_size": case.batch, "max_new_tokens": case.response_len, "temperature": 0.7,
-                    "penalise_missing_eos": False},
+                    "truncated": "keep"},
         "reward": {"kl_coef": 0.05, "kl_estimator": "k1"},
         "loss": {"clip_eps": 0.2, "value_clip_eps": 0.2, "vf_coef": 0.1, "gamma": 1.0, "lam": 0.95},
         "train": {"updates": updates + 1, "ppo_epochs": case.ppo_epochs,
@@ -50,9 +50,10 @@ def main(case_json: str, paths_json: str, updates: int, threads: int) -> dict:
     t_import = time.perf_counter()
     import transformers
 
-    from ppo_rlhf.metrics import PhaseTimer
+    from ppo_rlhf.guards import NonFiniteGuard
     from ppo_rlhf.stages import common
-    from ppo_rlhf.stages.rl import RLTrainer as PPOTrainer
+    from ppo_rlhf.stages.loop import StepContext
+    from ppo_rlhf.stages.rl import RLTrainer
 
     import_s = time.perf_counter() - t_import
     case = bc.Case.from_json(json.loads(case_json))
@@ -62,26 +63,20 @@ def main(case_json: str, paths_json: str, updates: int, threads: int) -> dict:
 
     t_setup = time.perf_counter()
     device = common.setup(cfg.run)
-    trainer = PPOTrainer(cfg, device)
-    trainer.gen.manual_seed(cfg.run.seed)
-    trainer.shuffle_gen.manual_seed(cfg.run.seed + 17)
+    trainer = RLTrainer(cfg, device)
     expected = json.loads(Path(paths["prompt_ids"]).read_text())
-    assert [list(r) for r in trainer.prompt_ids] == expected, "ours and TRL must see the same prompt ids"
+    assert [list(r) for r in trainer.prompts.ids] == expected, "ours and TRL must see the same prompt ids"
     setup_s = time.perf_counter() - t_setup
     rss_after_load = bc.current_rss_mb()
 
-    batches = common.global_batches(len(trainer.prompt_ids), cfg.rollout.batch_size, cfg.run.seed)
-    timer = PhaseTimer()
+    guard = NonFiniteGuard(cfg.run.max_nonfinite)
     wall, cpu, phases, lengths, truncated = [], [], [], [], []
-    for _ in range(updates + 1):
-        rows = next(batches)
-        timer.reset()
+    for step in range(1, updates + 2):
         t0, c0 = time.perf_counter(), time.process_time()
-        metrics, _ = trainer.iteration(rows, timer)
-        trainer.step += 1
+        metrics = trainer.step(StepContext(step, guard, None)).metrics
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-        phases.append(timer.totals())
+        phases.append(trainer.timer.totals())
         lengths.append(metrics["rollout/response_length"])
         truncated.append(metrics["rollout/truncated_frac"])
     assert all(abs(n - R) < 1e-9 for n in lengths), f"responses must be full length {R}: {lengths}"

@@ -19,6 +19,7 @@ import argparse
 import collections
 import contextlib
 import io
+import itertools
 import json
 import os
 import shutil
@@ -43,15 +44,13 @@ def build_trainer(case: bc.Case, work_dir: Path, updates: int, threads: int):
     import torch
 
     from ppo_rlhf.stages import common
-    from ppo_rlhf.stages.ppo import PPOTrainer
+    from ppo_rlhf.stages.rl import RLTrainer
 
     torch.set_num_threads(threads)
     paths = bc.prepare(case, work_dir)
     cfg = ours_worker.make_config(case, paths, updates, threads, out_dir=tempfile.mkdtemp(prefix="ppo-prof-"))
-    trainer = PPOTrainer(cfg, common.setup(cfg.run))
-    trainer.gen.manual_seed(0)
-    trainer.shuffle_gen.manual_seed(17)
-    return trainer, common.global_batches(len(trainer.prompt_ids), case.batch, 0)
+    trainer = RLTrainer(cfg, common.setup(cfg.run))
+    return trainer, itertools.count(1)
 
 
 class ProfiledTimer:
@@ -76,12 +75,16 @@ class ProfiledTimer:
         self.inner.reset()
 
 
-def run_updates(trainer, batches, n: int, timer) -> list[float]:
+def run_updates(trainer, steps, n: int, timer) -> list[float]:
+    """n more RL iterations (`steps` counts them) with `timer` as the trainer's phase timer."""
+    from ppo_rlhf.guards import NonFiniteGuard
+    from ppo_rlhf.stages.loop import StepContext
+
+    trainer.timer = timer
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        trainer.iteration(next(batches), timer)
-        trainer.step += 1
+        trainer.step(StepContext(next(steps), NonFiniteGuard(5), None))
         times.append(time.perf_counter() - t0)
     return times
 
@@ -90,12 +93,12 @@ def torch_profile(case: bc.Case, args) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    trainer, batches = build_trainer(case, Path(args.work_dir), args.updates, args.threads)
+    trainer, steps = build_trainer(case, Path(args.work_dir), args.updates, args.threads)
     timer = ProfiledTimer()
-    run_updates(trainer, batches, 1, timer)  # warm-up
+    run_updates(trainer, steps, 1, timer)  # warm-up
     timer.reset()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-        times = run_updates(trainer, batches, args.updates, timer)
+        times = run_updates(trainer, steps, args.updates, timer)
     out = io.StringIO()
     total = sum(times)
     phases = {k.split("/", 1)[1]: v for k, v in timer.totals().items()}
@@ -188,14 +191,14 @@ def _frame_name(frame: str) -> str | None:
 def child(case_json: str, args) -> None:
     """The process py-spy samples: warm-up, then the measured updates in a named function."""
     case = bc.Case.from_json(json.loads(case_json))
-    trainer, batches = build_trainer(case, Path(args.work_dir), args.updates, args.threads)
+    trainer, steps = build_trainer(case, Path(args.work_dir), args.updates, args.threads)
     from ppo_rlhf.metrics import PhaseTimer
 
     timer = PhaseTimer()
-    run_updates(trainer, batches, 1, timer)
+    run_updates(trainer, steps, 1, timer)
 
     def measured_updates():
-        return run_updates(trainer, batches, args.updates, timer)
+        return run_updates(trainer, steps, args.updates, timer)
 
     measured_updates()
 

@@ -4,12 +4,26 @@ import pytest
 import torch
 
 from ppo_rlhf.algo.losses import (
+    PolicyLossParams,
     entropy_from_logits,
     lm_loss,
     pairwise_rm_loss,
-    policy_loss,
+    ppo_clip_loss,
+    token_mean_weights,
     value_loss,
 )
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
+    """PPO-clip aggregated by token-mean, with the stats the RL stage logs."""
+    out = ppo_clip_loss(logprobs, old_logprobs, advantages, mask, PolicyLossParams(clip_eps, clip_eps))
+    w = token_mean_weights(mask, 0).to(out.losses.dtype)
+    log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0).detach()
+    stats = {"clipfrac": float((w * out.clipped).sum()),
+             "approx_kl": float((w * (torch.expm1(log_ratio) - log_ratio)).sum()),
+             "ratio_mean": float((w * out.ratio).sum()),
+             "ratio_max": float(torch.where(mask, out.ratio, -math.inf).max())}
+    return (w * out.losses).sum(), stats
 
 # ---- policy loss -------------------------------------------------------------------------------
 # Five real tokens (row 1 is padded at the end) with eps = 0.2:
@@ -78,9 +92,9 @@ def _value_inputs():
 
 def test_value_loss_clipped_hand_computed_and_gradient():
     values, old_values, returns, mask = _value_inputs()
-    loss, stats = value_loss(values, old_values, returns, mask, clip_eps=0.2)
+    loss, clipfrac = value_loss(values, old_values, returns, mask, clip_eps=0.2)
     assert loss.item() == pytest.approx(0.5 * 2.09 / 3)
-    assert stats["clipfrac"] == pytest.approx(1 / 3)
+    assert clipfrac.item() == pytest.approx(1 / 3)
     loss.backward()
     # Token 0: the clipped term wins and is constant in V -> zero gradient. Others: (V - R) / 3.
     expected = torch.tensor([[0.0, 1.0 / 3, -1.0 / 3, 0.0]], dtype=torch.float64)
@@ -89,9 +103,19 @@ def test_value_loss_clipped_hand_computed_and_gradient():
 
 def test_value_loss_unclipped():
     values, old_values, returns, mask = _value_inputs()
-    loss, stats = value_loss(values, old_values, returns, mask, clip_eps=None)
+    loss, clipfrac = value_loss(values, old_values, returns, mask, clip_eps=None)
     assert loss.item() == pytest.approx(0.5 * (0 + 1 + 1) / 3)
-    assert stats == {"clipfrac": 0.0}
+    assert clipfrac.item() == 0.0
+
+
+def test_value_loss_with_weights_sums_to_the_masked_mean():
+    values, old_values, returns, mask = _value_inputs()
+    w = token_mean_weights(mask, 0).double()
+    mean, clip_mean = value_loss(values, old_values, returns, mask, clip_eps=0.2)
+    # the weights of the first two tokens and of the third, summed, give the same loss
+    a, ca = value_loss(values, old_values, returns, mask, clip_eps=0.2, weights=w * torch.tensor([[1, 1, 0, 0]]))
+    b, cb = value_loss(values, old_values, returns, mask, clip_eps=0.2, weights=w * torch.tensor([[0, 0, 1, 0]]))
+    assert (a + b).item() == pytest.approx(mean.item()) and (ca + cb).item() == pytest.approx(clip_mean.item())
 
 
 # ---- entropy -----------------------------------------------------------------------------------

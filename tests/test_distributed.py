@@ -86,7 +86,7 @@ def ppo_args(d, out, sft_model, reward_model):
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
     """The three stages in this process (world size 1): the trajectories to match."""
-    from ppo_rlhf.stages.ppo import run_ppo
+    from ppo_rlhf.stages.rl import run_ppo
     from ppo_rlhf.stages.reward import run_reward
     from ppo_rlhf.stages.sft import run_sft
 

@@ -28,7 +28,9 @@ DESCRIPTIONS = {
     "data": "write a built-in task's JSONL files (SFT, preferences, prompts, pretraining text)",
     "sft": "supervised fine-tuning on demonstrations",
     "reward": "train a reward model on preference pairs (Bradley-Terry)",
-    "ppo": "PPO against the reward model with a KL penalty to the SFT model",
+    "ppo": "RL (PPO by default; algo=grpo|rloo|reinforce++|remax|trpo|...) against the reward model "
+           "and/or reward functions with a KL penalty to the SFT model",
+    "rl": "the same stage as ppo (its algorithm-neutral name): ppo-rlhf rl algo=grpo ...",
     "eval": "gold reward / RM score / KL of a policy on held-out prompts",
     "pipeline": "tokenizer -> data -> sft -> reward -> ppo -> eval on a built-in task or your own data",
     "report": "write the HTML report of a run directory",
@@ -81,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--data", help="directory of your own JSONL files (sft_train.jsonl, "
                             "prefs_train.jsonl, prompts_train.jsonl, ...) or a YAML listing them; "
                             "shortcut for data_dir=DIR")
-        if name in ("sft", "reward", "ppo"):
+        if name in ("sft", "reward", "ppo", "rl"):
             sp.add_argument("--resume", action="store_true",
                             help="continue from the newest complete checkpoint in out_dir")
         sp.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides")
@@ -153,9 +155,9 @@ def _run(args: argparse.Namespace) -> int:
         elif cmd == "reward":
             from .stages.reward import run_reward
             result = run_reward(cfg, resume=resume)
-        elif cmd == "ppo":
-            from .stages.rl import run_ppo
-            result = run_ppo(cfg, resume=resume)
+        elif cmd in ("ppo", "rl"):
+            from .stages.rl import run_rl
+            result = run_rl(cfg, resume=resume)
         elif cmd == "eval":
             from .stages.evaluate import run_eval
             result = run_eval(cfg)

@@ -19,7 +19,14 @@ from typing import Any
 
 import yaml
 
+from .algo.advantages import ADVANTAGES
+from .algo.losses import AGGREGATIONS, POLICY_LOSSES
 from .errors import UserError
+
+ADVANTAGE_NAMES = tuple(ADVANTAGES)
+POLICY_LOSS_NAMES = tuple(POLICY_LOSSES)
+AGGREGATION_NAMES = tuple(AGGREGATIONS)
+PRESET_DIR = Path(__file__).parent / "algo" / "presets"
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
@@ -193,31 +200,50 @@ class RewardConfig:
 
 @dataclass
 class RolloutConfig:
-    """How responses are sampled."""
+    """How responses are sampled, and what happens to responses cut off without EOS."""
 
-    batch_size: int = opt(64, "Prompts per rollout (across all ranks).", min=1)
-    max_new_tokens: int = opt(0, "Maximum response tokens; 0 = the task's default (or 32).", min=0)
+    batch_size: int = opt(64, "Prompts per rollout (across all ranks); each gets algo.samples_per_prompt "
+                          "responses.", min=1)
+    max_new_tokens: int | None = opt(None, "Maximum response tokens; null = the task's default (or 32).", min=1)
     temperature: float = opt(0.7, "Sampling temperature (log-probs use the same temperature).", min=1e-3)
-    top_k: int = opt(0, "Top-k sampling (0 = off).", min=0)
-    top_p: float = opt(1.0, "Nucleus sampling threshold (1 = off).", min=0, max=1)
-    missing_eos_penalty: float = opt(-1.0, "Score given to responses truncated without EOS "
-                                     "(replaces the RM score); set `penalise_missing_eos=false` to keep the RM score.")
-    penalise_missing_eos: bool = opt(True, "Apply missing_eos_penalty to truncated responses.")
+    top_k: int = opt(0, "Top-k sampling (0 = off); the stored and trained log-probs are those of the "
+                     "truncated distribution actually sampled.", min=0)
+    top_p: float = opt(1.0, "Nucleus sampling threshold (1 = off); as top_k for the log-probs.", min=0, max=1)
+    truncated: str = opt("penalty", "Responses that hit max_new_tokens without EOS: 'penalty' = their "
+                         "score is replaced by missing_eos_penalty; 'keep' = scored as any other; "
+                         "'mask' = left out of the policy loss (DAPO's overlong filtering).",
+                         choices=("penalty", "keep", "mask"))
+    missing_eos_penalty: float = opt(-1.0, "Score of a truncated response when truncated=penalty.")
+    overlong_buffer: int | None = opt(None, "DAPO's soft overlong punishment: responses longer than "
+                                      "max_new_tokens - overlong_buffer lose up to overlong_penalty, "
+                                      "linearly in the excess; null = off.", min=1)
+    overlong_penalty: float = opt(1.0, "Largest soft overlong punishment (at max_new_tokens).", min=0)
 
 
 @dataclass
 class RewardShapingConfig:
-    """Turning RM scores and KL into per-token rewards."""
+    """Turning reward-model scores, reward functions and KL into per-token rewards."""
 
-    kl_estimator: str = opt("k1", "Per-token KL estimator in the reward.", choices=("k1", "k2", "k3"))
+    functions: str = opt("", "Reward functions, comma-separated: `pkg.module:fn` or `path/to/file.py:fn`, "
+                         "each called as fn(prompts, responses, **row_fields) -> list of floats (or, "
+                         "per row, a list of (character offset, reward) steps: a process reward). "
+                         "Without reward_model they are the whole reward.")
+    weights: str = opt("", "Weights of the reward functions, comma-separated (empty = 1 each).")
+    rm_weight: float = opt(1.0, "Weight of the reward model's score when it is combined with functions.")
+    combine: str = opt("sum", "How the reward-model score and the functions combine: 'sum' (weighted "
+                       "sum), 'sum_then_normalize' (weighted sum, standardised over the batch) or "
+                       "'normalize_then_sum' (each standardised over the batch, then summed).",
+                       choices=("sum", "sum_then_normalize", "normalize_then_sum"))
+    kl_estimator: str = opt("k1", "Per-token KL estimator (in the reward or in the loss, see algo.kl_in).",
+                            choices=("k1", "k2", "k3"))
     kl_control: str = opt("fixed", "KL coefficient controller.", choices=("fixed", "adaptive"))
     kl_coef: float = opt(0.5, "KL coefficient beta (initial value when adaptive). 0.5 suits the tiny "
                          "built-in tasks (lower let PPO over-optimise the RM); InstructGPT used 0.02, TRL 0.05.",
                          min=0)
     kl_target: float = opt(6.0, "Adaptive controller's target KL (nats per sequence).", min=1e-6)
     kl_horizon: int = opt(10000, "Adaptive controller's horizon (samples).", min=1)
-    score_clip: float = opt(10.0, "Clip the (normalised) score to +-this; 0 = no clipping.", min=0)
-    normalize: bool = opt(False, "Running mean/std normalisation of scores during PPO.")
+    score_clip: float | None = opt(10.0, "Clip the (normalised) score to +-this; null = no clipping.", min=0)
+    normalize: bool = opt(False, "Running mean/std normalisation of scores during RL.")
     credit: str = opt("sparse", "Credit assignment: 'sparse' = score at the last token; 'dense' = "
                       "per-token RM score differences (potential-based shaping) plus the sparse score.",
                       choices=("sparse", "dense"))
@@ -226,18 +252,66 @@ class RewardShapingConfig:
 
 @dataclass
 class PPOLossConfig:
-    """L = L_CLIP + c1 L_VF + c2 L_LM - entropy_coef * H."""
+    """Loss terms and the advantage estimators' knobs."""
 
-    clip_eps: float = opt(0.2, "Policy ratio clip epsilon.", min=0)
-    value_clip_eps: float = opt(0.2, "Value clip epsilon (0 = unclipped value loss).", min=0)
-    vf_coef: float = opt(0.1, "Value-loss coefficient c1.", min=0)
+    clip_eps: float = opt(0.2, "Policy ratio clip epsilon (the lower one, 1 - clip_eps).", min=0)
+    clip_eps_high: float | None = opt(None, "Upper clip epsilon, 1 + clip_eps_high (DAPO's clip-higher); "
+                                      "null = clip_eps.", min=0)
+    dual_clip_c: float = opt(3.0, "Dual-clip bound c: with policy_loss=dual_clip a negative-advantage "
+                             "token's loss is at most -c * A.", min=1)
+    value_clip_eps: float | None = opt(0.2, "Value clip epsilon; null = unclipped value loss.", min=0)
+    vf_coef: float = opt(0.1, "Value-loss coefficient c1. It matters only when the value loss shares "
+                         "parameters with the policy (train.value_model=policy_head): a separate value "
+                         "model has its own AdamW, which normalises any constant factor away -- use "
+                         "train.value_lr to make its updates larger or smaller.", min=0)
     entropy_coef: float = opt(0.0, "Entropy bonus coefficient.", min=0)
     ptx_coef: float = opt(0.0, "PPO-ptx coefficient c2 on pretraining text (InstructGPT: 27.8 with beta 0.02).",
                           min=0)
     ptx_batch_size: int = opt(16, "Pretraining sequences per minibatch when ptx_coef > 0.", min=1)
-    gamma: float = opt(1.0, "GAE discount gamma.", min=0, max=1)
-    lam: float = opt(0.95, "GAE lambda.", min=0, max=1)
-    whiten_advantages: bool = opt(True, "Whiten advantages over the rollout.")
+    gamma: float = opt(1.0, "Discount gamma (GAE and returns-to-go).", min=0, max=1)
+    lam: float = opt(0.95, "GAE lambda of the policy's advantages.", min=0, max=1)
+    critic_lam: float | None = opt(None, "GAE lambda of the value model's returns (VC-PPO/VAPO use 1.0); "
+                                   "null = lam.", min=0, max=1)
+    adaptive_lam_alpha: float | None = opt(None, "VAPO's length-adaptive lambda: each response's policy "
+                                           "lambda is 1 - 1/(alpha * length) (VAPO: alpha 0.05); null = off.",
+                                           min=1e-6)
+    norm_by_std: bool = opt(True, "GRPO: divide the group-centred scores by the group's std "
+                            "(false = Dr. GRPO's unscaled advantages).")
+    whiten_advantages: bool = opt(True, "Whiten the advantages over the global rollout batch.")
+
+
+@dataclass
+class TRPOConfig:
+    """TRPO's natural-gradient step (policy_loss=trpo)."""
+
+    max_kl: float = opt(0.01, "Trust region: mean per-token KL(old || new) a step may reach.", min=1e-8)
+    cg_iters: int = opt(10, "Conjugate-gradient iterations per step.", min=1)
+    damping: float = opt(0.1, "Damping added to the Fisher matrix in conjugate gradient.", min=0)
+    backtrack: float = opt(0.5, "Line-search step shrink factor.", min=0.01, max=0.99)
+    line_search_steps: int = opt(10, "Line-search tries before the step is rejected.", min=1)
+
+
+@dataclass
+class AlgorithmConfig:
+    """The RL algorithm as a declaration: `algo=NAME` loads a preset (src/ppo_rlhf/algo/presets/NAME.yaml)
+    and every field can be overridden (`algo.advantage=rloo`)."""
+
+    name: str = opt("ppo", "The preset this algorithm started from (set with algo=NAME).")
+    advantage: str = opt("gae", "Advantage estimator.", choices=ADVANTAGE_NAMES)
+    policy_loss: str = opt("ppo_clip", "Policy loss.", choices=POLICY_LOSS_NAMES)
+    aggregation: str = opt("token-mean", "How per-token policy losses become the minibatch loss.",
+                           choices=AGGREGATION_NAMES)
+    critic: bool = opt(True, "Train a value model (needed by the gae estimator).")
+    samples_per_prompt: int = opt(1, "Responses sampled per prompt (a group; GRPO/RLOO need >= 2). The "
+                                  "prompt's KV cache is computed once for its group.", min=1)
+    kl_in: str = opt("reward", "Where the KL to the reference goes: 'reward' (-beta * KL_t in the "
+                     "per-token reward, InstructGPT) or 'loss' (+beta * KL_t added to the policy loss, GRPO).",
+                     choices=("reward", "loss"))
+    dynamic_sampling: bool = opt(False, "DAPO's dynamic sampling: drop groups whose rewards are all equal "
+                                 "(no signal) and sample more prompts to refill the batch.")
+    max_sampling_rounds: int = opt(3, "Rollouts tried per update to refill the batch under dynamic sampling.",
+                                   min=1)
+    trpo: TRPOConfig = opt(factory=TRPOConfig, help="TRPO's step.")
 
 
 @dataclass
@@ -248,30 +322,42 @@ class PPOTrainConfig:
     ppo_epochs: int = opt(2, "Passes over each rollout's experience.", min=1)
     num_minibatches: int = opt(2, "Minibatches per epoch (optimizer steps per epoch).", min=1)
     grad_accum: int = opt(1, "Micro-batches per minibatch (gradient accumulation).", min=1)
-    value_lr: float = opt(0.0, "Value model learning rate (0 = same as policy).", min=0)
+    value_lr: float | None = opt(None, "Value model learning rate; null = optim.lr. The knob for how fast "
+                                 "a separate value model learns.", min=0)
     critic_warmup_updates: int = opt(0, "First N iterations update only the value model.", min=0)
     value_update_every: int = opt(1, "Update the value model every N iterations.", min=1)
-    target_kl: float = opt(0.0, "Stop an iteration's epochs early when approx_kl exceeds this (0 = off).",
-                           min=0)
-    value_model: str = opt("separate", "Value model: 'separate' (a copy of the RM) or 'policy_head' "
-                           "(the RM's head on the policy's own trunk; one process, no LoRA).",
+    target_kl: float | None = opt(None, "Stop an iteration's epochs early when approx_kl exceeds this; "
+                                  "null = off.", min=0)
+    value_model: str = opt("separate", "Value model: 'separate' (a copy of the RM, or of the policy "
+                           "with a new head when there is no RM) or 'policy_head' (a head on the "
+                           "policy's own trunk; one process, no LoRA).",
                            choices=("separate", "policy_head"))
+    value_init: str = opt("", "Warm-start the value model from this directory: a saved value model "
+                          "(RUN/ppo/value_model) or a critic pretraining's output; empty = the RM.")
+    critic_pretrain_rollouts: int = opt(0, "Before RL: sample this many rollouts with the initial policy "
+                                        "and fit the value model on them (critic-only pretraining).", min=0)
+    critic_pretrain_epochs: int = opt(4, "Passes over the fixed pretraining rollouts.", min=1)
 
 
 @dataclass
 class PPOConfig:
-    """`ppo-rlhf ppo`: PPO against the reward model with a KL penalty to the SFT reference."""
+    """`ppo-rlhf ppo` / `ppo-rlhf rl`: RL against the reward model and/or reward functions with a KL
+    penalty to the SFT reference; the algorithm is `algo` (PPO by default)."""
 
     out_dir: str = opt("", "Output directory.")
     policy: str = opt("", "SFT model directory (policy init and frozen reference).")
-    reward_model: str = opt("", "Reward model directory (frozen; also the value model's init).")
-    prompts_file: str = opt("", "Training prompts JSONL {\"prompt\"}.")
+    reward_model: str = opt("", "Reward model directory (frozen; also the value model's init). May be "
+                            "empty when reward.functions are given.")
+    prompts_file: str = opt("", "Training prompts JSONL {\"prompt\", ...}; other keys of a row are "
+                            "passed to the reward functions.")
     eval_prompts_file: str = opt("", "Held-out prompts JSONL for periodic evaluation (optional).")
     ptx_file: str = opt("", "Pretraining text JSONL {\"text\"} for PPO-ptx (needed when loss.ptx_coef > 0).")
-    task: str = opt("", "Built-in task for the gold reward (metrics only; never used for training).")
+    task: str = opt("", "Task for the gold reward (metrics only; never used for training): a built-in "
+                    "name or path/to/task.py:Class.")
     max_prompt_len: int = opt(64, "Prompt tokens kept (truncated from the left).", min=1)
     eval_samples: int = opt(400, "Held-out prompt samples per evaluation (a small file is cycled).", min=1)
     sample_rows: int = opt(4, "Prompt/response rows kept in samples.jsonl per evaluation.", min=0)
+    algo: AlgorithmConfig = opt(factory=AlgorithmConfig, help="The RL algorithm.")
     model: ModelConfig = opt(factory=lambda: ModelConfig(path=""), help="LoRA options for the policy (path is ignored: see policy).")
     rollout: RolloutConfig = opt(factory=RolloutConfig, help="Sampling.")
     reward: RewardShapingConfig = opt(factory=RewardShapingConfig, help="Reward shaping.")
@@ -339,7 +425,7 @@ class PipelineConfig:
 
 STAGE_CONFIGS: dict[str, type] = {
     "tokenizer": TokenizerConfig, "data": DataConfig, "sft": SFTConfig, "reward": RewardConfig,
-    "ppo": PPOConfig, "eval": EvalConfig, "pipeline": PipelineConfig,
+    "ppo": PPOConfig, "rl": PPOConfig, "eval": EvalConfig, "pipeline": PipelineConfig,
 }
 
 
@@ -489,6 +575,12 @@ def set_key(cfg: Any, key: str, value: Any, where: str = "") -> None:
                 raise _unknown_key(type(cfg), key, where)
             obj = getattr(obj, part)
             continue
+        if typ is AlgorithmConfig and isinstance(value, str):  # algo=NAME names a preset
+            _apply_preset(cfg, ".".join(parts[:-1]), value, f"{where}{key}")
+            return
+        if isinstance(obj, AlgorithmConfig) and part == "name":  # algo.name=NAME does too
+            _apply_preset(cfg, ".".join(parts[:-2]), _coerce(value, str, key, where), f"{where}{key}")
+            return
         if is_dataclass(typ):
             if not isinstance(value, dict):
                 raise UserError(f"{where}{key}: expected a mapping of options, got {value!r}.")
@@ -498,6 +590,33 @@ def set_key(cfg: Any, key: str, value: Any, where: str = "") -> None:
         coerced = _coerce(value, typ, key, where)
         _check_range(coerced, f, key, where, typ)
         setattr(obj, part, coerced)
+
+
+def algorithm_presets() -> list[str]:
+    """Names of the algorithm presets (`algo=NAME`), from src/ppo_rlhf/algo/presets/NAME.yaml."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _apply_preset(cfg: Any, prefix: str, name: str, where: str) -> None:
+    """Set the keys of the preset `name` on the RL config at `prefix` (e.g. "" or "ppo"), then
+    record the name. A preset is a YAML mapping of RL-config keys; later settings override it."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        names = algorithm_presets()
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"{where}: no algorithm preset {name!r}; presets: {', '.join(names)}.{hint}")
+    head = f"{prefix}." if prefix else ""
+    for k, v in _flatten(load_yaml(path)):
+        set_key(cfg, head + k, v, where=f"{path}: ")
+    algo = cfg
+    for part in (head + "algo").split("."):
+        algo = getattr(algo, part)
+    algo.name = name
+
+
+def _selects_preset(key: str) -> bool:
+    return key in ("algo", "algo.name") or key.endswith((".algo", ".algo.name"))
 
 
 def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -553,14 +672,14 @@ def build_config(cls: type, yaml_path: str | Path | None = None, overrides: list
                  base: dict | None = None) -> Any:
     """Defaults <- `base` dict <- YAML file <- dotted overrides; validated."""
     cfg = cls()
-    for k, v in _flatten(base or {}):
-        set_key(cfg, k, v)
+    settings = [(k, v, "") for k, v in _flatten(base or {})]
     if yaml_path:
-        for k, v in _flatten(load_yaml(yaml_path)):
-            set_key(cfg, k, v, where=f"{yaml_path}: ")
-    for text in overrides:
-        k, v = parse_override(text)
-        set_key(cfg, k, v, where="command line: ")
+        settings += [(k, v, f"{yaml_path}: ") for k, v in _flatten(load_yaml(yaml_path))]
+    settings += [(*parse_override(text), "command line: ") for text in overrides]
+    # An algorithm preset (algo=NAME) is a base: it is applied first, whatever its position.
+    settings.sort(key=lambda s: not _selects_preset(s[0]))
+    for k, v, where in settings:
+        set_key(cfg, k, v, where=where)
     return cfg
 
 
@@ -609,7 +728,7 @@ def markdown_reference() -> str:
            "Generated from the config dataclasses in `src/ppo_rlhf/config.py` "
            "(`python -m ppo_rlhf.config > docs/configuration.md`); a test keeps it in sync.", ""]
     for name, cls in STAGE_CONFIGS.items():
-        if name == "pipeline":
+        if name in ("pipeline", "rl"):  # rl is ppo's other name; the pipeline nests the stages
             continue
         out += [f"## `ppo-rlhf {name}`", "", (cls.__doc__ or "").strip(), "",
                 "| key | type | default | meaning |", "|---|---|---|---|"]

@@ -1,41 +1,125 @@
 """Rollout: sample responses from the policy, score them, and turn the scores into per-token
-rewards, advantages and returns -- an `Experience` batch that the PPO update consumes.
+rewards, advantages and returns -- an `Experience` batch that the RL update consumes.
 
-Shapes: B rollout rows on this rank, P prompt tokens (left-padded), R response tokens (right-padded
-after EOS). Response-aligned tensors (B, R) start at the first response token.
+Three steps, each a function:
+1. `sample` (on this rank's prompts): `samples_per_prompt` responses per prompt, grouped
+   consecutively, with the sampling log-probs;
+2. `score` (on this rank's rows): old and reference log-probs, values, the reward-model score
+   and the reward functions, combined into one sequence score; then gathered in global order;
+3. `make_experience` (on the global batch, the same on every rank): score shaping, per-token
+   rewards, the algorithm's advantage estimator (`algo.advantages.ADVANTAGES`), whitening.
+
+Shapes: B rollout rows, P prompt tokens (left-padded), R response tokens (right-padded after EOS).
+Response-aligned tensors (B, R) start at the first response token.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from . import distributed as dist
-from .algo.advantages import RunningMeanStd, compute_gae, compute_rewards, masked_whiten
+from .algo.advantages import (
+    ADVANTAGES,
+    AdvantageInputs,
+    AdvantageParams,
+    RunningMeanStd,
+    compute_rewards,
+    masked_whiten,
+)
 from .algo.kl import kl_penalty
 from .config import PPOConfig
 from .generation import generate, response_logprobs, response_values, sequence_rewards
-from .models import token_scores
+from .models import adapters_disabled, token_scores
+from .rewards import RewardFunctions, combine_scores, process_rewards_to_tokens
+
+
+class Reference:
+    """pi_ref's log-probs, the same way for a frozen copy and for a LoRA policy whose base model
+    (adapters disabled) is the reference, so no second copy of the weights is needed."""
+
+    def __init__(self, model=None, lora_policy=None):
+        if (model is None) == (lora_policy is None):
+            raise ValueError("Reference needs exactly one of a frozen model or a LoRA policy")
+        self.model, self.lora_policy = model, lora_policy
+
+    def context(self):
+        """The context inside which `self.network` computes the reference distribution."""
+        return adapters_disabled(self.lora_policy) if self.lora_policy is not None else contextlib.nullcontext()
+
+    @property
+    def network(self):
+        return self.model if self.model is not None else self.lora_policy
+
+    @torch.no_grad()
+    def logprobs(self, sequences, attention_mask, prompt_len: int, temperature: float) -> torch.Tensor:
+        """(B, R) log pi_ref of the response tokens at the sampling temperature."""
+        with self.context():
+            lp, _ = response_logprobs(self.network, sequences, attention_mask, prompt_len, temperature=temperature)
+        return lp
+
+
+class Rollout(NamedTuple):
+    """Responses sampled on this rank; rows i*n .. i*n+n-1 answer prompt i (n = samples per prompt)."""
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded, each prompt repeated for its group
+    prompt_mask: torch.Tensor  # (B, P) bool
+    response_ids: torch.Tensor  # (B, R) right-padded with pad after EOS
+    response_mask: torch.Tensor  # (B, R) bool, True on response tokens incl. EOS
+    logprobs: torch.Tensor  # (B, R) sampling log-probs (old log-probs unless recomputed)
+    entropy: torch.Tensor  # (B, R) entropy of the sampling distribution
+
+
+class Scored(NamedTuple):
+    """A rollout with everything measured on it (before shaping); all rows of all ranks once gathered."""
+
+    sequences: torch.Tensor  # (B, P+R)
+    attention_mask: torch.Tensor  # (B, P+R) bool
+    response_mask: torch.Tensor  # (B, R) bool
+    logprobs: torch.Tensor  # (B, R) log pi_old
+    ref_logprobs: torch.Tensor  # (B, R) log pi_ref
+    values: torch.Tensor  # (B, R) V_old(s_t); zeros without a critic
+    entropy: torch.Tensor  # (B, R)
+    score: torch.Tensor  # (B,) combined sequence score (RM and/or functions), before shaping
+    dense: torch.Tensor  # (B, R) per-token additions: process rewards, RM dense credit
+    rm_scores: torch.Tensor  # (B,) normalised RM score (zeros without an RM)
+    function_scores: torch.Tensor  # (B, F) each reward function's sequence reward
+    baselines: torch.Tensor  # (B,) baseline score (ReMax's greedy response), zeros when unused
+    truncated: torch.Tensor  # (B,) bool, no EOS within max_new_tokens
+    groups: torch.Tensor  # (B,) rows sampled together from one prompt share an id
+    prompt_index: torch.Tensor  # (B,) the row's prompt in the training prompts
+
+    @property
+    def prompt_len(self) -> int:
+        return self.sequences.size(1) - self.response_mask.size(1)
 
 
 class Experience(NamedTuple):
-    """One rollout, everything the update needs (all detached)."""
+    """One rollout, everything the update needs (all detached; global batch). Not tied to
+    on-policy use: a replay buffer could hold these."""
 
     sequences: torch.Tensor  # (B, P+R) prompt + response token ids
     attention_mask: torch.Tensor  # (B, P+R) bool
     response_mask: torch.Tensor  # (B, R) bool, True on response tokens incl. EOS
+    loss_mask: torch.Tensor  # (B, R) bool, the tokens the policy loss sees (truncated=mask drops rows)
     logprobs: torch.Tensor  # (B, R) log pi_old(a_t|s_t) at the sampling temperature
     ref_logprobs: torch.Tensor  # (B, R) log pi_ref(a_t|s_t)
-    values: torch.Tensor  # (B, R) V_old(s_t)
-    rewards: torch.Tensor  # (B, R) -beta*KL_t + score at the last token
-    advantages: torch.Tensor  # (B, R) whitened GAE advantages
-    returns: torch.Tensor  # (B, R) GAE returns (advantages before whitening + values)
-    scores: torch.Tensor  # (B,) score used in the reward (after penalty/normalisation/clip)
-    rm_scores: torch.Tensor  # (B,) raw normalised RM score
-    kl: torch.Tensor  # (B, R) per-token KL estimate used in the reward
-    entropy: torch.Tensor  # (B, R) policy entropy at each response position
-    truncated: torch.Tensor  # (B,) bool, response ended without EOS
+    values: torch.Tensor  # (B, R) V_old(s_t) (zeros without a critic)
+    rewards: torch.Tensor  # (B, R) per-token rewards (score at the end, dense terms, -beta*KL_t if in the reward)
+    advantages: torch.Tensor  # (B, R)
+    returns: torch.Tensor  # (B, R) value targets (zeros without a critic)
+    scores: torch.Tensor  # (B,) shaped score used in the reward
+    rm_scores: torch.Tensor  # (B,) normalised RM score
+    function_scores: torch.Tensor  # (B, F)
+    kl: torch.Tensor  # (B, R) per-token KL estimate (reward.kl_estimator)
+    entropy: torch.Tensor  # (B, R)
+    truncated: torch.Tensor  # (B,) bool
+    groups: torch.Tensor  # (B,)
+    prompt_index: torch.Tensor  # (B,)
 
     @property
     def prompt_len(self) -> int:
@@ -43,41 +127,40 @@ class Experience(NamedTuple):
 
 
 @torch.no_grad()
-def sample(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: PPOConfig,
-           max_new_tokens: int, eos_id: int, pad_id: int, generator: torch.Generator | None = None,
-           row_seeds: list[int] | None = None):
-    """Responses (B, R), their mask, and the policy's (B, R) log-probs and entropies at each response
-    token, taken from the sampling logits (per-row streams with `row_seeds`).
+def sample(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: PPOConfig, max_new_tokens: int,
+           eos_id: int, pad_id: int, row_seeds: list[int], greedy: bool = False) -> Rollout:
+    """`algo.samples_per_prompt` responses to each prompt (B prompts -> B*n rows, grouped; the
+    prompt's KV cache is computed once for its group), each row from its own random stream
+    (`row_seeds`, B*n of them); `greedy` takes one argmax response each.
 
-    The log-probs are those of the full softmax(logits / temperature), before top-k / top-p, as
-    `response_logprobs` computes them in the update, so they serve as the old log-probs without a
-    second policy forward (they differ from a full forward's by float noise, ~1e-6).
+    The log-probs are those of the distribution sampled from (softmax(logits / temperature),
+    after top-k / top-p), as `response_logprobs` computes them in the update.
     """
     r = cfg.rollout
-    return generate(policy, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                    pad_token_id=pad_id, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                    generator=generator, row_seeds=row_seeds, return_logprobs=True, return_entropy=True)
+    n = 1 if greedy else cfg.algo.samples_per_prompt
+    resp, resp_mask, logprobs, entropy = generate(
+        policy, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
+        pad_token_id=pad_id, temperature=0.0 if greedy else r.temperature, top_k=r.top_k, top_p=r.top_p,
+        row_seeds=None if greedy else row_seeds, num_samples=n, return_logprobs=True, return_entropy=True)
+    return Rollout(prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0), resp, resp_mask,
+                   logprobs, entropy)
+
+
+def pad_responses(rollout: Rollout, length: int, pad_id: int) -> Rollout:
+    """The rollout with responses right-padded to `length` tokens (one length on all ranks)."""
+    extra = length - rollout.response_ids.size(1)
+    if extra == 0:
+        return rollout
+    return rollout._replace(
+        response_ids=F.pad(rollout.response_ids, (0, extra), value=pad_id),
+        response_mask=F.pad(rollout.response_mask, (0, extra), value=False),
+        logprobs=F.pad(rollout.logprobs, (0, extra), value=0.0),
+        entropy=F.pad(rollout.entropy, (0, extra), value=0.0))
 
 
 def truncated_rows(response_ids: torch.Tensor, response_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
     """(B,) True where the response has no EOS (it hit max_new_tokens)."""
     return ~((response_ids == eos_id) & response_mask).any(dim=1)
-
-
-def shape_scores(rm_scores: torch.Tensor, truncated: torch.Tensor, cfg: PPOConfig,
-                 running: RunningMeanStd | None) -> torch.Tensor:
-    """Missing-EOS penalty, optional running normalisation (statistics over all ranks), clipping."""
-    scores = rm_scores.clone()
-    r = cfg.reward
-    if running is not None:
-        mean, var, n = dist.global_masked_moments(scores, torch.ones_like(scores, dtype=torch.bool))
-        running.update_from_moments(mean.double(), var.double(), n.double())
-        scores = (scores - running.mean) / (running.std + 1e-8)
-    if cfg.rollout.penalise_missing_eos:
-        scores = torch.where(truncated, torch.full_like(scores, cfg.rollout.missing_eos_penalty), scores)
-    if r.score_clip:
-        scores = scores.clamp(-r.score_clip, r.score_clip)
-    return scores
 
 
 @torch.no_grad()
@@ -92,48 +175,132 @@ def dense_credit(reward_model, sequences, attention_mask, prompt_len: int, respo
     return (after - before) * response_mask
 
 
-@torch.no_grad()
-def make_experience(policy, reference, value_model, reward_model, prompt_ids, prompt_mask,
-                    response_ids, response_mask, cfg: PPOConfig, kl_coef: float, eos_id: int,
-                    running: RunningMeanStd | None = None, reference_ctx=None,
-                    logprobs: torch.Tensor | None = None, entropy: torch.Tensor | None = None) -> Experience:
-    """Score a sampled batch and compute rewards, advantages and returns.
+class Scorer:
+    """The sequence score of responses: the reward model's (normalised) score and/or the reward
+    functions, combined as `reward.combine` says, plus their per-token terms (process rewards, the
+    RM's dense credit). Called on each rank's rows; `texts` are the decoded responses."""
 
-    `reference_ctx` (a context manager factory) is used with LoRA: the reference log-probs are the
-    policy's own with the adapters disabled, so no second copy of the weights is needed.
-    `logprobs` and `entropy` (B, R), when given (from `sample`), are the policy's old log-probs and
-    entropies; without them a policy forward computes both.
+    def __init__(self, cfg: PPOConfig, tokenizer, reward_model=None, functions: RewardFunctions | None = None):
+        self.cfg, self.tokenizer, self.reward_model = cfg, tokenizer, reward_model
+        self.functions = functions if functions is not None and len(functions) else None
+
+    @property
+    def names(self) -> list[str]:
+        return self.functions.names if self.functions is not None else []
+
+    @torch.no_grad()
+    def __call__(self, sequences, attention_mask, response_mask, prompts: list[str], texts: list[str],
+                 fields: list[dict], row_ids: list[int]):
+        """(score (B,), dense (B, R), rm_scores (B,), function_scores (B, F))."""
+        cfg = self.cfg.reward
+        B, R = response_mask.shape
+        dev = sequences.device
+        P = sequences.size(1) - R
+        components, weights = [], []
+        dense = torch.zeros(B, R, device=dev)
+        rm_scores = torch.zeros(B, device=dev)
+        if self.reward_model is not None:
+            rm_scores = sequence_rewards(self.reward_model, sequences, attention_mask).float()
+            components.append(rm_scores)
+            weights.append(cfg.rm_weight)
+            if cfg.credit == "dense":
+                dense = dense + cfg.dense_coef * dense_credit(self.reward_model, sequences, attention_mask, P,
+                                                              response_mask)
+        function_scores = torch.zeros(B, 0, device=dev)
+        if self.functions is not None:
+            out = self.functions.score(prompts, texts, fields, row_ids)
+            function_scores = torch.stack([out.per_function[n] for n in self.names], 1).to(dev)
+            components.append(out.total.to(dev))
+            weights.append(1.0)  # the functions' own weights are already in `total`
+            if any(out.steps):
+                dense = dense + process_rewards_to_tokens(
+                    self.tokenizer, sequences[:, P:].cpu(), response_mask.cpu(), out.steps).to(dev)
+        score = combine_scores(components, weights, cfg.combine)
+        return score, dense, rm_scores, function_scores
+
+
+def gather_groups(x: torch.Tensor, n: int) -> torch.Tensor:
+    """`dist.gather_shards` by groups of n consecutive rows, so a prompt's samples stay together:
+    rank r holds prompts r, r + W, ...; the result holds every prompt's group in global order."""
+    if not dist.is_distributed():
+        return x
+    groups = x.reshape(x.shape[0] // n, n, *x.shape[1:])
+    return dist.gather_shards(groups).reshape(-1, *x.shape[1:])
+
+
+def gather_scored(scored: Scored, n: int) -> Scored:
+    return Scored(*(gather_groups(t, n) for t in scored))
+
+
+def shape_scores(scores: torch.Tensor, truncated: torch.Tensor, lengths: torch.Tensor, cfg: PPOConfig,
+                 max_new_tokens: int, running: RunningMeanStd | None, update_running: bool = True) -> torch.Tensor:
+    """Running normalisation (optional), the missing-EOS penalty, DAPO's soft overlong punishment,
+    clipping. scores, truncated, lengths (B,); on the global batch."""
+    r, ro = cfg.reward, cfg.rollout
+    scores = scores.float().clone()
+    if running is not None:
+        if update_running:
+            running.update(scores)
+        scores = running.normalize(scores)
+    if ro.truncated == "penalty":
+        scores = torch.where(truncated, torch.full_like(scores, ro.missing_eos_penalty), scores)
+    if ro.overlong_buffer:
+        # DAPO: 0 up to max - buffer, then linearly down to -overlong_penalty at max_new_tokens.
+        start = max_new_tokens - ro.overlong_buffer
+        excess = (lengths.float() - start).clamp(min=0) / ro.overlong_buffer
+        scores = scores - ro.overlong_penalty * excess.clamp(max=1.0)
+    if r.score_clip is not None:
+        scores = scores.clamp(-r.score_clip, r.score_clip)
+    return scores
+
+
+def advantage_params(cfg: PPOConfig) -> AdvantageParams:
+    loss = cfg.loss
+    return AdvantageParams(gamma=loss.gamma, lam=loss.lam, critic_lam=loss.critic_lam,
+                           adaptive_lam_alpha=loss.adaptive_lam_alpha or 0.0, norm_by_std=loss.norm_by_std)
+
+
+@torch.no_grad()
+def make_experience(scored: Scored, cfg: PPOConfig, kl_coef: float, max_new_tokens: int,
+                    running: RunningMeanStd | None = None) -> Experience:
+    """Shape the scores and compute rewards, advantages and returns on the global batch.
+
+    The KL goes into the per-token reward (algo.kl_in=reward) or is left to the loss; the
+    advantage estimator is `ADVANTAGES[algo.advantage]`; advantages are whitened over the loss
+    tokens when loss.whiten_advantages.
     """
-    P = prompt_ids.size(1)
-    sequences = torch.cat([prompt_ids, response_ids], 1)
-    attention_mask = torch.cat([prompt_mask, response_mask], 1)
-    temp = cfg.rollout.temperature
-    if logprobs is None or entropy is None:
-        logprobs, entropy = response_logprobs(policy, sequences, attention_mask, P, temperature=temp,
-                                              with_entropy=True)
-    if reference_ctx is not None:
-        with reference_ctx():
-            ref_logprobs, _ = response_logprobs(policy, sequences, attention_mask, P, temperature=temp)
-    else:
-        ref_logprobs, _ = response_logprobs(reference, sequences, attention_mask, P, temperature=temp)
-    values = response_values(value_model, sequences, attention_mask, P).float()
-    rm_scores = sequence_rewards(reward_model, sequences, attention_mask).float()
-    truncated = truncated_rows(response_ids, response_mask, eos_id)
-    scores = shape_scores(rm_scores, truncated, cfg, running)
-    dense = None
-    if cfg.reward.credit == "dense":
-        dense = cfg.reward.dense_coef * dense_credit(reward_model, sequences, attention_mask, P, response_mask)
-    rewards, kl = compute_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef,
-                                  estimator=cfg.reward.kl_estimator, dense_scores=dense)
-    values = values * response_mask
-    advantages, returns = compute_gae(rewards, values, response_mask, cfg.loss.gamma, cfg.loss.lam)
+    mask = scored.response_mask
+    lengths = mask.sum(1)
+    scores = shape_scores(scored.score, scored.truncated, lengths, cfg, max_new_tokens, running)
+    in_reward = cfg.algo.kl_in == "reward"
+    rewards, kl = compute_rewards(scores, scored.logprobs, scored.ref_logprobs, mask,
+                                  kl_coef if in_reward else 0.0, estimator=cfg.reward.kl_estimator,
+                                  dense_scores=scored.dense)
+    loss_mask = mask & ~scored.truncated[:, None] if cfg.rollout.truncated == "mask" else mask
+    estimator = ADVANTAGES[cfg.algo.advantage]
+    values = scored.values * mask
+    baselines = None
+    if estimator.needs_baseline:
+        baselines = shape_scores(scored.baselines, torch.zeros_like(scored.truncated), lengths, cfg,
+                                 max_new_tokens, running, update_running=False)
+    inputs = AdvantageInputs(rewards, mask, scores, scored.groups, values if estimator.needs_values else None,
+                             baselines)
+    advantages, returns = estimator.fn(inputs, advantage_params(cfg))
     if cfg.loss.whiten_advantages:
-        mean, var, _ = dist.global_masked_moments(advantages, response_mask)
-        advantages = masked_whiten(advantages, response_mask, shift_mean=True, stats=(mean, var))
-    return Experience(sequences, attention_mask, response_mask, logprobs, ref_logprobs, values, rewards,
-                      advantages, returns, scores, rm_scores, kl, entropy, truncated)
+        advantages = masked_whiten(advantages, loss_mask, shift_mean=True)
+    advantages = advantages * loss_mask
+    returns = returns if returns is not None else torch.zeros_like(rewards)
+    return Experience(scored.sequences, scored.attention_mask, mask, loss_mask, scored.logprobs,
+                      scored.ref_logprobs, values, rewards, advantages, returns, scores, scored.rm_scores,
+                      scored.function_scores, kl, scored.entropy, scored.truncated, scored.groups,
+                      scored.prompt_index)
 
 
 def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """(B,) KL(pi||ref) of each response: the k1 sum over its tokens (unbiased for the sequence KL)."""
     return (kl_penalty(logprobs, ref_logprobs, "k1") * response_mask).sum(1)
+
+
+def group_ids(groups: Sequence[int], n: int, device) -> torch.Tensor:
+    """(len * n,) group id of each row: its prompt's group id, repeated for the n samples."""
+    return torch.as_tensor(list(groups), device=device).repeat_interleave(n)

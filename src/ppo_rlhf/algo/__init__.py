@@ -1,7 +1,11 @@
-"""Pure tensor functions of RLHF: KL estimators and controllers, rewards, GAE, whitening and
-losses. No I/O and no model code; every function has a unit test on hand-made tensors."""
+"""Pure tensor functions of RLHF: KL estimators and controllers, rewards, the registered advantage
+estimators, policy losses and loss aggregations, TRPO's conjugate gradient and line search. No I/O
+and no model code; every function has a unit test on hand-made tensors."""
 
 from ppo_rlhf.algo.advantages import (
+    ADVANTAGES,
+    AdvantageInputs,
+    AdvantageParams,
     RunningMeanStd,
     compute_gae,
     compute_rewards,
@@ -20,18 +24,26 @@ from ppo_rlhf.algo.kl_control import (
     make_kl_controller,
 )
 from ppo_rlhf.algo.losses import (
+    AGGREGATIONS,
+    POLICY_LOSSES,
+    PolicyLossParams,
     entropy_from_logits,
     lm_loss,
     pairwise_rm_loss,
-    policy_loss,
     value_loss,
 )
 
 __all__ = [
+    "ADVANTAGES",
+    "AGGREGATIONS",
     "KL_ESTIMATORS",
+    "POLICY_LOSSES",
     "AdaptiveKLController",
+    "AdvantageInputs",
+    "AdvantageParams",
     "FixedKLController",
     "KLController",
+    "PolicyLossParams",
     "RunningMeanStd",
     "compute_gae",
     "compute_rewards",
@@ -46,6 +58,5 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "pairwise_rm_loss",
-    "policy_loss",
     "value_loss",
 ]

@@ -8,7 +8,8 @@ after EOS). Values at padded positions are never read: they may hold anything, i
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -105,12 +106,13 @@ def compute_rewards(
 
 
 def compute_gae(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float | Tensor
 ) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016), batched over rows.
 
     delta_t = r_t + gamma * V_{t+1} - V_t,  A_t = sum_l (gamma * lam)^l delta_{t+l},
-    returns_t = A_t + V_t. The episode ends at the last real token, so V_{t+1} = 0 there; a False
+    returns_t = A_t + V_t; `lam` is a float or a (B,) per-row lambda. The episode ends at the last
+    real token, so V_{t+1} = 0 there; a False
     in `mask` ends the episode (masks are prefixes: right padding). rewards, values, mask are
     (B, R); returns (advantages (B, R), returns (B, R)), both zero where `mask` is False.
     """
@@ -201,3 +203,182 @@ class RunningMeanStd:
         self.mean = float(state["mean"])
         self.var = float(state["var"])
         self.count = int(state["count"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Advantage estimators, registered by name. The RL stage calls them only through `ADVANTAGES`.
+# ----------------------------------------------------------------------------------------------
+class AdvantageInputs(NamedTuple):
+    """What every estimator receives (all on the global rollout batch, detached).
+
+    rewards (B, R): per-token rewards -- the score at the last real token, any process rewards,
+    and -beta * KL_t when the KL is in the reward. scores (B,): the sequence score alone.
+    values (B, R) V_old(s_t), or None without a critic. groups (B,): rows sampled from the same
+    prompt share an id. baselines (B,): a per-row baseline score (ReMax: the greedy response's),
+    or None. mask (B, R) is True at real response tokens.
+    """
+
+    rewards: Tensor
+    mask: Tensor
+    scores: Tensor
+    groups: Tensor
+    values: Tensor | None = None
+    baselines: Tensor | None = None
+
+
+class AdvantageParams(NamedTuple):
+    """Knobs of the estimators. `lam` is the policy's GAE lambda, `critic_lam` the returns'
+    (VC-PPO / VAPO decouple them; None = lam); `adaptive_lam_alpha` > 0 gives each row the
+    length-adaptive lambda 1 - 1 / (alpha * length) of VAPO; `norm_by_std` divides GRPO's
+    group-centred scores by the group std."""
+
+    gamma: float = 1.0
+    lam: float = 0.95
+    critic_lam: float | None = None
+    adaptive_lam_alpha: float = 0.0
+    norm_by_std: bool = True
+    eps: float = 1e-6
+
+
+class Estimator(NamedTuple):
+    """A registered estimator: the function and what the stage must provide for it."""
+
+    fn: Callable[[AdvantageInputs, AdvantageParams], tuple[Tensor, Tensor | None]]
+    needs_values: bool = False  # a critic (value model) is required
+    needs_groups: bool = False  # several samples per prompt are required
+    needs_baseline: bool = False  # a greedy response per prompt is scored as the baseline
+
+
+ADVANTAGES: dict[str, Estimator] = {}
+
+
+def register_advantage(name: str, **needs: bool):
+    """Decorator: register `fn(inputs, params) -> (advantages (B, R), returns (B, R) | None)`."""
+
+    def wrap(fn):
+        if name in ADVANTAGES:
+            raise ValueError(f"advantage estimator {name!r} is registered twice")
+        ADVANTAGES[name] = Estimator(fn, **needs)
+        return fn
+
+    return wrap
+
+
+def sequence_returns(rewards: Tensor, mask: Tensor) -> Tensor:
+    """(B,) undiscounted return of each response: the sum of its per-token rewards."""
+    return masked_sum(rewards, mask, dim=1)
+
+
+def group_moments(x: Tensor, groups: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row (mean, unbiased std, count) of `x` (B,) over the rows of its group.
+
+    The std of a group of one is NaN (callers decide what a lone sample means).
+    """
+    ids, inverse = torch.unique(groups, return_inverse=True)
+    x = x.double()
+    count = torch.zeros(len(ids), dtype=x.dtype, device=x.device).index_add_(0, inverse, torch.ones_like(x))
+    total = torch.zeros_like(count).index_add_(0, inverse, x)
+    mean = total / count
+    sq = torch.zeros_like(count).index_add_(0, inverse, (x - mean[inverse]).square())
+    std = torch.sqrt(sq / (count - 1))  # unbiased, as GRPO (torch.std) uses; NaN for count 1
+    return mean[inverse], std[inverse], count[inverse]
+
+
+def returns_to_go(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """G_t = sum_{s >= t} gamma^(s-t) r_s over the real tokens of each row, (B, R); 0 past the mask."""
+    mask = mask.bool()
+    zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+    rewards = torch.where(mask, rewards, zero)
+    running = torch.zeros_like(rewards[:, 0])
+    out = []
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        out.append(running)
+    return torch.where(mask, torch.stack(out[::-1], dim=1), zero)
+
+
+def _broadcast(row_values: Tensor, mask: Tensor) -> Tensor:
+    """(B,) -> (B, R): the row's value on each of its real tokens, 0 elsewhere."""
+    row_values = row_values.to(torch.float32)
+    return torch.where(mask.bool(), row_values[:, None].expand(mask.shape), torch.zeros((), device=mask.device))
+
+
+@register_advantage("gae", needs_values=True)
+def gae_advantages(x: AdvantageInputs, p: AdvantageParams) -> tuple[Tensor, Tensor]:
+    """GAE (PPO's estimator). Advantages use `lam` (or each row's length-adaptive lambda
+    1 - 1/(alpha*l), VAPO); the critic's returns use `critic_lam` (VC-PPO: 1.0 gives unbiased
+    Monte-Carlo targets for the value model while the policy keeps a low-variance estimate)."""
+    lam: float | Tensor = p.lam
+    if p.adaptive_lam_alpha > 0:
+        lengths = x.mask.sum(1).clamp(min=1).to(x.rewards.dtype)
+        lam = (1.0 - 1.0 / (p.adaptive_lam_alpha * lengths)).clamp(0.0, 1.0)
+    advantages, returns = compute_gae(x.rewards, x.values, x.mask, p.gamma, lam)
+    critic_lam = p.lam if p.critic_lam is None else p.critic_lam
+    if p.critic_lam is not None or p.adaptive_lam_alpha > 0:
+        _, returns = compute_gae(x.rewards, x.values, x.mask, p.gamma, critic_lam)
+    return advantages, returns
+
+
+def _group_normalised(x: AdvantageInputs, p: AdvantageParams, scale: bool) -> Tensor:
+    returns = sequence_returns(x.rewards, x.mask)
+    mean, std, count = group_moments(returns, x.groups)
+    centred = returns.double() - mean
+    if scale:
+        centred = centred / (std + p.eps)
+    # A lone sample has nothing to be compared with: no signal (the stage refuses n = 1 anyway).
+    centred = torch.where(count > 1, centred, torch.zeros_like(centred))
+    return _broadcast(centred, x.mask)
+
+
+@register_advantage("grpo", needs_groups=True)
+def grpo_advantages(x: AdvantageInputs, p: AdvantageParams) -> tuple[Tensor, None]:
+    """GRPO (Shao et al. 2024): A_i = (R_i - mean_group(R)) / (std_group(R) + eps) on every token
+    of response i, R_i its return; without `norm_by_std` only centred (Dr. GRPO's fix)."""
+    return _group_normalised(x, p, p.norm_by_std), None
+
+
+@register_advantage("dr_grpo", needs_groups=True)
+def dr_grpo_advantages(x: AdvantageInputs, p: AdvantageParams) -> tuple[Tensor, None]:
+    """Dr. GRPO (Liu et al. 2025): A_i = R_i - mean_group(R), no std scaling (the std divides
+    away the signal of easy and hard prompts); pair it with the seq-mean-token-sum-norm loss."""
+    return _group_normalised(x, p, scale=False), None
+
+
+@register_advantage("rloo", needs_groups=True)
+def rloo_advantages(x: AdvantageInputs, p: AdvantageParams) -> tuple[Tensor, None]:
+    """RLOO (Ahmadian et al. 2024): A_i = R_i - mean_{j != i} R_j over the other samples of the
+    prompt, i.e. n/(n-1) * (R_i - mean_group(R))."""
+    returns = sequence_returns(x.rewards, x.mask)
+    mean, _, count = group_moments(returns, x.groups)
+    total = mean * count
+    loo = (total - returns.double()) / (count - 1).clamp(min=1)
+    adv = torch.where(count > 1, returns.double() - loo, torch.zeros_like(loo))
+    return _broadcast(adv, x.mask), None
+
+
+@register_advantage("reinforce++")
+def reinforce_pp_advantages(x: AdvantageInputs, p: AdvantageParams) -> tuple[Tensor, None]:
+    """REINFORCE++ (Hu 2025): the discounted return-to-go of the per-token rewards (token-level KL
+    in the reward); the stage then whitens it over the global batch."""
+    return returns_to_go(x.rewards, x.mask, p.gamma), None
+
+
+@register_advantage("reinforce++_baseline", needs_groups=True)
+def reinforce_pp_baseline_advantages(x: AdvantageInputs, p: AdvantageParams) -> tuple[Tensor, None]:
+    """REINFORCE++-baseline: the group-mean score is subtracted from each row's score (at its last
+    token) before the return-to-go; the stage then whitens over the global batch."""
+    mean, _, _ = group_moments(x.scores, x.groups)
+    last = last_token_index(x.mask)
+    shift = torch.zeros_like(x.rewards).scatter(1, last.clamp(min=0)[:, None], mean.to(x.rewards.dtype)[:, None])
+    rewards = x.rewards - torch.where(x.mask.bool(), shift, torch.zeros_like(shift))
+    return returns_to_go(rewards, x.mask, p.gamma), None
+
+
+@register_advantage("remax", needs_baseline=True)
+def remax_advantages(x: AdvantageInputs, p: AdvantageParams) -> tuple[Tensor, None]:
+    """ReMax (Li et al. 2023): the return-to-go minus the score of the greedy response to the same
+    prompt (a baseline that costs one greedy rollout and no critic)."""
+    if x.baselines is None:
+        raise ValueError("remax needs baselines: the scores of greedy responses")
+    g = returns_to_go(x.rewards, x.mask, p.gamma)
+    return g - _broadcast(x.baselines, x.mask), None

@@ -1,0 +1,762 @@
+"""Stage 3, RL: optimise the policy against the reward model and/or reward functions with a KL
+penalty to the SFT model. The algorithm is a declaration (`algo`, PPO by default):
+
+    ppo-rlhf ppo policy=run/sft/model reward_model=run/reward/model \
+        prompts_file=data/prompts_train.jsonl eval_prompts_file=data/prompts_eval.jsonl \
+        task=arithmetic out_dir=run/ppo
+    ppo-rlhf rl algo=grpo ...            # or rloo, reinforce++, remax, trpo, gspo, dapo, ...
+
+Each iteration:
+1. sample `algo.samples_per_prompt` responses to each prompt of the batch (pi_theta is pi_old);
+2. score them: old and reference log-probs, values (with a critic), the sequence score from the
+   reward model and/or reward functions; gather every rank's rows in global order;
+3. `rollout.make_experience`: shaped scores, per-token rewards (with -beta*KL_t when the KL is in
+   the reward), the registered advantage estimator `ADVANTAGES[algo.advantage]`, whitening;
+4. the update of the registered policy loss `POLICY_LOSSES[algo.policy_loss]`: minibatch
+   optimizer steps (`gradient_update`) or TRPO's natural-gradient step (`trust_region_update`),
+   each loss aggregated by `AGGREGATIONS[algo.aggregation]`; the value model's steps alongside.
+The math lives in `ppo_rlhf.algo`; this file is the loop and names no algorithm.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .. import distributed as dist
+from .. import onednn
+from ..algo.advantages import ADVANTAGES, RunningMeanStd, explained_variance, group_moments, masked_mean
+from ..algo.kl import kl_penalty
+from ..algo.kl_control import make_kl_controller
+from ..algo.losses import AGGREGATIONS, POLICY_LOSSES, PolicyLossParams, lm_loss, token_mean_weights, value_loss
+from ..algo.trpo import backtracking_line_search, conjugate_gradient, max_step_size
+from ..config import PPOConfig, to_dict
+from ..data.collate import pad_left, pad_right, position_ids_from_mask
+from ..data.encode import check_token_ids, encode_prompts
+from ..data.jsonl import prompt_text, read_prompts, read_texts
+from ..errors import UserError
+from ..guards import NonFiniteGuard
+from ..generation import response_logprobs, response_values
+from ..metrics import PhaseTimer, write_summary
+from ..models import (apply_lora, check_same_tokenizer, disable_dropout, fold_reward_normalisation,
+                      load_causal_lm, load_scalar_model, save_model)
+from ..rewards import RewardFunctions
+from ..rollout import (Experience, Reference, Rollout, Scorer, Scored, gather_scored, group_ids,
+                       make_experience, pad_responses, sample, sequence_kl, shape_scores, truncated_rows)
+from ..tasks import get_task
+from ..tokenizer import load_tokenizer
+from . import common
+from .evaluate import decode_responses, evaluate_policy, load_eval_prompts
+from .loop import StageLoop, StepContext, StepResult
+
+
+def minibatch_indices(n_groups: int, group_size: int, num_minibatches: int,
+                      generator: torch.Generator) -> list[torch.Tensor]:
+    """A shuffled split of the rows into num_minibatches parts whose group counts differ by at
+    most one; a group (the group_size consecutive rows of one prompt) is never split."""
+    perm = torch.randperm(n_groups, generator=generator)
+    offsets = torch.arange(group_size)
+    return [(chunk[:, None] * group_size + offsets).reshape(-1)
+            for chunk in perm.tensor_split(num_minibatches) if chunk.numel()]
+
+
+class LossStats(NamedTuple):
+    """One micro-batch's loss terms and diagnostics (0-d tensors), each already weighted by the
+    micro-batch's share of the minibatch, so summing the micro-batches (and ranks) gives the
+    minibatch's values; `ratio_max` combines by max."""
+
+    loss: torch.Tensor
+    policy: torch.Tensor
+    kl: torch.Tensor
+    entropy: torch.Tensor
+    value: torch.Tensor
+    ptx: torch.Tensor
+    clipfrac: torch.Tensor
+    approx_kl: torch.Tensor
+    ratio_mean: torch.Tensor
+    value_clipfrac: torch.Tensor
+    ratio_max: torch.Tensor
+
+    @staticmethod
+    def zeros() -> "LossStats":
+        z = torch.zeros((), dtype=torch.float64)
+        return LossStats(*([z] * 10), torch.tensor(float("-inf"), dtype=torch.float64))
+
+    def __add__(self, other: "LossStats") -> "LossStats":  # type: ignore[override]
+        summed = [a.double() + b.double() for a, b in zip(self[:-1], other[:-1])]
+        return LossStats(*summed, torch.maximum(self.ratio_max.double(), other.ratio_max.double()))
+
+    def all_reduce(self) -> "LossStats":
+        summed = dist.all_reduce_sum(torch.stack([t.double() for t in self[:-1]]))
+        return LossStats(*summed.unbind(), dist.all_reduce_max(self.ratio_max.double().reshape(1))[0])
+
+
+class StepStats(NamedTuple):
+    """One optimizer step: the reduced loss stats and the gradient norms."""
+
+    losses: LossStats
+    policy_grad_norm: float
+    value_grad_norm: float
+
+
+def update_metrics(steps: Sequence[StepStats], policy: bool, value: bool) -> dict[str, float]:
+    """The update's logged metrics: each step's stats averaged over the steps (ratio_max: max);
+    only the policy's or the value model's when only one of them was updated."""
+    if not steps:
+        return {}
+    n = len(steps)
+    mean = [float(sum(float(s.losses[i]) for s in steps) / n) for i in range(10)]
+    loss = LossStats(*mean, max(float(s.losses.ratio_max) for s in steps))
+    out = {"loss/total": loss.loss}
+    if policy:
+        out.update({"loss/policy": loss.policy, "loss/kl": loss.kl, "loss/entropy": loss.entropy,
+                    "loss/ptx": loss.ptx, "policy/clipfrac": loss.clipfrac, "policy/approx_kl": loss.approx_kl,
+                    "policy/ratio_mean": loss.ratio_mean, "policy/ratio_max": loss.ratio_max,
+                    "policy/grad_norm": sum(s.policy_grad_norm for s in steps) / n})
+    if value:
+        out.update({"loss/value": loss.value, "value/clipfrac": loss.value_clipfrac,
+                    "value/grad_norm": sum(s.value_grad_norm for s in steps) / n})
+    return out
+
+
+@dataclass
+class Prompts:
+    """The training prompts: token ids, text, row fields (for reward functions) and file lines."""
+
+    ids: list[list[int]]
+    texts: list[str]
+    fields: list[dict]
+
+
+class RLTrainer:
+    """The policy, reference, reward model / functions and value model with their optimisers and
+    controllers; `step()` is one iteration (the `Stage` of loop.py)."""
+
+    name, unit = "ppo", "update"
+
+    def __init__(self, cfg: PPOConfig, device: torch.device, reward_functions: Sequence[Callable] | None = None):
+        self.cfg, self.device = cfg, device
+        algo = cfg.algo
+        self.estimator = ADVANTAGES[algo.advantage]
+        self.policy_loss = POLICY_LOSSES[algo.policy_loss]
+        self._check(cfg, reward_functions)
+        tok = self.tokenizer = load_tokenizer(cfg.policy)
+        self.task = get_task(cfg.task) if cfg.task else None
+        self.max_new_tokens = cfg.rollout.max_new_tokens or (self.task.default_max_new_tokens if self.task else 32)
+        self.dtype = common.resolve_dtype(cfg.run, device)
+        self.total_steps = cfg.train.updates
+
+        # -- models ---------------------------------------------------------------------------
+        self.policy = load_causal_lm(cfg.policy, tok).to(device)
+        self.use_lora = cfg.model.lora_r > 0
+        if self.use_lora:
+            self.policy = apply_lora(self.policy, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout)
+            self.reference = Reference(lora_policy=self.policy)
+        else:
+            frozen = load_causal_lm(cfg.policy, tok).to(device).requires_grad_(False)
+            self.reference = Reference(model=frozen)
+        self.reward_model = None
+        if cfg.reward_model:
+            check_same_tokenizer(cfg.policy, "policy", cfg.reward_model, "reward_model")
+            self.reward_model = load_scalar_model(cfg.reward_model, tok).to(device).requires_grad_(False)
+        specs = [s.strip() for s in cfg.reward.functions.split(",") if s.strip()]
+        weights = [float(w) for w in cfg.reward.weights.split(",") if w.strip()] or None
+        fns = RewardFunctions([*specs, *(reward_functions or [])], weights) if specs or reward_functions else None
+        self.scorer = Scorer(cfg, tok, self.reward_model, fns)
+        self.value_model = self._value_model(tok) if algo.critic else None
+        for m in (self.policy, self.reference.model, self.reward_model, self.value_model):
+            if m is not None:
+                disable_dropout(m)
+                m.eval()
+
+        # -- data -----------------------------------------------------------------------------
+        examples, _ = read_prompts(cfg.prompts_file)
+        ids, trunc = encode_prompts(tok, examples, cfg.max_prompt_len)
+        check_token_ids(ids[0], self.policy.config.vocab_size, cfg.prompts_file)
+        self.prompts = Prompts(ids, [prompt_text(e) for e in examples], [e.fields for e in examples])
+        self.truncation = [f"{cfg.prompts_file}: {trunc.describe()}"] if (trunc.prompts_truncated or trunc.dropped) else []
+        self.eval_prompts = None
+        if cfg.eval_prompts_file:
+            self.eval_prompts = load_eval_prompts(cfg.eval_prompts_file, tok, cfg.max_prompt_len, cfg.eval_samples)
+        self.ptx_ids: list[list[int]] = []
+        if cfg.loss.ptx_coef > 0:
+            texts, _ = read_texts(cfg.ptx_file)
+            max_len = cfg.max_prompt_len + self.max_new_tokens
+            self.ptx_ids = [ids[:max_len] for ids in tok([t.text for t in texts], add_special_tokens=False)["input_ids"] if ids]
+
+        # -- wrappers and optimisers (after FSDP swaps the parameters) ------------------------
+        self.policy_ddp = dist.wrap_model(self.policy, device, cfg.run)
+        self.value_ddp = dist.wrap_model(self.value_model, device, cfg.run) if self.value_model is not None else None
+        for frozen in (self.reference.model, self.reward_model):
+            if frozen is not None:
+                dist.wrap_model(frozen, device, cfg.run)
+        self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
+        steps = cfg.train.updates * cfg.train.ppo_epochs * cfg.train.num_minibatches
+        self.policy_opt = common.make_optimizer(self.policy_params, cfg.optim)
+        self.policy_sched = common.make_scheduler(self.policy_opt, cfg.optim, steps)
+        self.schedules = [common.Schedule(self.policy_opt, self.policy_sched, cfg.optim.lr)]
+        self.value_params: list[torch.nn.Parameter] = []
+        if self.value_model is not None:
+            trunk = {id(p) for p in self.policy.parameters()}  # a policy_head value model shares it
+            self.value_params = [p for p in self.value_model.parameters() if p.requires_grad and id(p) not in trunk]
+            value_lr = cfg.train.value_lr if cfg.train.value_lr is not None else cfg.optim.lr
+            self.value_opt = common.make_optimizer(self.value_params, cfg.optim, lr=value_lr)
+            self.value_sched = common.make_scheduler(self.value_opt, cfg.optim, steps)
+            self.schedules.append(common.Schedule(self.value_opt, self.value_sched, value_lr))
+        self.kl_ctl = make_kl_controller(cfg.reward.kl_control, cfg.reward.kl_coef, cfg.reward.kl_target,
+                                         cfg.reward.kl_horizon)
+        self.running = RunningMeanStd() if cfg.reward.normalize else None
+        self.loss_params = PolicyLossParams(cfg.loss.clip_eps, cfg.loss.clip_eps_high if cfg.loss.clip_eps_high
+                                            is not None else cfg.loss.clip_eps, cfg.loss.dual_clip_c)
+        self.gen = torch.Generator(device=device).manual_seed(cfg.run.seed)  # seeds the global rollout
+        self.shuffle_gen = torch.Generator().manual_seed(cfg.run.seed + 17)
+        self.timer = PhaseTimer()
+
+    # -- construction helpers ---------------------------------------------------------------------
+    def _check(self, cfg: PPOConfig, reward_functions) -> None:
+        algo = cfg.algo
+        common.require_file(cfg.policy, "policy", "the SFT model directory (run/sft/model)")
+        if not cfg.reward_model and not (cfg.reward.functions or reward_functions):
+            raise UserError("reward_model or reward.functions is required: give the reward model directory "
+                            "(run/reward/model), reward functions (reward.functions=module:fn), or both")
+        if cfg.reward_model:
+            common.require_file(cfg.reward_model, "reward_model", "the reward model directory (run/reward/model)")
+        common.require_file(cfg.prompts_file, "prompts_file", "a prompts JSONL: `ppo-rlhf data --task arithmetic --out DIR`")
+        if cfg.loss.ptx_coef > 0:
+            common.require_file(cfg.ptx_file, "ptx_file", "pretraining text JSONL {\"text\"}, needed when loss.ptx_coef > 0")
+            common.check_batch(cfg.loss.ptx_batch_size, 1, "loss.ptx_batch_size")
+        if self.estimator.needs_values and not algo.critic:
+            raise UserError(f"algo.advantage={algo.advantage} needs a value model: set algo.critic=true")
+        if self.estimator.needs_groups and algo.samples_per_prompt < 2:
+            raise UserError(f"algo.advantage={algo.advantage} compares the responses to one prompt: "
+                            "set algo.samples_per_prompt to 2 or more")
+        if algo.dynamic_sampling and algo.samples_per_prompt < 2:
+            raise UserError("algo.dynamic_sampling drops groups without reward variance: set "
+                            "algo.samples_per_prompt to 2 or more")
+        if cfg.train.value_model == "policy_head" and algo.critic and (
+                cfg.model.lora_r > 0 or dist.world_size() > 1 or cfg.run.fsdp):
+            raise UserError("train.value_model=policy_head needs one process and no LoRA; use train.value_model=separate")
+        common.check_batch(cfg.rollout.batch_size, 1, "rollout.batch_size")
+        rows = cfg.rollout.batch_size * algo.samples_per_prompt // dist.world_size()
+        if rows < cfg.train.num_minibatches * cfg.train.grad_accum:
+            raise UserError("rollout.batch_size * algo.samples_per_prompt per rank must be at least "
+                            f"train.num_minibatches * train.grad_accum ({cfg.train.num_minibatches} * "
+                            f"{cfg.train.grad_accum})")
+        if cfg.rollout.batch_size < cfg.train.num_minibatches:
+            raise UserError(f"rollout.batch_size ({cfg.rollout.batch_size} prompts) must be at least "
+                            f"train.num_minibatches ({cfg.train.num_minibatches}): a minibatch holds whole groups")
+
+    def _value_model(self, tok):
+        """V_phi: from train.value_init, else the RM (its normalisation folded into the head, so the
+        values start on the scale of the rewards), else the policy with a new zero head."""
+        cfg = self.cfg
+        if cfg.train.value_init:
+            common.require_file(cfg.train.value_init, "train.value_init", "a saved value model directory")
+            check_same_tokenizer(cfg.policy, "policy", cfg.train.value_init, "train.value_init")
+            model = load_scalar_model(cfg.train.value_init, tok)
+        elif cfg.reward_model:
+            model = load_scalar_model(cfg.reward_model, tok)
+        else:
+            model = load_scalar_model(cfg.policy, tok, init_from_causal_lm=True)
+        fold_reward_normalisation(model)  # values start on the scale of the (normalised) scores
+        model = model.to(self.device)
+        if cfg.train.value_model == "policy_head":
+            # V_phi is a head on the policy's own trunk: the trunk learns from both losses and is
+            # stepped by the policy optimizer; the value optimizer owns the head.
+            setattr(model, model.base_model_prefix, self.policy.base_model)
+        return model
+
+    # -- the Stage protocol (loop.py) -------------------------------------------------------------
+    def state(self) -> dict:
+        s = {"policy": self.policy, "policy_optimizer": self.policy_opt, "policy_scheduler": self.policy_sched,
+             "kl_controller": self.kl_ctl, "generator": self.gen.get_state(),
+             "shuffle_generator": self.shuffle_gen.get_state(),
+             "running": self.running.state_dict() if self.running else None}
+        if self.value_model is not None:
+            s.update(value_model=self.value_model, value_optimizer=self.value_opt, value_scheduler=self.value_sched)
+        return s
+
+    def load(self, values: dict) -> None:
+        self.gen.set_state(values["generator"])
+        self.shuffle_gen.set_state(values["shuffle_generator"])
+        if self.running is not None and values.get("running"):
+            self.running.load_state_dict(values["running"])
+
+    def evaluate(self, step: int) -> StepResult:
+        if self.eval_prompts is None:
+            return StepResult({})
+        cfg = self.cfg
+        with dist.full_params(self.policy, self.reward_model, self.reference.model):
+            res = evaluate_policy(self.policy, self.tokenizer, self.eval_prompts, task=cfg.task, device=self.device,
+                                  reward_model=self.reward_model, reference=self.reference.model,
+                                  reference_ctx=self.reference.context if self.use_lora else None,
+                                  max_new_tokens=self.max_new_tokens, temperature=cfg.rollout.temperature,
+                                  seed=cfg.run.seed + 99, sample_rows=cfg.sample_rows)
+        return StepResult({f"eval/{k}": v for k, v in res.items() if isinstance(v, float)}, samples=res["samples"])
+
+    def step(self, ctx: StepContext) -> StepResult:
+        """Iteration `ctx.step`: roll out the prompt batch, score, update (see the module docstring)."""
+        cfg = self.cfg
+        self.timer.reset()
+        t0 = time.time()
+        rows = common.global_batch(len(self.prompts.ids), cfg.rollout.batch_size, cfg.run.seed, ctx.step - 1)
+        scored, sampling = self.collect(rows, ctx.step)
+        beta = self.kl_ctl.value
+        exp = make_experience(scored, cfg, beta, self.max_new_tokens, self.running)
+        ev_before = explained_variance(exp.values, exp.returns, exp.response_mask) if self.value_model else None
+        with self.timer("train"):
+            train = self.update(exp, ctx)
+        seq_kl = sequence_kl(exp.logprobs, exp.ref_logprobs, exp.response_mask)
+        mean_kl = seq_kl.mean().item()
+        self.kl_ctl.update(mean_kl, exp.sequences.size(0))
+        m, samples = self.rollout_metrics(exp, beta)
+        m["objective/kl"] = mean_kl
+        m.update(sampling)
+        if self.value_model is not None:
+            m["value/explained_variance"] = ev_before
+            m["value/explained_variance_after"] = self.explained_variance_after(exp)
+        m.update(train)
+        dt = time.time() - t0
+        n_tokens = exp.attention_mask.sum().item()
+        m.update(self.timer.totals())
+        m.update({"perf/tokens_per_s": n_tokens / dt, "perf/seconds_per_update": dt,
+                  "perf/samples": ctx.step * cfg.rollout.batch_size * cfg.algo.samples_per_prompt,
+                  "train/lr": self.policy_sched.get_last_lr()[0], "train/skipped_steps": ctx.guard.skipped_total})
+        if self.device.type == "cuda":
+            m["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        progress = {"kl": f"{mean_kl:.2f}", "score": f"{m['objective/score']:.2f}"}
+        if "objective/gold_reward" in m:
+            progress["gold"] = f"{m['objective/gold_reward']:.2f}"
+        return StepResult(m, progress, samples)
+
+    # -- rollout ----------------------------------------------------------------------------------
+    def collect(self, rows: list[int], step: int) -> tuple[Scored, dict[str, float]]:
+        """The scored global rollout of the prompts `rows`; with dynamic sampling, groups whose
+        scores are all equal are dropped and more prompts sampled (a pure function of (seed, step,
+        round), so resume stays exact) until the batch is full or max_sampling_rounds is reached."""
+        algo = self.cfg.algo
+        n = algo.samples_per_prompt
+        scored = self.rollout(rows, step, 0)
+        if not algo.dynamic_sampling:
+            return scored, {}
+        want = len(rows)
+        kept, rounds, seen = [], 0, 0
+        while True:
+            shaped = shape_scores(scored.score, scored.truncated, scored.response_mask.sum(1), self.cfg,
+                                  self.max_new_tokens, self.running, update_running=False)
+            _, std, _ = group_moments(shaped, scored.groups)
+            keep_groups = std.view(-1, n)[:, 0] > 0
+            seen += keep_groups.numel()
+            keep_rows = keep_groups.repeat_interleave(n)
+            kept.append(Scored(*(t[keep_rows] for t in scored)))
+            rounds += 1
+            have = sum(k.sequences.size(0) // n for k in kept)
+            if have >= want or rounds >= algo.max_sampling_rounds:
+                break
+            g = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + step * 7919 + rounds)
+            extra = torch.randperm(len(self.prompts.ids), generator=g)[:want].tolist()
+            scored = self.rollout(extra, step, rounds)
+        width = max(k.sequences.size(1) for k in kept)
+        kept = [self._pad_scored(k, width) for k in kept]
+        merged = Scored(*(torch.cat(parts)[: want * n] for parts in zip(*kept)))
+        if merged.sequences.size(0) == 0:
+            raise UserError(f"algo.dynamic_sampling: every group of {rounds} rollouts had equal rewards "
+                            "(no learning signal); raise algo.max_sampling_rounds or turn dynamic sampling off")
+        return merged, {"rollout/kept_groups": merged.sequences.size(0) / n, "rollout/sampled_groups": seen,
+                        "rollout/sampling_rounds": rounds}
+
+    def _pad_scored(self, s: Scored, width: int) -> Scored:
+        """Scored rows with prompts left-padded to `width` tokens (batches of different rounds)."""
+        extra = width - s.sequences.size(1)
+        if extra == 0:
+            return s
+        pad = self.tokenizer.pad_token_id
+        return s._replace(sequences=torch.nn.functional.pad(s.sequences, (extra, 0), value=pad),
+                          attention_mask=torch.nn.functional.pad(s.attention_mask, (extra, 0), value=False))
+
+    def rollout(self, rows: list[int], step: int, round_: int) -> Scored:
+        """Sample and score the global prompt batch `rows`: this rank samples its prompts (`dist.shard`),
+        n responses each from per-row streams seeded from a per-update seed, so the rollout does not
+        depend on the world size; the scored rows are gathered in global order, groups together."""
+        cfg, tok, dev = self.cfg, self.tokenizer, self.device
+        n = cfg.algo.samples_per_prompt
+        mine = dist.shard(range(len(rows)))
+        width = max(len(self.prompts.ids[i]) for i in rows)  # one prompt width on all ranks
+        prompt_ids, prompt_mask = pad_left([self.prompts.ids[rows[j]] for j in mine], tok.pad_token_id, width)
+        prompt_ids, prompt_mask = prompt_ids.to(dev), prompt_mask.to(dev)
+        base_seed = int(torch.randint(2**62, (1,), generator=self.gen, device=self.gen.device))
+        seeds = [base_seed + j * n + k for j in mine for k in range(n)]
+        with self.timer("generate"), common.autocast(dev, self.dtype), dist.full_params(self.policy):
+            ro = sample(self.policy, prompt_ids, prompt_mask, cfg, self.max_new_tokens, tok.eos_token_id,
+                        tok.pad_token_id, seeds)
+            greedy = None
+            if self.estimator.needs_baseline:
+                greedy = sample(self.policy, prompt_ids, prompt_mask, cfg, self.max_new_tokens, tok.eos_token_id,
+                                tok.pad_token_id, [], greedy=True)
+            length = int(dist.all_reduce_max(torch.tensor(ro.response_ids.size(1))))
+            ro = pad_responses(ro, length, tok.pad_token_id)
+        with self.timer("score"), common.autocast(dev, self.dtype):
+            scored = self.score(ro, [rows[j] for j in mine for _ in range(n)], [round_ * len(rows) + j for j in mine])
+            if greedy is not None:
+                scored = scored._replace(baselines=self.baseline_scores(greedy, [rows[j] for j in mine], n))
+        return gather_scored(scored, n)
+
+    @torch.no_grad()
+    def score(self, ro: Rollout, prompt_rows: list[int], groups: list[int]) -> Scored:
+        """Old/reference log-probs, values and the sequence score of this rank's rows; `prompt_rows`
+        (one per row) index the training prompts, `groups` (one per prompt) name the groups."""
+        cfg, tok = self.cfg, self.tokenizer
+        n = cfg.algo.samples_per_prompt
+        P = ro.prompt_ids.size(1)
+        sequences = torch.cat([ro.prompt_ids, ro.response_ids], 1)
+        attention_mask = torch.cat([ro.prompt_mask, ro.response_mask], 1)
+        temp = cfg.rollout.temperature
+        logprobs = ro.logprobs
+        if self.dtype == "bfloat16":
+            # bf16 sampling kernels and the training forward round differently (up to ~0.04 nats):
+            # the old log-probs come from the training forward, so the first ratios are exactly 1.
+            logprobs, _ = response_logprobs(self.policy, sequences, attention_mask, P, temperature=temp)
+        ref_logprobs = self.reference.logprobs(sequences, attention_mask, P, temp)
+        values = torch.zeros_like(logprobs)
+        if self.value_model is not None:
+            values = response_values(self.value_model, sequences, attention_mask, P).float()
+        texts, _ = decode_responses(tok, ro.response_ids.cpu(), ro.response_mask.cpu())
+        prompts = [self.prompts.texts[i] for i in prompt_rows]
+        fields = [self.prompts.fields[i] for i in prompt_rows]
+        score, dense, rm_scores, fn_scores = self.scorer(sequences, attention_mask, ro.response_mask, prompts,
+                                                         texts, fields, prompt_rows)
+        truncated = truncated_rows(ro.response_ids, ro.response_mask, tok.eos_token_id)
+        groups = group_ids(groups, n, sequences.device)
+        return Scored(sequences, attention_mask, ro.response_mask, logprobs, ref_logprobs, values, ro.entropy,
+                      score, dense, rm_scores, fn_scores, torch.zeros_like(score), truncated, groups,
+                      torch.as_tensor(prompt_rows, device=sequences.device))
+
+    @torch.no_grad()
+    def baseline_scores(self, greedy: Rollout, prompt_rows: list[int], n: int) -> torch.Tensor:
+        """(B*n,) the greedy response's score for each sampled row of its prompt (ReMax)."""
+        tok = self.tokenizer
+        sequences = torch.cat([greedy.prompt_ids, greedy.response_ids], 1)
+        attention_mask = torch.cat([greedy.prompt_mask, greedy.response_mask], 1)
+        texts, _ = decode_responses(tok, greedy.response_ids.cpu(), greedy.response_mask.cpu())
+        score, _, _, _ = self.scorer(sequences, attention_mask, greedy.response_mask,
+                                     [self.prompts.texts[i] for i in prompt_rows], texts,
+                                     [self.prompts.fields[i] for i in prompt_rows], prompt_rows)
+        return score.repeat_interleave(n)
+
+    def rollout_metrics(self, exp: Experience, beta: float) -> tuple[dict, list[dict]]:
+        """The rollout's objective metrics and a few sample rows."""
+        cfg = self.cfg
+        mask = exp.response_mask
+        prompt_rows = exp.prompt_index.tolist()
+        m = {"objective/kl_estimator_mean": (exp.kl * mask).sum(1).mean().item(),
+             "objective/rlhf_reward": exp.rewards.sum(1).mean().item(),
+             "objective/rm_score": exp.rm_scores.mean().item(),
+             "objective/score": exp.scores.mean().item(),
+             "objective/non_score_reward": (-beta * exp.kl * mask).sum(1).mean().item(),
+             "objective/entropy": masked_mean(exp.entropy, mask).item(),
+             "kl_ctl/beta": beta,
+             "rollout/response_length": mask.sum(1).float().mean().item(),
+             "rollout/truncated_frac": exp.truncated.float().mean().item(),
+             "value/mean": masked_mean(exp.values, mask).item(),
+             "returns/mean": masked_mean(exp.returns, mask).item()}
+        for name, col in zip(self.scorer.names, exp.function_scores.unbind(1)):
+            m[f"reward_fn/{name}"] = col.mean().item()
+        # Text is needed for the gold reward (every row) and the sample table (the first rows only).
+        n_text = len(prompt_rows) if self.task is not None else min(cfg.sample_rows, len(prompt_rows))
+        texts, truncated = decode_responses(self.tokenizer, exp.sequences[:n_text, exp.prompt_len:].cpu(),
+                                            mask[:n_text].cpu())
+        if self.task is not None:
+            prompts = [self.prompts.texts[i] for i in prompt_rows]
+            golds = [self.task.gold_reward(p, t, truncated=tr) for p, t, tr in zip(prompts, texts, truncated)]
+            m["objective/gold_reward"] = sum(golds) / len(golds)
+        samples = [{"prompt": self.prompts.texts[i], "response": t, "score": s}
+                   for i, t, s in zip(prompt_rows[:cfg.sample_rows], texts, exp.scores.tolist())]
+        return m, samples
+
+    # -- the update -------------------------------------------------------------------------------
+    def update(self, exp: Experience, ctx: StepContext) -> dict[str, float]:
+        """The policy and value updates of one iteration; returns their metrics."""
+        cfg = self.cfg
+        update_value = self.value_model is not None and (ctx.step - 1) % cfg.train.value_update_every == 0
+        update_policy = ctx.step > cfg.train.critic_warmup_updates
+        if self.policy_loss.update == "trust_region":
+            out = self.gradient_update(exp, ctx, False, update_value) if update_value else {}
+            if update_policy:
+                out.update(self.trust_region_update(exp))
+            return out
+        return self.gradient_update(exp, ctx, update_policy, update_value)
+
+    def gradient_update(self, exp: Experience, ctx: StepContext, update_policy: bool, update_value: bool
+                        ) -> dict[str, float]:
+        """ppo_epochs x num_minibatches optimizer steps; early stop on train.target_kl."""
+        cfg = self.cfg
+        n = cfg.algo.samples_per_prompt
+        steps: list[StepStats] = []
+        early_stop = False
+        for _epoch in range(cfg.train.ppo_epochs):
+            for mb in minibatch_indices(exp.sequences.size(0) // n, n, cfg.train.num_minibatches, self.shuffle_gen):
+                stats = self.optimizer_step(exp, mb.to(exp.sequences.device), ctx, update_policy, update_value)
+                steps.append(stats)
+                if (cfg.train.target_kl is not None and update_policy
+                        and float(stats.losses.approx_kl) > cfg.train.target_kl):
+                    early_stop = True
+                    break
+            if early_stop:
+                break
+        out = update_metrics(steps, update_policy, update_value)
+        out.update({"train/optimizer_steps": len(steps), "train/early_stopped": float(early_stop)})
+        return out
+
+    def optimizer_step(self, exp: Experience, mb: torch.Tensor, ctx: StepContext, update_policy: bool,
+                       update_value: bool) -> StepStats:
+        """One optimizer step on minibatch `mb` (global row indices, the same on every rank)."""
+        cfg = self.cfg
+        total = self.accumulate_gradients(exp, mb, update_policy, update_value)
+        if cfg.loss.ptx_coef > 0 and update_policy and self.ptx_ids:
+            lm = self.ptx_step(ctx.step, len(mb))
+            total = total._replace(ptx=total.ptx + lm, loss=total.loss + cfg.loss.ptx_coef * lm)
+        total = total.all_reduce()
+        policy_gn = value_gn = 0.0
+        if update_policy:
+            _, policy_gn = ctx.clip_and_step(self.policy_params, self.policy_opt, self.policy_sched,
+                                             cfg.optim.max_grad_norm, total.loss)
+        if update_value:
+            _, value_gn = ctx.clip_and_step(self.value_params, self.value_opt, self.value_sched,
+                                            cfg.optim.max_grad_norm, total.loss)
+        if not update_policy:  # critic warm-up: drop what the value loss left on a shared trunk
+            self.policy_opt.zero_grad(set_to_none=True)
+        return StepStats(total, policy_gn, value_gn)
+
+    def accumulate_gradients(self, exp: Experience, mb: torch.Tensor, update_policy: bool,
+                             update_value: bool) -> LossStats:
+        """Backpropagate this rank's share of minibatch `mb`'s loss; returns its (unreduced) stats.
+
+        The per-token weights of the loss (its aggregation) are computed on the whole minibatch;
+        each rank takes its rows, split into grad_accum micro-batches, and backpropagates their
+        weighted sums -- so the gradient is the minibatch's however it is split.
+        """
+        cfg = self.cfg
+        world = dist.world_size()
+        policy_w = AGGREGATIONS[cfg.algo.aggregation](exp.loss_mask[mb], self.max_new_tokens)
+        token_w = token_mean_weights(exp.loss_mask[mb], self.max_new_tokens)
+        value_w = token_mean_weights(exp.response_mask[mb], self.max_new_tokens)
+        total = LossStats.zeros()
+        mine = torch.arange(mb.numel(), device=mb.device)[dist.rank()::world]
+        for micro in mine.tensor_split(cfg.train.grad_accum):
+            if not micro.numel():
+                continue
+            with common.autocast(self.device, self.dtype):
+                loss, stats = self.micro_step(exp, mb[micro], policy_w[micro], token_w[micro], value_w[micro],
+                                              update_policy, update_value)
+            (loss * world).backward()  # DDP averages gradients over ranks, hence the world-size factor
+            total = total + stats
+        return total
+
+    def micro_step(self, exp: Experience, idx: torch.Tensor, policy_w: torch.Tensor, token_w: torch.Tensor,
+                   value_w: torch.Tensor, update_policy: bool, update_value: bool) -> tuple[torch.Tensor, LossStats]:
+        """The weighted loss of rows `idx` (L_policy + beta*KL if in the loss - c_H*H + c1*L_VF) and its stats."""
+        cfg = self.cfg
+        seq, mask, P = exp.sequences[idx], exp.attention_mask[idx], exp.prompt_len
+        loss_mask = exp.loss_mask[idx]
+        z = torch.zeros((), device=seq.device)
+        total, policy, kl_term, ent, vf = z, z, z, z, z
+        clipfrac, approx_kl, ratio_mean, ratio_max, vclip = z, z, z, torch.tensor(float("-inf")), z
+        if update_policy:
+            logprobs, entropy = response_logprobs(self.policy_ddp, seq, mask, P, temperature=cfg.rollout.temperature,
+                                                  with_entropy=cfg.loss.entropy_coef > 0)
+            out = self.policy_loss.fn(logprobs, exp.logprobs[idx], exp.advantages[idx], loss_mask, self.loss_params)
+            token_losses = out.losses
+            if cfg.algo.kl_in == "loss":
+                kl = torch.where(loss_mask, kl_penalty(logprobs, exp.ref_logprobs[idx], cfg.reward.kl_estimator), 0.0)
+                token_losses = token_losses + self.kl_ctl.value * kl
+                kl_term = (policy_w * kl).sum()
+            policy = (policy_w * out.losses).sum()
+            total = (policy_w * token_losses).sum()
+            if cfg.loss.entropy_coef > 0:
+                ent = (token_w * entropy).sum()
+                total = total - cfg.loss.entropy_coef * ent
+            with torch.no_grad():
+                log_ratio = torch.where(loss_mask, logprobs - exp.logprobs[idx], 0.0)
+                clipfrac = (token_w * out.clipped.float()).sum()
+                approx_kl = (token_w * (torch.expm1(log_ratio) - log_ratio)).sum()
+                ratio_mean = (token_w * out.ratio).sum()
+                ratio_max = torch.where(loss_mask, out.ratio, float("-inf")).max() if loss_mask.any() else ratio_max
+        if update_value:
+            values = response_values(self.value_ddp, seq, mask, P).float()
+            vf, vclip = value_loss(values, exp.values[idx], exp.returns[idx], exp.response_mask[idx],
+                                   cfg.loss.value_clip_eps, weights=value_w)
+            total = total + cfg.loss.vf_coef * vf
+        stats = LossStats(total.detach(), policy.detach(), kl_term.detach(), ent.detach(), vf.detach(), z,
+                          clipfrac, approx_kl, ratio_mean, torch.as_tensor(vclip), ratio_max.detach())
+        return total, stats
+
+    def ptx_step(self, step: int, mb_rows: int) -> torch.Tensor:
+        """PPO-ptx: backpropagate c2 * L_LM on a pretraining batch (this rank's share); returns L_LM."""
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(cfg.run.seed * 7919 + step * 131 + mb_rows)
+        rows = torch.randint(len(self.ptx_ids), (cfg.loss.ptx_batch_size,), generator=g).tolist()
+        mine = dist.shard(rows)
+        tokens = lambda rs: sum(len(self.ptx_ids[i]) - 1 for i in rs)  # noqa: E731
+        share = tokens(mine) / max(1, tokens(rows))
+        ids, mask = pad_right([self.ptx_ids[i] for i in mine], self.tokenizer.pad_token_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with common.autocast(self.device, self.dtype):
+            logits = self.policy_ddp(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        lm = lm_loss(logits[:, :-1].float(), ids[:, 1:], mask[:, 1:])
+        (cfg.loss.ptx_coef * lm * share * dist.world_size()).backward()
+        return lm.detach().double() * share
+
+    # -- TRPO -------------------------------------------------------------------------------------
+    def trust_region_update(self, exp: Experience) -> dict[str, float]:
+        """One TRPO step on the whole rollout (see algo/trpo.py): CG on Fisher-vector products of the
+        mean per-token KL(pi_old || pi_theta), the step scaled to algo.trpo.max_kl, a backtracking
+        line search. Logs the accepted step fraction and the KL reached."""
+        cfg, tr = self.cfg, self.cfg.algo.trpo
+        params = self.policy_params
+        B = exp.sequences.size(0)
+        all_rows = torch.arange(B, device=exp.sequences.device)
+        policy_w = AGGREGATIONS[cfg.algo.aggregation](exp.loss_mask, self.max_new_tokens)
+        token_w = token_mean_weights(exp.loss_mask, self.max_new_tokens)
+        mine = all_rows[dist.rank()::dist.world_size()].tensor_split(cfg.train.grad_accum)
+        mine = [m for m in mine if m.numel()]
+        flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+
+        def log_softmax(idx):
+            """(N, V) log pi_theta over the vocabulary at the real response tokens of rows idx."""
+            seq, mask = exp.sequences[idx], exp.attention_mask[idx]
+            with common.autocast(self.device, self.dtype):
+                logits = self.policy(input_ids=seq, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+            logits = logits[:, exp.prompt_len - 1:-1].float() / cfg.rollout.temperature
+            return logits[exp.loss_mask[idx]].log_softmax(-1)
+
+        old = [log_softmax(idx).detach() for idx in mine]
+
+        def surrogate_and_kl(idx, old_lp, grad: bool):
+            lp_all = log_softmax(idx)
+            targets = exp.sequences[idx][:, exp.prompt_len:][exp.loss_mask[idx]]
+            lp = torch.zeros_like(exp.logprobs[idx]).masked_scatter(exp.loss_mask[idx], lp_all.gather(-1, targets[:, None]).squeeze(-1))
+            out = self.policy_loss.fn(lp, exp.logprobs[idx], exp.advantages[idx], exp.loss_mask[idx], self.loss_params)
+            surrogate = (policy_w[idx] * out.losses).sum()
+            kl_tok = (old_lp.exp() * (old_lp - lp_all)).sum(-1)  # KL(old || new) per real token
+            kl = (token_w[idx][exp.loss_mask[idx]] * kl_tok).sum()
+            return surrogate, kl
+
+        # 1. the surrogate's gradient at theta_old
+        g = torch.zeros(sum(p.numel() for p in params), device=self.device)
+        for idx, old_lp in zip(mine, old):
+            s, _ = surrogate_and_kl(idx, old_lp, True)
+            g += flat(torch.autograd.grad(s, params))
+        g = dist.all_reduce_sum(g)
+
+        # 2. F v: the Hessian-vector product of the mean KL at theta_old, by double backward, which
+        # the fused attention and oneDNN kernels do not have: these products use the plain ones.
+        def fvp(v: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros_like(v)
+            with sdpa_kernel([SDPBackend.MATH]), onednn.disabled():
+                for idx, old_lp in zip(mine, old):
+                    _, kl = surrogate_and_kl(idx, old_lp, True)
+                    grads = flat(torch.autograd.grad(kl, params, create_graph=True))
+                    out += flat(torch.autograd.grad(grads @ v, params))
+            return dist.all_reduce_sum(out)
+
+        direction = conjugate_gradient(fvp, -g, tr.cg_iters, tr.damping)
+        beta = max_step_size(direction, fvp(direction), tr.max_kl)
+        full_step = beta * direction
+        theta_old = torch.nn.utils.parameters_to_vector(params).detach().clone()
+
+        @torch.no_grad()
+        def evaluate(fraction: float) -> tuple[float, float]:
+            torch.nn.utils.vector_to_parameters(theta_old + fraction * full_step, params)
+            sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+            for idx, old_lp in zip(mine, old):
+                s, kl = surrogate_and_kl(idx, old_lp, False)
+                sums += torch.stack([s.double(), kl.double()])
+            s, kl = dist.all_reduce_sum(sums).tolist()
+            return s, kl
+
+        old_surrogate, _ = evaluate(0.0)
+        result = backtracking_line_search(evaluate, old_surrogate, tr.max_kl, tr.backtrack, tr.line_search_steps)
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(theta_old + result.fraction * full_step, params)
+        return {"trpo/step_fraction": result.fraction, "trpo/kl": result.kl, "trpo/line_search_tries": result.tries,
+                "trpo/surrogate_improvement": old_surrogate - result.surrogate, "trpo/step_size": beta,
+                "loss/policy": result.surrogate}
+
+    # -- critic ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def explained_variance_after(self, exp: Experience) -> float:
+        """Explained variance of the returns by the value model after this update."""
+        values = []
+        for idx in torch.arange(exp.sequences.size(0)).tensor_split(max(1, self.cfg.train.num_minibatches)):
+            with common.autocast(self.device, self.dtype):
+                values.append(response_values(self.value_model, exp.sequences[idx], exp.attention_mask[idx],
+                                              exp.prompt_len).float())
+        return explained_variance(torch.cat(values), exp.returns, exp.response_mask)
+
+    def pretrain_critic(self) -> dict[str, float]:
+        """Critic-only pretraining: fit the value model on train.critic_pretrain_rollouts fixed
+        rollouts of the initial policy, critic_pretrain_epochs passes, before any policy update."""
+        cfg = self.cfg
+        exps = []
+        for r in range(cfg.train.critic_pretrain_rollouts):
+            g = torch.Generator().manual_seed(cfg.run.seed * 31 + r)
+            rows = torch.randperm(len(self.prompts.ids), generator=g)[:cfg.rollout.batch_size].tolist()
+            exps.append(make_experience(self.rollout(rows, 0, r), cfg, self.kl_ctl.value, self.max_new_tokens,
+                                        self.running))
+        ctx = StepContext(0, NonFiniteGuard(cfg.run.max_nonfinite), None)
+        before = sum(explained_variance(e.values, e.returns, e.response_mask) for e in exps) / len(exps)
+        for _ in range(cfg.train.critic_pretrain_epochs):
+            for e in exps:
+                self.gradient_update(e, ctx, update_policy=False, update_value=True)
+        after = sum(self.explained_variance_after(e) for e in exps) / len(exps)
+        return {"critic_pretrain/explained_variance_before": before, "critic_pretrain/explained_variance_after": after}
+
+
+def run_rl(cfg: PPOConfig, resume: bool = False, reward_functions: Sequence[Callable] | None = None) -> dict:
+    """Train the policy with the configured RL algorithm; returns the stage summary.
+
+    `reward_functions`: Python callables used as reward functions in addition to reward.functions
+    (the Python API's way to pass them).
+    """
+    out_dir = Path(common.require(cfg.out_dir, "out_dir", "where to write the RL policy"))
+    device = common.setup(cfg.run)
+    t_start = time.time()
+    trainer = RLTrainer(cfg, device, reward_functions)
+    loop = StageLoop(trainer, out_dir, cfg.run)
+    if (done := loop.begin(resume)) is not None:
+        return done
+    if loop.step == 0:
+        for line in trainer.truncation:
+            if dist.is_main():
+                print(f"[{trainer.name}] {line}")
+        if trainer.value_model is not None and cfg.train.critic_pretrain_rollouts:
+            loop.log(StepResult(trainer.pretrain_critic()))
+        if cfg.run.eval_every:
+            loop.evaluate()
+    if not loop.run():
+        return {"stopped_at": loop.step}
+    final = loop.evaluate()
+    summary = {"stage": "ppo", "algo": cfg.algo.name, "updates": cfg.train.updates,
+               "final_beta": trainer.kl_ctl.value, "skipped_steps": loop.guard.skipped_total,
+               **{k.split("/", 1)[1]: v for k, v in final.items()}}
+    # on every rank: FSDP gathers the shards to rank 0
+    policy = dist.plain_copy(trainer.policy)
+    value_model = dist.plain_copy(trainer.value_model) if trainer.value_model is not None else None
+    if dist.is_main():
+        save_model(policy, trainer.tokenizer, out_dir / "model")
+        if value_model is not None:
+            save_model(value_model, trainer.tokenizer, out_dir / "value_model")
+        summary.update(seconds=time.time() - t_start, config=to_dict(cfg))
+        write_summary(out_dir, summary)
+    loop.close()
+    return summary
+
+
+run_ppo = run_rl  # `ppo-rlhf ppo` is the RL stage with its default algorithm

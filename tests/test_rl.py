@@ -1,0 +1,286 @@
+"""The RL stage in-process: which parameters move, how many optimizer steps a config gives, that
+every algorithm preset runs, that a minibatch's gradient does not depend on how it is split, the
+TRPO trust region, group sampling, dynamic sampling and reward functions without a reward model."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from ppo_rlhf import distributed as dist
+from ppo_rlhf.algo.losses import AGGREGATIONS
+from ppo_rlhf.config import PPOConfig, algorithm_presets, build_config
+from ppo_rlhf.guards import NonFiniteGuard
+from ppo_rlhf.models import load_causal_lm, load_scalar_model, save_model, token_scores
+from ppo_rlhf.rollout import dense_credit, shape_scores, truncated_rows
+from ppo_rlhf.stages.loop import StepContext
+from ppo_rlhf.stages.rl import RLTrainer, minibatch_indices
+from ppo_rlhf.tasks import get_task
+from ppo_rlhf.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl")
+    task = get_task("arithmetic")
+    tok = train_tokenizer(task.tokenizer_corpus(random.Random(0)), 320)
+    policy = load_causal_lm("tiny-gpt2", tok, seed=0)
+    save_model(policy, tok, root / "sft")
+    rm = load_scalar_model(str(root / "sft"), tok, init_from_causal_lm=True, head_init_std=0.02, seed=1)
+    save_model(rm, tok, root / "rm")
+    prompts = task.sample_prompts(32, random.Random(0))
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": str(len(p))}) + "\n"
+                                                for p in prompts))
+    (root / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                             for t in task.pretrain_texts(16, random.Random(0))))
+    (root / "rewards.py").write_text(
+        "def length_bonus(prompts, responses, answer, **_):\n"
+        "    return [min(len(r), 8) / 8 for r in responses]\n")
+    return root
+
+
+def make_trainer(dirs, *overrides, reward_model=True):
+    cfg = build_config(PPOConfig, overrides=[
+        f"policy={dirs / 'sft'}", f"reward_model={dirs / 'rm' if reward_model else ''}",
+        f"prompts_file={dirs / 'prompts.jsonl'}", f"out_dir={dirs / 'out'}", "task=arithmetic",
+        "rollout.batch_size=8", "run.tensorboard=false", "train.ppo_epochs=2", "train.num_minibatches=2",
+        "optim.lr=1e-3", *overrides])
+    torch.manual_seed(0)
+    return RLTrainer(cfg, torch.device("cpu"))
+
+
+def iterate(t, step=1):
+    return t.step(StepContext(step, NonFiniteGuard(5), None)).metrics
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def changed(before, model):
+    return any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_policy_and_value_move_reference_and_reward_do_not(dirs):
+    t = make_trainer(dirs)
+    models = {"policy": t.policy, "value": t.value_model, "reference": t.reference.model, "reward": t.reward_model}
+    before = {name: snapshot(m) for name, m in models.items()}
+    metrics = iterate(t)
+    assert changed(before["policy"], t.policy) and changed(before["value"], t.value_model)
+    assert not changed(before["reference"], t.reference.model)
+    assert not changed(before["reward"], t.reward_model)
+    assert metrics["train/optimizer_steps"] == 2 * 2
+    for key in ("objective/kl", "policy/approx_kl", "policy/clipfrac", "value/clipfrac",
+                "value/explained_variance", "value/explained_variance_after", "kl_ctl/beta",
+                "objective/gold_reward"):
+        assert key in metrics
+
+
+def test_optimizer_steps_match_config(dirs):
+    t = make_trainer(dirs, "train.ppo_epochs=3", "train.num_minibatches=4", "train.grad_accum=2")
+    iterate(t)
+    assert t.policy_opt.state[t.policy_params[0]]["step"].item() == 12
+    assert t.value_opt.state[t.value_params[0]]["step"].item() == 12
+    assert t.policy_sched.last_epoch == 12
+
+
+def test_critic_warmup_updates_only_the_value_model(dirs):
+    t = make_trainer(dirs, "train.critic_warmup_updates=1")
+    before, before_v = snapshot(t.policy), snapshot(t.value_model)
+    m = iterate(t)
+    assert not changed(before, t.policy) and changed(before_v, t.value_model)
+    assert "policy/clipfrac" not in m and "value/clipfrac" in m
+
+
+@pytest.mark.parametrize("name", algorithm_presets())
+def test_every_algorithm_preset_runs_and_moves_the_policy(dirs, name):
+    t = make_trainer(dirs, f"algo={name}", "rollout.batch_size=4", "algo.trpo.cg_iters=3")
+    before = snapshot(t.policy)
+    m = iterate(t)
+    assert changed(before, t.policy), name
+    assert (t.value_model is not None) == t.cfg.algo.critic
+    assert m["train/optimizer_steps"] > 0 and all(v == v for k, v in m.items() if k.startswith("loss/")), m
+
+
+def _minibatch_grads(t, exp, mb):
+    t.policy_opt.zero_grad(set_to_none=True)
+    t.value_opt.zero_grad(set_to_none=True)
+    t.accumulate_gradients(exp, mb, update_policy=True, update_value=True)
+    return [p.grad.clone() for p in t.policy_params + t.value_params]
+
+
+@pytest.mark.parametrize("aggregation", list(AGGREGATIONS))
+def test_a_minibatch_gradient_is_the_same_in_one_piece_in_micro_batches_or_over_two_ranks(
+        dirs, aggregation, monkeypatch):
+    """The loss weights come from the whole minibatch, so accumulation and DDP split it exactly.
+    Two ranks are simulated in one process: each backpropagates its rows' loss times the world
+    size, and DDP's gradient is the mean over the ranks."""
+    t = make_trainer(dirs, f"algo.aggregation={aggregation}", "algo.samples_per_prompt=2", "rollout.batch_size=6")
+    scored, _ = t.collect(list(range(6)), 1)
+    from ppo_rlhf.rollout import make_experience
+    exp = make_experience(scored, t.cfg, t.kl_ctl.value, t.max_new_tokens)
+    mb = torch.arange(exp.sequences.size(0))
+    whole = _minibatch_grads(t, exp, mb)
+    t.cfg.train.grad_accum = 5
+    accumulated = _minibatch_grads(t, exp, mb)
+    t.cfg.train.grad_accum = 1
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    ranks = []
+    for r in (0, 1):
+        monkeypatch.setattr(dist, "rank", lambda r=r: r)
+        ranks.append(_minibatch_grads(t, exp, mb))
+    for g, a, r0, r1 in zip(whole, accumulated, *ranks):
+        torch.testing.assert_close(a, g, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close((r0 + r1) / 2, g, rtol=1e-5, atol=1e-6)
+
+
+def test_trpo_step_stays_in_the_trust_region(dirs):
+    t = make_trainer(dirs, "algo=trpo", "algo.trpo.max_kl=0.005")
+    for step in (1, 2):
+        m = iterate(t, step)
+        assert 0 < m["trpo/step_fraction"] <= 1
+        assert m["trpo/kl"] <= 1.5 * 0.005 and m["trpo/surrogate_improvement"] > 0
+
+
+def test_group_minibatches_keep_a_prompts_samples_together():
+    parts = minibatch_indices(5, 3, 2, torch.Generator().manual_seed(0))
+    assert sorted(torch.cat(parts).tolist()) == list(range(15))
+    for p in parts:
+        groups = p.view(-1, 3) // 3
+        assert (groups == groups[:, :1]).all() and ((p.view(-1, 3) % 3) == torch.arange(3)).all()
+    single = minibatch_indices(10, 1, 3, torch.Generator().manual_seed(0))
+    assert [len(p) for p in single] == [4, 3, 3]  # sizes differ by at most one (every rank gets rows)
+
+
+def test_group_rollout_has_n_rows_per_prompt_in_order(dirs):
+    t = make_trainer(dirs, "algo=grpo", "rollout.batch_size=4")
+    scored, _ = t.collect([3, 1, 7, 5], 1)
+    assert scored.prompt_index.tolist() == [3] * 4 + [1] * 4 + [7] * 4 + [5] * 4
+    assert scored.groups.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    prompt_len = scored.prompt_len
+    assert (scored.sequences[:4, :prompt_len] == scored.sequences[0, :prompt_len]).all()
+
+
+def test_dynamic_sampling_drops_groups_without_reward_variance(dirs):
+    # the length bonus saturates at 8 characters: groups whose 4 responses all reach it (or all
+    # score the same) carry no signal and are replaced by groups of freshly sampled prompts
+    t = make_trainer(dirs, "algo=dapo", "rollout.batch_size=4", f"reward.functions={dirs / 'rewards.py'}:length_bonus",
+                     "rollout.truncated=keep", "algo.max_sampling_rounds=2", reward_model=False)
+    scored, stats = t.collect([0, 1, 2, 3], 1)
+    _, std, _ = __import__("ppo_rlhf.algo.advantages", fromlist=["group_moments"]).group_moments(
+        scored.score, scored.groups)
+    assert (std > 0).all()
+    assert stats["rollout/sampling_rounds"] >= 1 and stats["rollout/kept_groups"] <= 4
+
+
+def test_reward_functions_without_a_reward_model(dirs):
+    t = make_trainer(dirs, f"reward.functions={dirs / 'rewards.py'}:length_bonus", reward_model=False)
+    assert t.reward_model is None and t.value_model is not None
+    m = iterate(t)
+    assert 0 <= m["reward_fn/length_bonus"] <= 1
+    assert m["objective/rm_score"] == 0.0
+
+
+def test_reward_functions_as_python_callables(dirs):
+    cfg = build_config(PPOConfig, overrides=[
+        f"policy={dirs / 'sft'}", f"prompts_file={dirs / 'prompts.jsonl'}", f"out_dir={dirs / 'out'}",
+        "rollout.batch_size=4", "run.tensorboard=false", "algo=rloo"])
+
+    def constant(prompts, responses, **_):
+        return [0.5] * len(prompts)
+
+    t = RLTrainer(cfg, torch.device("cpu"), reward_functions=[constant])
+    assert iterate(t)["reward_fn/constant"] == 0.5
+
+
+def test_no_reward_at_all_is_a_clear_error(dirs):
+    with pytest.raises(Exception, match="reward_model or reward.functions"):
+        make_trainer(dirs, reward_model=False)
+
+
+def test_group_estimators_refuse_one_sample_per_prompt(dirs):
+    with pytest.raises(Exception, match="samples_per_prompt"):
+        make_trainer(dirs, "algo=grpo", "algo.samples_per_prompt=1")
+    with pytest.raises(Exception, match="needs a value model"):
+        make_trainer(dirs, "algo.critic=false")
+
+
+def test_kl_in_the_loss_is_a_loss_term_and_not_in_the_reward(dirs):
+    t = make_trainer(dirs, "algo.kl_in=loss", "reward.kl_estimator=k3")
+    m = iterate(t)
+    assert "loss/kl" in m and m["objective/rlhf_reward"] == pytest.approx(m["objective/score"], abs=1e-5)
+
+
+def test_ptx_and_entropy_losses_are_used(dirs):
+    t = make_trainer(dirs, "loss.ptx_coef=2.0", f"ptx_file={dirs / 'text.jsonl'}", "loss.entropy_coef=0.01")
+    m = iterate(t)
+    assert m["loss/ptx"] > 0 and "loss/entropy" in m
+
+
+def test_adaptive_kl_controller_moves_beta(dirs):
+    t = make_trainer(dirs, "reward.kl_control=adaptive", "reward.kl_coef=0.1", "reward.kl_target=0.001",
+                     "reward.kl_horizon=100")
+    m = iterate(t)
+    e = max(-0.2, min(0.2, m["objective/kl"] / 0.001 - 1))
+    assert t.kl_ctl.value == pytest.approx(0.1 * (1 + e * 8 / 100))
+
+
+def test_critic_pretraining_fits_the_value_model_on_fixed_rollouts(dirs):
+    t = make_trainer(dirs, "train.critic_pretrain_rollouts=2", "train.critic_pretrain_epochs=3")
+    before_p, before_v = snapshot(t.policy), snapshot(t.value_model)
+    m = t.pretrain_critic()
+    assert not changed(before_p, t.policy) and changed(before_v, t.value_model)
+    assert m["critic_pretrain/explained_variance_after"] > m["critic_pretrain/explained_variance_before"]
+
+
+def test_value_model_warm_start_from_a_saved_value_model(dirs, tmp_path):
+    t = make_trainer(dirs)
+    iterate(t)
+    save_model(t.value_model, t.tokenizer, tmp_path / "value_model")
+    warm = make_trainer(dirs, f"train.value_init={tmp_path / 'value_model'}")
+    for a, b in zip(t.value_model.parameters(), warm.value_model.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_missing_eos_penalty_overlong_punishment_and_clip():
+    cfg = build_config(PPOConfig, overrides=["rollout.missing_eos_penalty=-1", "reward.score_clip=2"])
+    ids = torch.tensor([[5, 9, 0], [5, 6, 7]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    trunc = truncated_rows(ids, mask, eos_id=9)
+    assert trunc.tolist() == [False, True]
+    lengths = mask.sum(1)
+    assert shape_scores(torch.tensor([5.0, 0.3]), trunc, lengths, cfg, 3, None).tolist() == [2.0, -1.0]
+    cfg.rollout.truncated = "keep"
+    assert shape_scores(torch.tensor([0.5, 0.3]), trunc, lengths, cfg, 3, None).tolist() == pytest.approx([0.5, 0.3])
+    # DAPO: max 3, buffer 2 -> lengths 2 and 3 are 1/2 and 2/2 of the way into the buffer
+    cfg.rollout.overlong_buffer, cfg.rollout.overlong_penalty = 2, 1.0
+    assert shape_scores(torch.tensor([0.5, 0.3]), trunc, lengths, cfg, 3, None).tolist() == pytest.approx([0.0, -0.7])
+
+
+def test_dense_credit_telescopes_to_last_minus_prompt(dirs):
+    from ppo_rlhf.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(dirs / "rm")
+    rm = load_scalar_model(str(dirs / "rm"), tok)
+    seq = torch.randint(5, 50, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    rmask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    mask[:, 3:] = rmask
+    d = dense_credit(rm, seq, mask, 3, rmask)
+    s = token_scores(rm, seq, mask) * float(rm.config.reward_gain)
+    last = rmask.sum(1) + 2
+    expect = s[torch.arange(3), last] - s[:, 2]
+    torch.testing.assert_close(d.sum(1), expect, rtol=1e-4, atol=1e-5)
+
+
+def test_value_head_on_the_policy_trunk(dirs):
+    t = make_trainer(dirs, "train.value_model=policy_head", "train.critic_warmup_updates=1")
+    assert t.value_model.base_model is t.policy.base_model
+    head = {n: p.detach().clone() for n, p in t.value_model.named_parameters() if "score" in n}
+    trunk = snapshot(t.policy)
+    iterate(t, 1)  # critic warm-up: only the head moves
+    assert not changed(trunk, t.policy)
+    assert any(not torch.equal(head[n], p) for n, p in t.value_model.named_parameters() if n in head)
+    iterate(t, 2)  # then the shared trunk learns from both losses
+    assert changed(trunk, t.policy)
