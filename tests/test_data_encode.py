@@ -18,6 +18,7 @@ from ppo_rlhf.data import (
     PreferencePair,
     PromptExample,
     SFTExample,
+    TextExample,
     batches,
     check_token_ids,
     collate_pairs,
@@ -26,6 +27,7 @@ from ppo_rlhf.data import (
     encode_pairs,
     encode_prompts,
     encode_sft,
+    encode_texts,
     format_prompt,
     pad_left,
     pad_right,
@@ -354,3 +356,37 @@ def test_encode_sft_invariants(prompts, responses, max_prompt_len, extra):
         response = [ID[w] for w in response_words] + [EOS]
         assert e.input_ids[e.prompt_len :] == response[: len(e.input_ids) - e.prompt_len]
         assert e.loss_mask == [False] * e.prompt_len + [True] * (len(e.input_ids) - e.prompt_len)
+
+
+def test_check_token_ids_checks_every_record_and_names_it(tok):
+    good = EncodedSFT([BOS, A, EOS], [False, True, True], 2, "sft.jsonl:1")
+    bad = EncodedSFT([BOS, A, 40, EOS], [False, True, True, True], 2, "sft.jsonl:7")
+    records = [good] * 50 + [bad] + [good]  # the bad id is far from the first record
+    with pytest.raises(UserError, match=r"^sft\.jsonl:7: token id 40 is outside the model's vocabulary"):
+        check_token_ids(records, vocab_size=15, source="sft.jsonl")
+    check_token_ids([good] * 3, vocab_size=15, source="sft.jsonl")
+    pairs = [EncodedPair([BOS, A, EOS], [BOS, B, EOS], 2, "prefs.jsonl:1"),
+             EncodedPair([BOS, A, EOS], [BOS, -2, EOS], 2, "prefs.jsonl:2")]  # in the rejected side
+    with pytest.raises(UserError, match=r"^prefs\.jsonl:2: token id -2"):
+        check_token_ids(pairs, vocab_size=15, source="prefs.jsonl")
+    # id lists and tensors carry no source: the record's number names it
+    with pytest.raises(UserError, match=r"^prompts\.jsonl, record 3: token id 15 "):
+        check_token_ids([[1, 2], [3], [4, 15]], vocab_size=15, source="prompts.jsonl")
+    with pytest.raises(UserError, match=r"^prompts\.jsonl, record 2: token id 99 "):
+        check_token_ids(torch.tensor([[1, 2], [3, 99]]), vocab_size=15, source="prompts.jsonl")
+
+
+def test_encode_texts_adds_bos_and_eos_and_reports_cuts(tok):
+    texts = [TextExample("a b c", "pt.jsonl:1"), TextExample("d e f a b", "pt.jsonl:2"), "c"]
+    encoded, report = encode_texts(tok, texts, max_len=5, knobs="max_prompt_len + rollout.max_new_tokens")
+    assert encoded == [[BOS, A, B, C, EOS], [BOS, D, E, F, A], [BOS, C, EOS]]
+    assert (report.total, report.kept, report.texts_truncated) == (3, 3, 1)
+    assert report.describe() == ("encoded 3 of 3 pretraining texts; 1 cut at 5 tokens (losing their "
+                                 "eos) (raise max_prompt_len + rollout.max_new_tokens to keep more)")
+    uncut, report = encode_texts(tok, texts, max_len=6)
+    assert uncut[1] == [BOS, D, E, F, A, B] and report.texts_truncated == 1  # eos still cut
+    assert encode_texts(tok, texts, max_len=7)[1].describe() == "encoded 3 of 3 pretraining texts"
+    no_bos, _ = encode_texts(word_tokenizer(bos=False), ["a b"], max_len=8)
+    assert no_bos == [[A, B, EOS]]
+    with pytest.raises(UserError, match="max_len: .* must be at least 2"):
+        encode_texts(tok, texts, max_len=1)

@@ -18,6 +18,7 @@ from ppo_rlhf.data.encode import (
     encode_pairs,
     encode_prompts,
     encode_sft,
+    encode_texts,
     format_prompt,
 )
 from ppo_rlhf.data.jsonl import (
@@ -50,6 +51,7 @@ __all__ = [
     "encode_pairs",
     "encode_prompts",
     "encode_sft",
+    "encode_texts",
     "format_prompt",
     "load_records",
     "pad_left",

@@ -59,9 +59,11 @@ class TruncationReport:
     total: int = 0
     prompts_truncated: int = 0
     responses_truncated: int = 0
+    texts_truncated: int = 0
     dropped_no_response: int = 0
     dropped_identical: int = 0
     dropped_sources: list[str] = field(default_factory=list)
+    knobs: str = ""  # the settings that would keep more; default "max_prompt_len / max_len"
 
     @property
     def dropped(self) -> int:
@@ -86,6 +88,8 @@ class TruncationReport:
                 f"{self.responses_truncated} responses cut at {self.max_len} tokens "
                 "(losing their eos)"
             )
+        if self.texts_truncated:
+            parts.append(f"{self.texts_truncated} cut at {self.max_len} tokens (losing their eos)")
         if self.dropped_no_response:
             parts.append(f"{self.dropped_no_response} dropped with no response token left")
         if self.dropped_identical:
@@ -94,8 +98,10 @@ class TruncationReport:
                 "were identical after truncation"
             )
         sentence = "; ".join(parts)
-        if self.prompts_truncated or self.responses_truncated or self.dropped:
-            knobs = "max_prompt_len / max_len" if self.max_len is not None else "max_prompt_len"
+        if self.prompts_truncated or self.responses_truncated or self.texts_truncated or self.dropped:
+            knobs = self.knobs or (
+                "max_prompt_len / max_len" if self.max_len is not None else "max_prompt_len"
+            )
             sentence += f" (raise {knobs} to keep more)"
         return sentence
 
@@ -292,27 +298,77 @@ def encode_pairs(
     return out, report
 
 
-def check_token_ids(
-    ids: Iterable, vocab_size: int, source: str, tokenizer_size: int | None = None
-) -> None:
-    """Raise `UserError` if any token id is outside the model's vocabulary [0, vocab_size).
+def encode_texts(
+    tokenizer: Any, texts: Iterable, max_len: int, add_bos: bool = True, knobs: str = "max_len"
+) -> tuple[list[list[int]], TruncationReport]:
+    """Encode pretraining texts (PPO-ptx) as `[bos] text eos`, cut on the right to `max_len`.
 
-    `ids` is a (nested) list of ints or a tensor. This catches a tokenizer that does not belong
-    to the model before it becomes an index error deep inside an embedding lookup.
+    Items are `TextExample`s (anything with `.text`) or strings. BOS and EOS as in every SFT and
+    RL sequence, so the LM loss trains the same boundaries the policy is sampled with. A text cut
+    at `max_len` loses its eos and is counted; `knobs` names the settings that set `max_len`, for
+    the report's "raise ... to keep more".
     """
-    flat = _flatten(ids)
-    if not flat:
-        return
-    low, high = min(flat), max(flat)
-    if low >= 0 and high < vocab_size:
-        return
-    bad = high if high >= vocab_size else low
-    size = tokenizer_size if tokenizer_size is not None else f"at least {high + 1}"
-    raise UserError(
-        f"{source}: token id {bad} is outside the model's vocabulary: the tokenizer "
-        f"has {size} tokens but the model's vocabulary is {vocab_size}; use the "
-        "tokenizer saved with the model"
-    )
+    bos, eos = _bos(tokenizer, add_bos), _eos(tokenizer)
+    least = 2 if bos is not None else 1
+    if max_len < least:
+        raise UserError(
+            f"{knobs}: the pretraining texts are cut to {max_len} tokens; it must be at least "
+            f"{least} to hold a token" + (" after the bos token" if bos is not None else "")
+        )
+    texts = [getattr(item, "text", item) for item in texts]
+    report = TruncationReport("pretraining texts", 0, max_len, total=len(texts), knobs=knobs)
+    out = []
+    for ids in _tokenize(tokenizer, texts):
+        full = ([bos] if bos is not None else []) + ids + [eos]
+        if len(full) > max_len:
+            report.texts_truncated += 1
+            full = full[:max_len]
+        out.append(full)
+    return out, report
+
+
+def check_token_ids(
+    records: Iterable, vocab_size: int, source: str, tokenizer_size: int | None = None
+) -> None:
+    """Raise `UserError` naming the first record with a token id outside [0, vocab_size).
+
+    `records`: encoded examples (`EncodedSFT`, `EncodedPair`: their `source` file:line names the
+    record), id lists or a (B, T) tensor, one record each; or a single flat id list. Every record
+    is checked (its min and max id: cheap). This catches a tokenizer that does not belong to the
+    model before it becomes an index error deep inside an embedding lookup.
+    """
+    if hasattr(records, "tolist"):
+        records = records.tolist()
+    records = list(records)
+    single = bool(records) and isinstance(records[0], int)  # one flat record: `source` names it
+    if single:
+        records = [records]
+    for index, record in enumerate(records):
+        ids = _record_ids(record)
+        if not ids:
+            continue
+        low, high = min(ids), max(ids)
+        if low >= 0 and high < vocab_size:
+            continue
+        bad = high if high >= vocab_size else low
+        where = getattr(record, "source", None) or (
+            source if single else f"{source}, record {index + 1}"
+        )
+        size = tokenizer_size if tokenizer_size is not None else f"at least {high + 1}"
+        raise UserError(
+            f"{where}: token id {bad} is outside the model's vocabulary: the tokenizer "
+            f"has {size} tokens but the model's vocabulary is {vocab_size}; use the "
+            "tokenizer saved with the model"
+        )
+
+
+def _record_ids(record: Any) -> list[int]:
+    """The token ids of one record: an encoded example's sequences or a (nested) id list."""
+    if isinstance(record, EncodedSFT):
+        return record.input_ids
+    if isinstance(record, EncodedPair):
+        return record.chosen_ids + record.rejected_ids
+    return _flatten(record)
 
 
 def _flatten(ids: Any) -> list[int]:
