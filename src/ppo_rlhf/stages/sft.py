@@ -111,8 +111,8 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
         evalset, _ = encode_sft(tokenizer, eval_examples, cfg.max_prompt_len, cfg.max_len)
 
     model = load_causal_lm(cfg.model.path, tokenizer, seed=cfg.run.seed).to(device)
-    for enc in train[:1] + evalset[:1]:
-        check_token_ids(enc.input_ids, model.config.vocab_size, cfg.train_file)
+    check_token_ids(train, model.config.vocab_size, cfg.train_file)  # every record: a max id each
+    check_token_ids(evalset, model.config.vocab_size, cfg.eval_file)
     if cfg.model.lora_r:
         model = apply_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout)
     steps = common.total_steps(len(train), cfg.batch_size, cfg.epochs, cfg.max_steps)
