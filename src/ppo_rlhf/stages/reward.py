@@ -139,7 +139,8 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict:
 
     model = load_scalar_model(cfg.model.path, tokenizer, init_from_causal_lm=True,
                               head_init_std=cfg.head_init_std, seed=cfg.run.seed).to(device)
-    check_token_ids(train[0].chosen_ids, model.config.vocab_size, cfg.train_file)
+    check_token_ids(train, model.config.vocab_size, cfg.train_file)  # every record: a max id each
+    check_token_ids(evalset, model.config.vocab_size, cfg.eval_file)
     if cfg.model.lora_r:
         model = apply_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout)
     steps = common.total_steps(len(train), cfg.batch_size, cfg.epochs, cfg.max_steps)
