@@ -43,7 +43,7 @@ from ..data.encode import check_token_ids, encode_prompts
 from ..data.jsonl import prompt_text, read_prompts, read_texts
 from ..errors import UserError
 from ..guards import NonFiniteGuard
-from ..generation import response_logprobs, response_values
+from ..generation import response_logprobs, response_values, truncate_logits
 from ..metrics import PhaseTimer, write_summary
 from ..models import (apply_lora, check_same_tokenizer, disable_dropout, fold_reward_normalisation,
                       load_causal_lm, load_scalar_model, save_model)
@@ -422,7 +422,8 @@ class RLTrainer:
         if self.dtype == "bfloat16":
             # bf16 sampling kernels and the training forward round differently (up to ~0.04 nats):
             # the old log-probs come from the training forward, so the first ratios are exactly 1.
-            logprobs, _ = response_logprobs(self.policy, sequences, attention_mask, P, temperature=temp)
+            logprobs, _ = response_logprobs(self.policy, sequences, attention_mask, P, temperature=temp,
+                                            top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p)
         ref_logprobs = self.reference.logprobs(sequences, attention_mask, P, temp)
         values = torch.zeros_like(logprobs)
         if self.value_model is not None:
@@ -473,8 +474,8 @@ class RLTrainer:
         texts, truncated = decode_responses(self.tokenizer, exp.sequences[:n_text, exp.prompt_len:].cpu(),
                                             mask[:n_text].cpu())
         if self.task is not None:
-            prompts = [self.prompts.texts[i] for i in prompt_rows]
-            golds = [self.task.gold_reward(p, t, truncated=tr) for p, t, tr in zip(prompts, texts, truncated)]
+            golds = self.task.gold_rewards([self.prompts.texts[i] for i in prompt_rows], texts, truncated,
+                                           [self.prompts.fields[i] for i in prompt_rows])
             m["objective/gold_reward"] = sum(golds) / len(golds)
         samples = [{"prompt": self.prompts.texts[i], "response": t, "score": s}
                    for i, t, s in zip(prompt_rows[:cfg.sample_rows], texts, exp.scores.tolist())]
@@ -570,6 +571,7 @@ class RLTrainer:
         clipfrac, approx_kl, ratio_mean, ratio_max, vclip = z, z, z, torch.tensor(float("-inf")), z
         if update_policy:
             logprobs, entropy = response_logprobs(self.policy_ddp, seq, mask, P, temperature=cfg.rollout.temperature,
+                                                  top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
                                                   with_entropy=cfg.loss.entropy_coef > 0)
             out = self.policy_loss.fn(logprobs, exp.logprobs[idx], exp.advantages[idx], loss_mask, self.loss_params)
             token_losses = out.losses
@@ -634,7 +636,10 @@ class RLTrainer:
             with common.autocast(self.device, self.dtype):
                 logits = self.policy(input_ids=seq, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
             logits = logits[:, exp.prompt_len - 1:-1].float() / cfg.rollout.temperature
-            return logits[exp.loss_mask[idx]].log_softmax(-1)
+            targets = seq[:, exp.prompt_len:][exp.loss_mask[idx]]
+            kept = truncate_logits(logits[exp.loss_mask[idx]], top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
+                                   keep=targets)
+            return kept.log_softmax(-1)
 
         old = [log_softmax(idx).detach() for idx in mine]
 
@@ -644,7 +649,8 @@ class RLTrainer:
             lp = torch.zeros_like(exp.logprobs[idx]).masked_scatter(exp.loss_mask[idx], lp_all.gather(-1, targets[:, None]).squeeze(-1))
             out = self.policy_loss.fn(lp, exp.logprobs[idx], exp.advantages[idx], exp.loss_mask[idx], self.loss_params)
             surrogate = (policy_w[idx] * out.losses).sum()
-            kl_tok = (old_lp.exp() * (old_lp - lp_all)).sum(-1)  # KL(old || new) per real token
+            # KL(old || new) per real token; tokens outside a top-k/top-p cut have probability 0
+            kl_tok = torch.where(old_lp > float("-inf"), old_lp.exp() * (old_lp - lp_all), 0.0).sum(-1)
             kl = (token_w[idx][exp.loss_mask[idx]] * kl_tok).sum()
             return surrogate, kl
 

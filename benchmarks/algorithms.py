@@ -1,0 +1,184 @@
+"""Every RL algorithm from the same SFT and reward checkpoints: gold reward against samples seen,
+wall time and KL, over several seeds -> benchmarks/ALGORITHMS.md, results/algorithms_*.json/png.
+
+    python benchmarks/algorithms.py --task arithmetic --seeds 0 1 2
+    python benchmarks/algorithms.py --task arithmetic --reward gold     # the task's gold as a reward
+                                                                        # function, no reward model
+    python benchmarks/algorithms.py --algos ppo grpo --seeds 0 --updates 60   # a quick look
+
+1. Once per task: `ppo-rlhf pipeline --task T` at seed 0 (tokenizer, data, SFT, RM and the default
+   PPO run, whose figures are the regression check for the default pipeline).
+2. Per algorithm preset and seed: `ppo-rlhf rl algo=NAME run.seed=S` from that SFT policy and RM
+   (or `--reward gold`: `reward.functions=ppo_rlhf.tasks.<task>:gold` and no RM), the preset's own
+   settings otherwise (every preset sees 64 responses per update: 64 prompts x 1 or 16 x 4).
+3. From each run's metrics.jsonl: the held-out evaluations (eval/gold_reward and eval/kl on 400
+   held-out prompt samples every 25 updates; update 0 is the SFT policy) against samples seen and
+   wall time. Final figures are the last evaluation's.
+Each run is a separate process, one after another (2 CPU threads each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from ppo_rlhf.config import algorithm_presets  # noqa: E402
+
+
+def cpu_info() -> dict:
+    model, flags = platform.processor(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"model": model, "flags": [f for f in wanted if f in flags]}
+
+
+def cli(*args, log: Path) -> float:
+    t0 = time.time()
+    with log.open("a") as fh:
+        subprocess.run([sys.executable, "-m", "ppo_rlhf.cli", *map(str, args)], check=True, stdout=fh,
+                       stderr=subprocess.STDOUT)
+    return time.time() - t0
+
+
+def base(task: str, work: Path, log: Path) -> Path:
+    run = work / f"base-{task}"
+    if not (run / "summary.json").is_file():
+        print(f"[base] ppo-rlhf pipeline --task {task} --out {run}", flush=True)
+        cli("pipeline", "--task", task, "--out", run, "seed=0", log=log)
+    return run
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def one_run(task: str, algo: str, seed: int, reward: str, base_run: Path, work: Path, updates: int | None,
+            log: Path) -> dict:
+    out = work / task / f"{reward}-{algo}-s{seed}"
+    args = ["rl", "--out", out, f"algo={algo}", f"policy={base_run / 'sft' / 'model'}",
+            f"prompts_file={base_run / 'data' / 'prompts_train.jsonl'}",
+            f"eval_prompts_file={base_run / 'data' / 'prompts_eval.jsonl'}", f"task={task}",
+            f"run.seed={seed}", "run.threads=2", "run.save_every=0"]
+    if reward == "rm":
+        args.append(f"reward_model={base_run / 'reward' / 'model'}")
+    else:
+        args.append(f"reward.functions=ppo_rlhf.tasks.{task}:gold")
+    if updates:
+        args.append(f"train.updates={updates}")
+    wall = None
+    if not (out / "summary.json").is_file():
+        print(f"[run] {' '.join(map(str, args))}", flush=True)
+        wall = cli(*args, log=log)
+    summary = json.loads((out / "summary.json").read_text())
+    rows = read_metrics(out / "metrics.jsonl")
+    start = min(r["time"] for r in rows) if rows and "time" in rows[0] else None
+    samples_per_update = summary["config"]["rollout"]["batch_size"] * summary["config"]["algo"]["samples_per_prompt"]
+    evals = [{"update": r["step"], "samples": r["step"] * samples_per_update,
+              "seconds": (r["time"] - start) if start is not None else None,
+              "gold": r["eval/gold_reward"], "kl": r.get("eval/kl")}
+             for r in rows if "eval/gold_reward" in r]
+    return {"algo": algo, "seed": seed, "reward": reward, "evals": evals,
+            "sft_gold": evals[0]["gold"] if evals else None, "final_gold": summary.get("gold_reward"),
+            "final_kl": summary.get("kl"), "seconds": summary.get("seconds", wall),
+            "trpo_kl_max": max((r["trpo/kl"] for r in rows if "trpo/kl" in r), default=None),
+            "trpo_step_fraction": statistics.mean([r["trpo/step_fraction"] for r in rows if "trpo/step_fraction" in r])
+            if any("trpo/step_fraction" in r for r in rows) else None}
+
+
+def table(results: list[dict], algos: list[str]) -> str:
+    def ms(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "n/a"
+        if len(values) == 1:
+            return f"{values[0]:.3f}"
+        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+    lines = ["| algorithm | SFT gold | final gold | gain (points) | KL (nats) | wall s | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for algo in algos:
+        rs = [r for r in results if r["algo"] == algo]
+        if not rs:
+            continue
+        gains = [100 * (r["final_gold"] - r["sft_gold"]) for r in rs if r["final_gold"] is not None]
+        lines.append(f"| {algo} | {ms([r['sft_gold'] for r in rs])} | {ms([r['final_gold'] for r in rs])} | "
+                     f"{ms(gains)} | {ms([r['final_kl'] for r in rs])} | {ms([r['seconds'] for r in rs])} | {len(rs)} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], algos: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for algo in algos:
+        rs = [r for r in results if r["algo"] == algo and r["evals"]]
+        if not rs:
+            continue
+        n = min(len(r["evals"]) for r in rs)
+        mean = lambda key: [statistics.mean(r["evals"][i][key] or 0.0 for r in rs) for i in range(n)]  # noqa: E731
+        gold = mean("gold")
+        for ax, key in zip(axes, ("samples", "seconds", "kl")):
+            ax.plot(mean(key), gold, marker="o", ms=3, label=algo)
+    for ax, label in zip(axes, ("samples seen", "wall time (s)", "KL(policy || SFT), nats")):
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out gold reward")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="arithmetic")
+    ap.add_argument("--algos", nargs="*", default=algorithm_presets())
+    ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    ap.add_argument("--reward", choices=("rm", "gold"), default="rm")
+    ap.add_argument("--updates", type=int, default=None, help="train.updates (default: the stage's, 150)")
+    ap.add_argument("--work", default="runs/algorithms")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "log.txt"
+    base_run = base(args.task, work, log)
+    results = []
+    for algo in args.algos:
+        for seed in args.seeds:
+            r = one_run(args.task, algo, seed, args.reward, base_run, work, args.updates, log)
+            print(f"[done] {algo} seed {seed}: gold {r['sft_gold']:.3f} -> {r['final_gold']:.3f}, "
+                  f"KL {r['final_kl']:.2f}, {r['seconds']:.0f} s", flush=True)
+            results.append(r)
+    name = f"algorithms_{args.task}_{args.reward}"
+    out = {"task": args.task, "reward": args.reward, "cpu": cpu_info(), "seeds": args.seeds,
+           "base_summary": json.loads((base_run / "summary.json").read_text()).get("ppo_gold_reward"),
+           "results": results, "command": " ".join(sys.argv)}
+    res_dir = HERE / "results"
+    res_dir.mkdir(exist_ok=True)
+    (res_dir / f"{name}.json").write_text(json.dumps(out, indent=1))
+    plot(results, args.algos, res_dir / f"{name}.png")
+    print(f"\n{args.task}, reward={args.reward}, CPU {out['cpu']['model']} {' '.join(out['cpu']['flags'])}\n")
+    print(table(results, args.algos))
+
+
+if __name__ == "__main__":
+    main()
