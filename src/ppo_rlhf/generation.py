@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, PreTrainedModel
 
+from ppo_rlhf.algo.losses import entropy_from_logits
 from ppo_rlhf.data.collate import position_ids_from_mask
 from ppo_rlhf.errors import UserError
 from ppo_rlhf.models import capture_output, sequence_scores, token_scores, unwrap
@@ -146,13 +147,6 @@ def sample_tokens(
         uniform = uniform.to(cdf.dtype).view(-1, 1)
     choice = torch.searchsorted(cdf, (1.0 - uniform) * cdf[:, -1:]).squeeze(-1)
     return choice.clamp_(max=probs.shape[-1] - 1)
-
-
-def _entropy(scaled: torch.Tensor, logsumexp: torch.Tensor) -> torch.Tensor:
-    """(N,) entropy of softmax(scaled) from (N, V) logits and their (N,) logsumexp; tokens a
-    filter set to -inf have probability 0 and add nothing (not 0 * -inf = NaN)."""
-    probs = torch.exp(scaled - logsumexp[:, None])
-    return logsumexp - (probs * scaled.masked_fill(probs == 0, 0.0)).sum(-1)
 
 
 def row_uniforms(row_seeds: Sequence[int], n: int) -> torch.Tensor:
@@ -518,7 +512,7 @@ def generate(
             if logprobs is not None:
                 logprobs[:, steps] = scaled.gather(-1, token[:, None]).squeeze(-1) - logsumexp
             if entropy is not None:
-                entropy[:, steps] = _entropy(scaled, logsumexp)
+                entropy[:, steps] = entropy_from_logits(scaled)
             finished |= (token[:, None] == eos).any(-1)
             steps += 1
             if steps == max_new_tokens or (steps % check_every == 0 and bool(finished.all())):
@@ -555,7 +549,7 @@ def _token_logprobs(
     logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - logsumexp
     if not with_entropy:
         return logprobs, logprobs.new_zeros(0)
-    return logprobs, _entropy(logits, logsumexp)
+    return logprobs, entropy_from_logits(logits)
 
 
 def response_logprobs(
