@@ -314,3 +314,11 @@ def test_reward_function_means_are_plotted(tmp_path: Path) -> None:
                                             "reward_fn/format": 1.0} for s in range(10)])
     text = write_report(stage).read_text(encoding="utf-8")
     assert 'alt="Reward functions (mean per rollout)"' in text
+
+
+def test_a_stage_summary_explains_its_duplicates_count(tmp_path: Path) -> None:
+    stage = tmp_path / "sft"
+    _write_lines(stage / "metrics.jsonl", [{"step": s, "sft/train_loss": 1.0} for s in range(3)])
+    (stage / "summary.json").write_text(json.dumps({"stage": "sft", "duplicates": 144}))
+    text = write_report(stage).read_text(encoding="utf-8")
+    assert "exact duplicate records in the training file (kept: repetition is the data" in text

@@ -91,6 +91,9 @@ SUMMARY_LABELS = {
     "final_kl": "Final KL to reference (nats)",
     "rm_accuracy": "Reward-model held-out accuracy",
     "summary_source": "Summary",
+    "duplicates": "exact duplicate records in the training file (kept: repetition is the data's "
+                  "distribution, see the stage log)",
+    "vocab_note": "vocabulary smaller than asked",
 }
 _SAMPLES_PER_STEP = 3
 _MAX_TEXT_CHARS = 2000
