@@ -116,3 +116,12 @@ def test_verifiable_reward_pipeline_without_preferences(tmp_path, monkeypatch):
     assert summary["ppo_gold_reward"] is not None and "reward" not in summary["stage_seconds"]
     ppo = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert any("reward_fn/letters_ok" in r for r in ppo)
+
+
+def test_pipeline_algo_selects_the_rl_preset_and_explicit_rl_settings_win():
+    cfg = configured("algo=grpo", "ppo.algo.samples_per_prompt=3", "ppo.rollout.batch_size=64")
+    assert cfg.ppo.algo.name == "grpo" and cfg.ppo.algo.advantage == "grpo"
+    assert cfg.ppo.algo.samples_per_prompt == 3 and cfg.ppo.rollout.batch_size == 64
+    assert configured("algo=grpo").ppo.rollout.batch_size == 16  # the preset's
+    with pytest.raises(UserError, match="no algorithm preset 'grpoo'"):
+        configured("algo=grpoo")

@@ -136,8 +136,11 @@ def configure(cfg: PipelineConfig, explicit: Iterable[str] = (),
         fill("task", "")  # your own data: no built-in task unless you name one
     task_obj = gold_task(cfg.task, cfg.gold)
     gold = cfg.task or cfg.gold  # what the sft and ppo stages' `task` key takes
-    if cfg.algo:
+    if cfg.algo:  # the preset is a base: what you set under ppo. still wins
+        given = {k: _get(cfg, k) for k in explicit if k.startswith("ppo.")}
         set_key(cfg, "ppo.algo", cfg.algo, where="algo: ")
+        for key, value in given.items():
+            _set(cfg, key, value)
 
     fill("tokenizer.out_dir", str(run / "tokenizer"))
     if cfg.data_dir:
