@@ -168,7 +168,9 @@ def wrap_model(model: nn.Module, device: torch.device, run: RunConfig) -> nn.Mod
                         "model.lora_r=0, or run.fsdp=false to train the adapters with DDP")
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    bf16 = run.dtype == "bfloat16" and device.type == "cuda"
+    from .stages.common import resolve_dtype  # imported here: stages.common imports this module
+
+    bf16 = device.type == "cuda" and resolve_dtype(run, device) == "bfloat16"  # run.dtype auto too
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if bf16 else MixedPrecisionPolicy())
     # An unsharded copy of the structure on the meta device (no memory, ties kept): the template
