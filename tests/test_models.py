@@ -25,7 +25,6 @@ from ppo_rlhf.models import (
     fold_reward_normalisation,
     load_causal_lm,
     load_scalar_model,
-    merge_lora,
     save_model,
     sequence_scores,
     set_reward_normalisation,
@@ -258,7 +257,7 @@ def _perturb_lora(model) -> None:
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
-def test_lora_default_targets_disable_and_merge(tok, name):
+def test_lora_default_targets_disable_and_merge(tok, name, tmp_path):
     base = load_causal_lm(name, tok, seed=0).eval()
     ids, mask = left_padded([6, 4], 6, len(tok))
     base_logits = base(input_ids=ids, attention_mask=mask).logits
@@ -275,7 +274,8 @@ def test_lora_default_targets_disable_and_merge(tok, name):
         disabled = model(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(disabled, base_logits, atol=1e-6)
     assert torch.allclose(model(input_ids=ids, attention_mask=mask).logits, adapted)
-    merged = merge_lora(model)
+    save_model(model, tok, tmp_path / "policy")  # saved merged: a plain HF model
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
     assert not any("lora" in n for n, _ in merged.named_parameters())
     assert torch.allclose(merged(input_ids=ids, attention_mask=mask).logits, adapted, atol=1e-5)
 

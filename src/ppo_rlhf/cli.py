@@ -1,7 +1,7 @@
 """`ppo-rlhf` command line: one sub-command per stage.
 
     ppo-rlhf pipeline --task arithmetic --out runs/demo
-    ppo-rlhf sft --config configs/tiny-cpu-sft.yaml optim.lr=3e-4
+    ppo-rlhf pipeline --config configs/arithmetic-cpu-pipeline.yaml sft.optim.lr=3e-4
     ppo-rlhf ppo --help
 
 Training stages take `--config FILE.yaml`, dotted `key=value` overrides and `--resume`. Mistakes in

@@ -123,7 +123,8 @@ def gather_shards(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x
     y = all_gather_cat(x.to(torch.uint8) if x.dtype == torch.bool else x)
-    y = y.view(world_size(), x.shape[0], *x.shape[1:]).transpose(0, 1).reshape(-1, *x.shape[1:])
+    rows = world_size() * x.shape[0]  # not -1: a (B, 0) tensor has no elements to infer it from
+    y = y.view(world_size(), x.shape[0], *x.shape[1:]).transpose(0, 1).reshape(rows, *x.shape[1:])
     return y.bool() if x.dtype == torch.bool else y
 
 
@@ -357,13 +358,3 @@ def _push_to_shards(model: nn.Module, replica: nn.Module, _incompatible) -> None
     )
 
     set_model_state_dict(model, replica.state_dict(), options=StateDictOptions(full_state_dict=True))
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP wrapper (or the module itself)."""
-    return getattr(model, "module", model)
-
-
-def cleanup() -> None:
-    if is_distributed():
-        dist.destroy_process_group()

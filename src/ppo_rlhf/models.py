@@ -58,7 +58,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256,
         "max_position_embeddings": 128, "tie_word_embeddings": True,
     },
-    # CPU demo that does measurable arithmetic (the 4-layer d=256 row of PERFORMANCE.md).
+    # CPU demo that does measurable arithmetic (the 4-layer d=256 configuration of
+    # benchmarks/README.md).
     "small-gpt2": {
         "model_type": "gpt2", "n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 256,
         "activation_function": "gelu_pytorch_tanh",
@@ -661,11 +662,6 @@ def apply_lora(
             f"LoRA: {err}; fix: set the LoRA target_modules to module names of this "
             f"{model.config.model_type} model"
         ) from err
-
-
-def merge_lora(model: nn.Module) -> PreTrainedModel:
-    """Fold LoRA adapters into the weights and return the plain HF model."""
-    return model.merge_and_unload() if callable(getattr(model, "merge_and_unload", None)) else model
 
 
 @contextmanager
