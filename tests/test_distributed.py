@@ -198,6 +198,22 @@ def test_ppo_two_ranks_match_one_process_and_resume(data, reference, tmp_path):
     assert (out / "model" / "model.safetensors").is_file()
 
 
+def test_grpo_two_ranks_match_one_process(data, reference, tmp_path):
+    """Group rollouts: each rank samples 4 responses to each of its prompts, the groups are
+    gathered whole, and the group advantages, the minibatches of whole groups and the
+    seq-mean-token-mean loss give the 1-process trajectory."""
+    from ppo_rlhf.stages.rl import run_rl
+
+    def args(out):
+        return [*ppo_args(data, out, reference / "sft" / "model", reference / "reward" / "model"),
+                "algo=grpo", "rollout.batch_size=4", "train.updates=2"]
+
+    run_rl(build_config(PPOConfig, overrides=args(tmp_path / "one")))
+    torchrun("rl", args(tmp_path / "ddp"))
+    assert_same_trajectory(tmp_path / "one", tmp_path / "ddp", {"objective/kl", "loss/policy", "loss/kl",
+                                                                 "policy/clipfrac", "eval/gold_reward"})
+
+
 def test_row_seeded_sampling_does_not_depend_on_the_batch(data):
     """A row's sample depends on its seed only: not on the rows beside it or on the padding."""
     from ppo_rlhf.data.collate import pad_left

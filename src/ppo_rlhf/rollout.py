@@ -225,7 +225,8 @@ def gather_groups(x: torch.Tensor, n: int) -> torch.Tensor:
     if not dist.is_distributed():
         return x
     groups = x.reshape(x.shape[0] // n, n, *x.shape[1:])
-    return dist.gather_shards(groups).reshape(-1, *x.shape[1:])
+    gathered = dist.gather_shards(groups)
+    return gathered.reshape(gathered.shape[0] * n, *x.shape[1:])
 
 
 def gather_scored(scored: Scored, n: int) -> Scored:
