@@ -173,3 +173,75 @@ def test_training_under_bf16_autocast_keeps_float32_weights_grads_and_adam_state
         assert p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32)
     state = opt.state[next(model.parameters())]
     assert state["exp_avg"].dtype == torch.float32 and state["exp_avg_sq"].dtype == torch.float32
+
+
+# -- the RL trainer in bf16: old log-probs from the training forward ------------------------------
+@pytest.fixture(scope="module")
+def rl_dirs(tmp_path_factory):
+    import json
+    import random
+
+    from ppo_rlhf.models import load_scalar_model, save_model
+    from ppo_rlhf.tasks import get_task
+    from ppo_rlhf.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("rl_bf16")
+    task = get_task("arithmetic")
+    tok = train_tokenizer(task.tokenizer_corpus(random.Random(0)), 320)
+    policy = load_causal_lm("small-gpt2", tok, seed=0)
+    with torch.no_grad():  # a peaked policy, as after SFT: random init samples near-uniformly
+        policy.get_output_embeddings().weight.mul_(3)
+    save_model(policy, tok, root / "sft")
+    rm = load_scalar_model(str(root / "sft"), tok, init_from_causal_lm=True, head_init_std=0.02, seed=1)
+    save_model(rm, tok, root / "rm")
+    prompts = task.sample_prompts(16, random.Random(0))
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return root
+
+
+def test_bf16_first_minibatch_ratios_are_one(rl_dirs, monkeypatch):
+    """In bf16 the sampler's incremental decoder and the training forward round differently; the
+    trainer recomputes the old log-probs with the training forward, so before any optimizer step
+    every ratio is 1 (|ratio - 1| <= 1e-3), not spread over [0.96, 1.04]."""
+    from ppo_rlhf.config import PPOConfig, build_config
+    from ppo_rlhf.guards import NonFiniteGuard
+    from ppo_rlhf.stages import rl
+    from ppo_rlhf.stages.loop import StepContext
+
+    cfg = build_config(PPOConfig, overrides=[
+        f"policy={rl_dirs / 'sft'}", f"reward_model={rl_dirs / 'rm'}", f"prompts_file={rl_dirs / 'prompts.jsonl'}",
+        f"out_dir={rl_dirs / 'out'}", "rollout.batch_size=16", "rollout.max_new_tokens=12",
+        "rollout.temperature=0.7", "run.tensorboard=false", "run.dtype=bfloat16", "train.ppo_epochs=1",
+        "train.num_minibatches=1"])
+    torch.manual_seed(0)
+    trainer = rl.RLTrainer(cfg, CPU)
+    assert trainer.dtype == "bfloat16"
+
+    sampler_gaps = []
+    real_sample = rl.sample
+
+    def sample_and_compare(policy, prompt_ids, prompt_mask, *args, **kwargs):
+        ro = real_sample(policy, prompt_ids, prompt_mask, *args, **kwargs)
+        sequences = torch.cat([ro.prompt_ids, ro.response_ids], 1)
+        mask = torch.cat([ro.prompt_mask, ro.response_mask], 1)
+        forward, _ = response_logprobs(policy, sequences, mask, ro.prompt_ids.shape[1], temperature=0.7)
+        sampler_gaps.append((ro.logprobs - forward)[ro.response_mask].abs().max().item())
+        return ro
+
+    first = []
+    real_loss = trainer.policy_loss
+
+    def recording(logprobs, old_logprobs, advantages, mask, params):
+        out = real_loss.fn(logprobs, old_logprobs, advantages, mask, params)
+        if not first:
+            first.append((out.ratio.detach(), mask))
+        return out
+
+    monkeypatch.setattr(rl, "sample", sample_and_compare)
+    trainer.policy_loss = real_loss._replace(fn=recording)
+    trainer.step(StepContext(1, NonFiniteGuard(5), None))
+    ratio, mask = first[0]
+    assert mask.any()
+    assert (ratio[mask] - 1).abs().max().item() <= 1e-3
+    # What the recomputation corrects: the sampler's own bf16 log-probs are further off.
+    assert sampler_gaps and max(sampler_gaps) > 1e-3
