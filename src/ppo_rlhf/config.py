@@ -296,7 +296,9 @@ class AlgorithmConfig:
     """The RL algorithm as a declaration: `algo=NAME` loads a preset (src/ppo_rlhf/algo/presets/NAME.yaml)
     and every field can be overridden (`algo.advantage=rloo`)."""
 
-    name: str = opt("ppo", "The preset this algorithm started from (set with algo=NAME).")
+    name: str = opt("ppo", "The preset this algorithm started from (set with algo=NAME; each preset's "
+                    "settings and sources are in src/ppo_rlhf/algo/presets/NAME.yaml).",
+                    choices=tuple(sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))))
     advantage: str = opt("gae", "Advantage estimator.", choices=ADVANTAGE_NAMES)
     policy_loss: str = opt("ppo_clip", "Policy loss.", choices=POLICY_LOSS_NAMES)
     aggregation: str = opt("token-mean", "How per-token policy losses become the minibatch loss.",
