@@ -4,6 +4,8 @@ wall time and KL, over several seeds -> benchmarks/ALGORITHMS.md, results/algori
     python benchmarks/algorithms.py --task arithmetic --seeds 0 1 2
     python benchmarks/algorithms.py --task arithmetic --reward gold     # the task's gold as a reward
                                                                         # function, no reward model
+    python benchmarks/algorithms.py --task arithmetic --reward process --algos ppo   # the gold split
+                                                 # into process-reward steps (process_rewards.py)
     python benchmarks/algorithms.py --algos ppo grpo --seeds 0 --updates 60   # a quick look
 
 1. Once per task: `ppo-rlhf pipeline --task T` at seed 0 (tokenizer, data, SFT, RM and the default
@@ -78,8 +80,10 @@ def one_run(task: str, algo: str, seed: int, reward: str, base_run: Path, work: 
             f"run.seed={seed}", "run.threads=2", "run.save_every=0"]
     if reward == "rm":
         args.append(f"reward_model={base_run / 'reward' / 'model'}")
-    else:
+    elif reward == "gold":
         args.append(f"reward.functions=ppo_rlhf.tasks.{task}:gold")
+    else:  # the same gold total, as per-step process rewards
+        args.append(f"reward.functions={HERE / 'process_rewards.py'}:answer_steps")
     if updates:
         args.append(f"train.updates={updates}")
     wall = None
@@ -153,7 +157,9 @@ def main() -> None:
     ap.add_argument("--task", default="arithmetic")
     ap.add_argument("--algos", nargs="*", default=algorithm_presets())
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    ap.add_argument("--reward", choices=("rm", "gold"), default="rm")
+    ap.add_argument("--reward", choices=("rm", "gold", "process"), default="rm",
+                    help="rm: the reward model; gold: the task's gold as a reward function, no RM; "
+                         "process: the arithmetic gold as two process-reward steps, no RM")
     ap.add_argument("--updates", type=int, default=None, help="train.updates (default: the stage's, 150)")
     ap.add_argument("--work", default="runs/algorithms")
     args = ap.parse_args()

@@ -39,7 +39,7 @@ from ..algo.losses import AGGREGATIONS, POLICY_LOSSES, PolicyLossParams, lm_loss
 from ..algo.trpo import backtracking_line_search, conjugate_gradient, max_step_size
 from ..config import PPOConfig, to_dict
 from ..data.collate import pad_left, pad_right, position_ids_from_mask
-from ..data.encode import check_token_ids, encode_prompts
+from ..data.encode import check_token_ids, encode_prompts, encode_texts
 from ..data.jsonl import prompt_text, read_prompts, read_texts
 from ..errors import UserError
 from ..guards import NonFiniteGuard
@@ -179,7 +179,7 @@ class RLTrainer:
         # -- data -----------------------------------------------------------------------------
         examples, _ = read_prompts(cfg.prompts_file)
         ids, trunc = encode_prompts(tok, examples, cfg.max_prompt_len)
-        check_token_ids(ids[0], self.policy.config.vocab_size, cfg.prompts_file)
+        check_token_ids(ids, self.policy.config.vocab_size, cfg.prompts_file)
         self.prompts = Prompts(ids, [prompt_text(e) for e in examples], [e.fields for e in examples])
         self.truncation = [f"{cfg.prompts_file}: {trunc.describe()}"] if (trunc.prompts_truncated or trunc.dropped) else []
         self.eval_prompts = None
@@ -188,8 +188,10 @@ class RLTrainer:
         self.ptx_ids: list[list[int]] = []
         if cfg.loss.ptx_coef > 0:
             texts, _ = read_texts(cfg.ptx_file)
-            max_len = cfg.max_prompt_len + self.max_new_tokens
-            self.ptx_ids = [ids[:max_len] for ids in tok([t.text for t in texts], add_special_tokens=False)["input_ids"] if ids]
+            self.ptx_ids, ptx_trunc = encode_texts(tok, texts, cfg.max_prompt_len + self.max_new_tokens,
+                                                   knobs="max_prompt_len + rollout.max_new_tokens")
+            if ptx_trunc.texts_truncated or ptx_trunc.dropped:
+                self.truncation.append(f"{cfg.ptx_file}: {ptx_trunc.describe()}")
 
         # -- wrappers and optimisers (after FSDP swaps the parameters) ------------------------
         self.policy_ddp = dist.wrap_model(self.policy, device, cfg.run)
