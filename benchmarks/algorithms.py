@@ -168,8 +168,8 @@ def main() -> None:
     log = work / "log.txt"
     base_run = base(args.task, work, log)
     results = []
-    for algo in args.algos:
-        for seed in args.seeds:
+    for seed in args.seeds:  # every algorithm once before the next seed: a partial run still compares them
+        for algo in args.algos:
             r = one_run(args.task, algo, seed, args.reward, base_run, work, args.updates, log)
             print(f"[done] {algo} seed {seed}: gold {r['sft_gold']:.3f} -> {r['final_gold']:.3f}, "
                   f"KL {r['final_kl']:.2f}, {r['seconds']:.0f} s", flush=True)
