@@ -284,3 +284,20 @@ def test_value_head_on_the_policy_trunk(dirs):
     assert any(not torch.equal(head[n], p) for n, p in t.value_model.named_parameters() if n in head)
     iterate(t, 2)  # then the shared trunk learns from both losses
     assert changed(trunk, t.policy)
+
+
+def test_rollouts_of_different_shapes_concatenate_after_padding(dirs):
+    from ppo_rlhf.rollout import pad_scored
+
+    t = make_trainer(dirs, "rollout.batch_size=4")
+    a, _ = t.collect([0, 1, 2, 3], 1)
+    b = pad_scored(a, a.prompt_len + 2, a.response_mask.size(1) + 3, t.tokenizer.pad_token_id)
+    assert b.prompt_len == a.prompt_len + 2 and b.response_mask.size(1) == a.response_mask.size(1) + 3
+    R = a.response_mask.size(1)
+    assert torch.equal(b.sequences[:, 2:2 + a.sequences.size(1)], a.sequences)
+    assert torch.equal(b.response_mask[:, :R], a.response_mask) and not b.response_mask[:, R:].any()
+    assert torch.equal(b.logprobs[:, :R], a.logprobs)
+    from ppo_rlhf.rollout import make_experience
+    e1 = make_experience(a, t.cfg, 0.5, t.max_new_tokens)
+    e2 = make_experience(b, t.cfg, 0.5, t.max_new_tokens)
+    torch.testing.assert_close(e2.advantages[:, :R], e1.advantages)

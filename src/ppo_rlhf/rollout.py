@@ -233,6 +233,22 @@ def gather_scored(scored: Scored, n: int) -> Scored:
     return Scored(*(gather_groups(t, n) for t in scored))
 
 
+def pad_scored(s: Scored, prompt_len: int, response_len: int, pad_id: int) -> Scored:
+    """The rows with prompts left-padded to `prompt_len` and responses right-padded to
+    `response_len` tokens (to concatenate rollouts of different shapes)."""
+    P, R = s.prompt_len, s.response_mask.size(1)
+    left, right = prompt_len - P, response_len - R
+    if left == 0 and right == 0:
+        return s
+    pad_rows = lambda t, value: F.pad(t, (0, right), value=value)  # noqa: E731  (B, R) tensors
+    sequences = F.pad(s.sequences, (left, right), value=pad_id)
+    attention_mask = F.pad(s.attention_mask, (left, right), value=False)
+    return s._replace(sequences=sequences, attention_mask=attention_mask,
+                      response_mask=pad_rows(s.response_mask, False), logprobs=pad_rows(s.logprobs, 0.0),
+                      ref_logprobs=pad_rows(s.ref_logprobs, 0.0), values=pad_rows(s.values, 0.0),
+                      entropy=pad_rows(s.entropy, 0.0), dense=pad_rows(s.dense, 0.0))
+
+
 def shape_scores(scores: torch.Tensor, truncated: torch.Tensor, lengths: torch.Tensor, cfg: PPOConfig,
                  max_new_tokens: int, running: RunningMeanStd | None, update_running: bool = True) -> torch.Tensor:
     """Running normalisation (optional), the missing-EOS penalty, DAPO's soft overlong punishment,

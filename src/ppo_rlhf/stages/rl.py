@@ -49,7 +49,8 @@ from ..models import (apply_lora, check_same_tokenizer, disable_dropout, fold_re
                       load_causal_lm, load_scalar_model, save_model)
 from ..rewards import RewardFunctions
 from ..rollout import (Experience, Reference, Rollout, Scorer, Scored, gather_scored, group_ids,
-                       make_experience, pad_responses, sample, sequence_kl, shape_scores, truncated_rows)
+                       make_experience, pad_responses, pad_scored, sample, sequence_kl, shape_scores,
+                       truncated_rows)
 from ..tasks import get_task
 from ..tokenizer import load_tokenizer
 from . import common
@@ -365,23 +366,15 @@ class RLTrainer:
             g = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + step * 7919 + rounds)
             extra = torch.randperm(len(self.prompts.ids), generator=g)[:want].tolist()
             scored = self.rollout(extra, step, rounds)
-        width = max(k.sequences.size(1) for k in kept)
-        kept = [self._pad_scored(k, width) for k in kept]
+        prompt_len = max(k.prompt_len for k in kept)
+        response_len = max(k.response_mask.size(1) for k in kept)
+        kept = [pad_scored(k, prompt_len, response_len, self.tokenizer.pad_token_id) for k in kept]
         merged = Scored(*(torch.cat(parts)[: want * n] for parts in zip(*kept)))
         if merged.sequences.size(0) == 0:
             raise UserError(f"algo.dynamic_sampling: every group of {rounds} rollouts had equal rewards "
                             "(no learning signal); raise algo.max_sampling_rounds or turn dynamic sampling off")
         return merged, {"rollout/kept_groups": merged.sequences.size(0) / n, "rollout/sampled_groups": seen,
                         "rollout/sampling_rounds": rounds}
-
-    def _pad_scored(self, s: Scored, width: int) -> Scored:
-        """Scored rows with prompts left-padded to `width` tokens (batches of different rounds)."""
-        extra = width - s.sequences.size(1)
-        if extra == 0:
-            return s
-        pad = self.tokenizer.pad_token_id
-        return s._replace(sequences=torch.nn.functional.pad(s.sequences, (extra, 0), value=pad),
-                          attention_mask=torch.nn.functional.pad(s.attention_mask, (extra, 0), value=False))
 
     def rollout(self, rows: list[int], step: int, round_: int) -> Scored:
         """Sample and score the global prompt batch `rows`: this rank samples its prompts (`dist.shard`),
