@@ -123,7 +123,8 @@ def table(results: list[dict], algos: list[str]) -> str:
             continue
         gains = [100 * (r["final_gold"] - r["sft_gold"]) for r in rs if r["final_gold"] is not None]
         lines.append(f"| {algo} | {ms([r['sft_gold'] for r in rs])} | {ms([r['final_gold'] for r in rs])} | "
-                     f"{ms(gains)} | {ms([r['final_kl'] for r in rs])} | {ms([r['seconds'] for r in rs])} | {len(rs)} |")
+                     f"{ms(gains)} | {ms([r['final_kl'] for r in rs])} | {ms([r['seconds'] for r in rs])} "
+                     f"| {len(rs)} |")
     return "\n".join(lines)
 
 
@@ -139,10 +140,10 @@ def plot(results: list[dict], algos: list[str], path: Path) -> None:
         if not rs:
             continue
         n = min(len(r["evals"]) for r in rs)
-        mean = lambda key: [statistics.mean(r["evals"][i][key] or 0.0 for r in rs) for i in range(n)]  # noqa: E731
-        gold = mean("gold")
+        curves = {key: [statistics.mean(r["evals"][i][key] or 0.0 for r in rs) for i in range(n)]
+                  for key in ("gold", "samples", "seconds", "kl")}
         for ax, key in zip(axes, ("samples", "seconds", "kl")):
-            ax.plot(mean(key), gold, marker="o", ms=3, label=algo)
+            ax.plot(curves[key], curves["gold"], marker="o", ms=3, label=algo)
     for ax, label in zip(axes, ("samples seen", "wall time (s)", "KL(policy || SFT), nats")):
         ax.set_xlabel(label)
         ax.set_ylabel("held-out gold reward")

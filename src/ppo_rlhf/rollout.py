@@ -33,7 +33,7 @@ from .algo.advantages import (
 )
 from .algo.kl import kl_penalty
 from .config import PPOConfig
-from .generation import generate, response_logprobs, response_values, sequence_rewards
+from .generation import generate, response_logprobs, sequence_rewards
 from .models import adapters_disabled, token_scores
 from .rewards import RewardFunctions, combine_scores, process_rewards_to_tokens
 

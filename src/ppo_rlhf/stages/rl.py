@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import distributed as dist
@@ -42,15 +41,35 @@ from ..data.collate import pad_left, pad_right, position_ids_from_mask
 from ..data.encode import check_token_ids, encode_prompts, encode_texts
 from ..data.jsonl import prompt_text, read_prompts, read_texts
 from ..errors import UserError
-from ..guards import NonFiniteGuard
 from ..generation import response_logprobs, response_values, truncate_logits
+from ..guards import NonFiniteGuard
 from ..metrics import PhaseTimer, write_summary
-from ..models import (apply_lora, check_same_tokenizer, disable_dropout, fold_reward_normalisation,
-                      load_causal_lm, load_scalar_model, save_model)
+from ..models import (
+    apply_lora,
+    check_same_tokenizer,
+    disable_dropout,
+    fold_reward_normalisation,
+    load_causal_lm,
+    load_scalar_model,
+    save_model,
+)
 from ..rewards import RewardFunctions
-from ..rollout import (Experience, Reference, Rollout, Scorer, Scored, gather_scored, group_ids,
-                       make_experience, pad_responses, pad_scored, sample, sequence_kl, shape_scores,
-                       truncated_rows)
+from ..rollout import (
+    Experience,
+    Reference,
+    Rollout,
+    Scored,
+    Scorer,
+    gather_scored,
+    group_ids,
+    make_experience,
+    pad_responses,
+    pad_scored,
+    sample,
+    sequence_kl,
+    shape_scores,
+    truncated_rows,
+)
 from ..tasks import get_task
 from ..tokenizer import load_tokenizer
 from . import common
@@ -86,15 +105,15 @@ class LossStats(NamedTuple):
     ratio_max: torch.Tensor
 
     @staticmethod
-    def zeros() -> "LossStats":
+    def zeros() -> LossStats:
         z = torch.zeros((), dtype=torch.float64)
         return LossStats(*([z] * 10), torch.tensor(float("-inf"), dtype=torch.float64))
 
-    def __add__(self, other: "LossStats") -> "LossStats":  # type: ignore[override]
+    def __add__(self, other: LossStats) -> LossStats:  # type: ignore[override]
         summed = [a.double() + b.double() for a, b in zip(self[:-1], other[:-1])]
         return LossStats(*summed, torch.maximum(self.ratio_max.double(), other.ratio_max.double()))
 
-    def all_reduce(self) -> "LossStats":
+    def all_reduce(self) -> LossStats:
         summed = dist.all_reduce_sum(torch.stack([t.double() for t in self[:-1]]))
         return LossStats(*summed.unbind(), dist.all_reduce_max(self.ratio_max.double().reshape(1))[0])
 
@@ -182,7 +201,9 @@ class RLTrainer:
         ids, trunc = encode_prompts(tok, examples, cfg.max_prompt_len)
         check_token_ids(ids, self.policy.config.vocab_size, cfg.prompts_file)
         self.prompts = Prompts(ids, [prompt_text(e) for e in examples], [e.fields for e in examples])
-        self.truncation = [f"{cfg.prompts_file}: {trunc.describe()}"] if (trunc.prompts_truncated or trunc.dropped) else []
+        self.truncation: list[str] = []  # reported once, before the first update
+        if trunc.prompts_truncated or trunc.dropped:
+            self.truncation.append(f"{cfg.prompts_file}: {trunc.describe()}")
         self.eval_prompts = None
         if cfg.eval_prompts_file:
             self.eval_prompts = load_eval_prompts(cfg.eval_prompts_file, tok, cfg.max_prompt_len, cfg.eval_samples)
@@ -231,9 +252,11 @@ class RLTrainer:
                             "(run/reward/model), reward functions (reward.functions=module:fn), or both")
         if cfg.reward_model:
             common.require_file(cfg.reward_model, "reward_model", "the reward model directory (run/reward/model)")
-        common.require_file(cfg.prompts_file, "prompts_file", "a prompts JSONL: `ppo-rlhf data --task arithmetic --out DIR`")
+        common.require_file(cfg.prompts_file, "prompts_file",
+                            "a prompts JSONL: `ppo-rlhf data --task arithmetic --out DIR`")
         if cfg.loss.ptx_coef > 0:
-            common.require_file(cfg.ptx_file, "ptx_file", "pretraining text JSONL {\"text\"}, needed when loss.ptx_coef > 0")
+            common.require_file(cfg.ptx_file, "ptx_file",
+                                "pretraining text JSONL {\"text\"}, needed when loss.ptx_coef > 0")
             common.check_batch(cfg.loss.ptx_batch_size, 1, "loss.ptx_batch_size")
         if self.estimator.needs_values and not algo.critic:
             raise UserError(f"algo.advantage={algo.advantage} needs a value model: set algo.critic=true")
@@ -245,7 +268,8 @@ class RLTrainer:
                             "algo.samples_per_prompt to 2 or more")
         if cfg.train.value_model == "policy_head" and algo.critic and (
                 cfg.model.lora_r > 0 or dist.world_size() > 1 or cfg.run.fsdp):
-            raise UserError("train.value_model=policy_head needs one process and no LoRA; use train.value_model=separate")
+            raise UserError("train.value_model=policy_head needs one process and no LoRA; "
+                            "use train.value_model=separate")
         common.check_batch(cfg.rollout.batch_size, 1, "rollout.batch_size")
         rows = cfg.rollout.batch_size * algo.samples_per_prompt // dist.world_size()
         if rows < cfg.train.num_minibatches * cfg.train.grad_accum:
@@ -605,7 +629,8 @@ class RLTrainer:
         ids, mask = pad_right([self.ptx_ids[i] for i in mine], self.tokenizer.pad_token_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         with common.autocast(self.device, self.dtype):
-            logits = self.policy_ddp(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+            logits = self.policy_ddp(input_ids=ids, attention_mask=mask,
+                                     position_ids=position_ids_from_mask(mask)).logits
         lm = lm_loss(logits[:, :-1].float(), ids[:, 1:], mask[:, 1:])
         (cfg.loss.ptx_coef * lm * share * dist.world_size()).backward()
         return lm.detach().double() * share
@@ -629,7 +654,8 @@ class RLTrainer:
             """(N, V) log pi_theta over the vocabulary at the real response tokens of rows idx."""
             seq, mask = exp.sequences[idx], exp.attention_mask[idx]
             with common.autocast(self.device, self.dtype):
-                logits = self.policy(input_ids=seq, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+                logits = self.policy(input_ids=seq, attention_mask=mask,
+                                     position_ids=position_ids_from_mask(mask)).logits
             logits = logits[:, exp.prompt_len - 1:-1].float() / cfg.rollout.temperature
             targets = seq[:, exp.prompt_len:][exp.loss_mask[idx]]
             kept = truncate_logits(logits[exp.loss_mask[idx]], top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
@@ -641,7 +667,8 @@ class RLTrainer:
         def surrogate_and_kl(idx, old_lp, grad: bool):
             lp_all = log_softmax(idx)
             targets = exp.sequences[idx][:, exp.prompt_len:][exp.loss_mask[idx]]
-            lp = torch.zeros_like(exp.logprobs[idx]).masked_scatter(exp.loss_mask[idx], lp_all.gather(-1, targets[:, None]).squeeze(-1))
+            taken = lp_all.gather(-1, targets[:, None]).squeeze(-1)
+            lp = torch.zeros_like(exp.logprobs[idx]).masked_scatter(exp.loss_mask[idx], taken)
             out = self.policy_loss.fn(lp, exp.logprobs[idx], exp.advantages[idx], exp.loss_mask[idx], self.loss_params)
             surrogate = (policy_w[idx] * out.losses).sum()
             # KL(old || new) per real token; tokens outside a top-k/top-p cut have probability 0
