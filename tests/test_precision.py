@@ -245,3 +245,13 @@ def test_bf16_first_minibatch_ratios_are_one(rl_dirs, monkeypatch):
     assert (ratio[mask] - 1).abs().max().item() <= 1e-3
     # What the recomputation corrects: the sampler's own bf16 log-probs are further off.
     assert sampler_gaps and max(sampler_gaps) > 1e-3
+
+
+@pytest.mark.parametrize("supported, expected", [(True, "bfloat16"), (False, "float32")])
+def test_auto_on_cuda_follows_the_devices_bf16_support(supported, expected, monkeypatch):
+    """The CUDA branch of the choice, without a GPU: the device's name and bf16 support decide."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
+    dtype, reason = common.dtype_choice("auto", torch.device("cuda", 0))
+    assert dtype == expected and "Test GPU" in reason
+    assert common.dtype_choice("float32", torch.device("cuda", 0))[0] == "float32"
