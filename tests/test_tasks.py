@@ -360,3 +360,20 @@ def test_data_for_a_task_without_generator_is_a_clear_error(task_file, tmp_path)
     cfg = build_config(DataConfig, overrides=[f"task={task_file}:Echo", f"out_dir={tmp_path / 'd'}",
                                               "n_sft=4", "n_prefs=4", "n_prompts=4", "n_eval=2"])
     assert set(run_data(cfg)["files"]) >= {"sft_train", "prefs_train", "prompts_train"}
+
+
+def test_arithmetic_gold_steps_by_hand():
+    from ppo_rlhf.rewards import RewardFunctions
+    from ppo_rlhf.tasks.arithmetic import gold, gold_steps
+
+    prompts = ["Q: 7+12=", "Q: 7+12=", "Q: 7+12=", "Q: 3-5="]
+    responses = [" 19", " 18", " 19.", "-2"]
+    assert gold_steps(prompts, responses) == [
+        [(2, 0.25), (3, 0.25), (3, 0.5)],  # " 19": '1' ends at 2, '9' at 3, exact: 0.5 at the end
+        [(2, 0.25)],  # " 18": only the first digit
+        [(2, 0.25), (3, 0.25)],  # " 19.": digits right, not exact
+        [(1, 0.25), (2, 0.25), (2, 0.5)],  # "-2"
+    ]
+    out = RewardFunctions([gold_steps]).score(prompts, responses, [{}] * 4, [0, 1, 2, 3])
+    assert out.per_function["gold_steps"].tolist() == [1.0, 0.25, 0.5, 1.0]
+    assert [float(s == 1.0) for s in out.per_function["gold_steps"].tolist()] == gold(prompts, responses)

@@ -170,3 +170,26 @@ def gold(prompts: list[str], responses: list[str], **fields) -> list[float]:
     """The arithmetic gold reward as a reward function: `reward.functions=ppo_rlhf.tasks.arithmetic:gold`
     trains on the exact answer itself (a verifiable reward), with or without a reward model."""
     return _default_task().gold_rewards(prompts, responses)
+
+
+def gold_steps(prompts: list[str], responses: list[str], **fields) -> list[list[tuple[int, float]]]:
+    """A process-reward version of `gold`: per response, one step per character of the answer.
+
+    Each leading character that matches the exact answer earns 0.5 / len(answer) at its offset,
+    and the exact answer with nothing after it earns the other 0.5 at the end, so a correct
+    response totals 1 (as `gold`) and a wrong one gets partial credit for its correct first digits.
+    `reward.functions=ppo_rlhf.tasks.arithmetic:gold_steps` puts the credit on the digit tokens.
+    """
+    task, out = _default_task(), []
+    for prompt, response in zip(prompts, responses):
+        answer = str(task.answer(prompt))
+        start = len(response) - len(response.lstrip())
+        steps = []
+        for k, char in enumerate(answer):
+            if start + k >= len(response) or response[start + k] != char:
+                break
+            steps.append((start + k + 1, 0.5 / len(answer)))
+        if response.lstrip() == answer:
+            steps.append((len(response), 0.5))
+        out.append(steps)
+    return out
