@@ -72,8 +72,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def one_run(task: str, algo: str, seed: int, reward: str, base_run: Path, work: Path, updates: int | None,
-            log: Path) -> dict:
-    out = work / task / f"{reward}-{algo}-s{seed}"
+            log: Path, extra: list[str], label: str) -> dict:
+    out = work / task / f"{reward}{label}-{algo}-s{seed}"
     args = ["rl", "--out", out, f"algo={algo}", f"policy={base_run / 'sft' / 'model'}",
             f"prompts_file={base_run / 'data' / 'prompts_train.jsonl'}",
             f"eval_prompts_file={base_run / 'data' / 'prompts_eval.jsonl'}", f"task={task}",
@@ -86,6 +86,7 @@ def one_run(task: str, algo: str, seed: int, reward: str, base_run: Path, work: 
         args.append(f"reward.functions={HERE / 'process_rewards.py'}:answer_steps")
     if updates:
         args.append(f"train.updates={updates}")
+    args += extra
     wall = None
     if not (out / "summary.json").is_file():
         print(f"[run] {' '.join(map(str, args))}", flush=True)
@@ -163,7 +164,13 @@ def main() -> None:
                          "process: the arithmetic gold as two process-reward steps, no RM")
     ap.add_argument("--updates", type=int, default=None, help="train.updates (default: the stage's, 150)")
     ap.add_argument("--work", default="runs/algorithms")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="extra RL-stage overrides for every run (e.g. algo.kl_in=reward)")
+    ap.add_argument("--label", default="", help="suffix of the run directories and result files "
+                    "(needed with --set, so runs with other settings are not mixed up)")
     args = ap.parse_args()
+    if args.set and not args.label:
+        ap.error("--set needs --label")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
@@ -171,12 +178,13 @@ def main() -> None:
     results = []
     for seed in args.seeds:  # every algorithm once before the next seed: a partial run still compares them
         for algo in args.algos:
-            r = one_run(args.task, algo, seed, args.reward, base_run, work, args.updates, log)
+            r = one_run(args.task, algo, seed, args.reward, base_run, work, args.updates, log, args.set,
+                        f"-{args.label}" if args.label else "")
             print(f"[done] {algo} seed {seed}: gold {r['sft_gold']:.3f} -> {r['final_gold']:.3f}, "
                   f"KL {r['final_kl']:.2f}, {r['seconds']:.0f} s", flush=True)
             results.append(r)
-    name = f"algorithms_{args.task}_{args.reward}"
-    out = {"task": args.task, "reward": args.reward, "cpu": cpu_info(), "seeds": args.seeds,
+    name = f"algorithms_{args.task}_{args.reward}" + (f"_{args.label}" if args.label else "")
+    out = {"task": args.task, "reward": args.reward, "overrides": args.set, "cpu": cpu_info(), "seeds": args.seeds,
            "base_summary": json.loads((base_run / "summary.json").read_text()).get("ppo_gold_reward"),
            "results": results, "command": " ".join(sys.argv)}
     res_dir = HERE / "results"
