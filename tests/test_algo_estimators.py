@@ -133,3 +133,31 @@ def test_group_moments_hand_computed():
     torch.testing.assert_close(mean.float(), T([2.0, 2.0, 10.0, 2.0]))
     torch.testing.assert_close(std[:2].float(), T([1.0, 1.0]))
     assert torch.isnan(std[2]) and count.tolist() == [3, 3, 1, 3]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_group_estimators_match_plain_loops_on_random_groups(seed):
+    torch.manual_seed(seed)
+    B, R = 12, 5
+    groups = torch.randint(0, 4, (B,))
+    lengths = torch.randint(1, R + 1, (B,))
+    mask = torch.arange(R)[None] < lengths[:, None]
+    rewards = torch.randn(B, R)
+    x = AdvantageInputs(rewards, mask, torch.randn(B), groups)
+    returns = [float(rewards[i, : lengths[i]].sum()) for i in range(B)]
+    grpo, _ = ADVANTAGES["grpo"].fn(x, AdvantageParams())
+    rloo, _ = ADVANTAGES["rloo"].fn(x, AdvantageParams())
+    for i in range(B):
+        mates = [returns[j] for j in range(B) if groups[j] == groups[i]]
+        others = [returns[j] for j in range(B) if groups[j] == groups[i] and j != i]
+        if len(mates) > 1:
+            mean = sum(mates) / len(mates)
+            std = math.sqrt(sum((r - mean) ** 2 for r in mates) / (len(mates) - 1))
+            want_grpo = (returns[i] - mean) / (std + 1e-6)
+            want_rloo = returns[i] - sum(others) / len(others)
+        else:
+            want_grpo = want_rloo = 0.0
+        n = int(lengths[i])
+        torch.testing.assert_close(grpo[i, :n], torch.full((n,), want_grpo), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(rloo[i, :n], torch.full((n,), want_rloo), rtol=1e-4, atol=1e-5)
+        assert (grpo[i, n:] == 0).all() and (rloo[i, n:] == 0).all()
