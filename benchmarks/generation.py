@@ -126,30 +126,35 @@ def bench_case(model, tokenizer, batch, prompt_len, new_tokens, repeats, device,
         )
         assert out.shape == (batch, prompt_len + new_tokens)
 
-    times = timed({"ours": ours, "hf": hf}, repeats, device, dtype)
+    times, cpu, load = timed({"ours": ours, "hf": hf}, repeats, device, dtype)
     tokens = batch * new_tokens
     ours_tps = tokens / statistics.median(times["ours"])
     hf_tps = tokens / statistics.median(times["hf"])
+    cpu_ratio = statistics.median(cpu["hf"]) / statistics.median(cpu["ours"])
     return {
         "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "ours_tokens_per_s": round(ours_tps, 1), "hf_tokens_per_s": round(hf_tps, 1),
-        "ratio": round(ours_tps / hf_tps, 3), "other_load_cores": times.pop("other_load_cores"),
-        "seconds": times,
+        "ratio": round(ours_tps / hf_tps, 3), "cpu_ratio": round(cpu_ratio, 3), "other_load_cores": load,
+        "seconds": times, "cpu_seconds": cpu,
     }
 
 
-def timed(fns: dict, repeats: int, device, dtype) -> dict:
-    """{name: [seconds] * repeats} for each function after a warm-up, the functions interleaved (so
-    that drift in the machine's load hits them alike), plus the other load meanwhile."""
+def timed(fns: dict, repeats: int, device, dtype) -> tuple[dict, dict, float]:
+    """({name: [wall s] * repeats}, {name: [CPU s] * repeats}, other load) for each function after a
+    warm-up, the functions interleaved so that drift in the machine's load hits them alike. CPU
+    seconds (this process, all threads) are the steadier figure on a shared machine: a descheduled
+    process accrues wall time but not CPU time."""
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), bc.OtherLoad() as load:
         for fn in fns.values():  # warm-up
             fn()
         times = {name: [] for name in fns}
+        cpu = {name: [] for name in fns}
         for _ in range(repeats):
             for name, fn in fns.items():
+                c0 = time.process_time()
                 times[name].append(time_call(fn, device))
-    times["other_load_cores"] = round(load.cores, 2)
-    return times
+                cpu[name].append(time.process_time() - c0)
+    return times, cpu, round(load.cores, 2)
 
 
 def bench_group_case(model, tokenizer, prompts, n, prompt_len, new_tokens, repeats, device, dtype,
@@ -182,14 +187,17 @@ def bench_group_case(model, tokenizer, prompts, n, prompt_len, new_tokens, repea
         )
         assert out.shape == (rows, prompt_len + new_tokens)
 
-    times = timed({"group": group, "separate": separate, "hf": hf}, repeats, device, dtype)
+    times, cpu, load = timed({"group": group, "separate": separate, "hf": hf}, repeats, device, dtype)
     tps = {name: rows * new_tokens / statistics.median(times[name]) for name in ("group", "separate", "hf")}
+    cpu_s = {name: statistics.median(cpu[name]) for name in cpu}
     return {
         "prompts": prompts, "samples_per_prompt": n, "prompt_len": prompt_len, "new_tokens": new_tokens,
         **{f"{name}_tokens_per_s": round(v, 1) for name, v in tps.items()},
         "group_over_separate": round(tps["group"] / tps["separate"], 3),
         "group_over_hf": round(tps["group"] / tps["hf"], 3),
-        "other_load_cores": times.pop("other_load_cores"), "seconds": times,
+        "group_over_separate_cpu": round(cpu_s["separate"] / cpu_s["group"], 3),
+        "group_over_hf_cpu": round(cpu_s["hf"] / cpu_s["group"], 3),
+        "other_load_cores": load, "seconds": times, "cpu_seconds": cpu,
     }
 
 
@@ -229,8 +237,8 @@ def main(argv=None) -> dict:
             print(
                 f"{name:14s} B={batch:<3d} P={prompt_len:<3d} R={new_tokens:<3d} "
                 f"ours {row['ours_tokens_per_s']:>9.0f} tok/s   HF generate "
-                f"{row['hf_tokens_per_s']:>9.0f} tok/s   x{row['ratio']:.2f}   "
-                f"other load {row['other_load_cores']:.1f}",
+                f"{row['hf_tokens_per_s']:>9.0f} tok/s   x{row['ratio']:.2f} (CPU time "
+                f"x{row['cpu_ratio']:.2f})   other load {row['other_load_cores']:.1f}",
                 flush=True,
             )
         for prompts, n, prompt_len, new_tokens in GROUP_CASES if args.only != "plain" else []:
@@ -242,7 +250,8 @@ def main(argv=None) -> dict:
                 f"{name:14s} {prompts} prompts x n={n:<2d} P={prompt_len:<3d} R={new_tokens:<3d} "
                 f"group {row['group_tokens_per_s']:>8.0f} tok/s   separate "
                 f"{row['separate_tokens_per_s']:>8.0f} (x{row['group_over_separate']:.2f})   HF "
-                f"num_return_sequences {row['hf_tokens_per_s']:>8.0f} (x{row['group_over_hf']:.2f})   "
+                f"num_return_sequences {row['hf_tokens_per_s']:>8.0f} (x{row['group_over_hf']:.2f}); CPU "
+                f"time x{row['group_over_separate_cpu']:.2f} / x{row['group_over_hf_cpu']:.2f}   "
                 f"other load {row['other_load_cores']:.1f}",
                 flush=True,
             )
