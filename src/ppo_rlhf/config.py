@@ -155,14 +155,21 @@ class SFTConfig:
     out_dir: str = opt("", "Output directory (model, tokenizer, metrics, checkpoints).")
     train_file: str = opt("", "SFT JSONL: {\"prompt\", \"response\"} or {\"messages\"}.")
     eval_file: str = opt("", "Held-out SFT JSONL for eval loss/perplexity (optional).")
-    task: str = opt("", "Built-in task for the gold reward of greedy samples at the end (optional).")
+    task: str = opt("", "Built-in task for the gold reward at the end, of greedy and of sampled "
+                    "(eval_temperature) responses (optional).")
     eval_prompts_file: str = opt("", "Prompts JSONL for the gold-reward evaluation (needs task).")
+    eval_temperature: float = opt(0.7, "Sampling temperature of the sampled gold-reward evaluation "
+                                  "(the RL stage's default, 0.7); the greedy one is reported beside it.",
+                                  min=0)
     max_prompt_len: int = opt(64, "Prompt tokens kept (truncated from the left).", min=1)
     max_len: int = opt(128, "Prompt + response tokens kept (truncated from the right).", min=2)
     max_new_tokens: int | None = opt(None, "Tokens sampled in the gold-reward evaluation; null = the "
                                      "task's default.", min=1)
     batch_size: int = opt(32, "Sequences per optimizer step (across all ranks).", min=1)
     grad_accum: int = opt(1, "Micro-batches per optimizer step (batch_size must divide evenly).", min=1)
+    bucket_batches: int = opt(8, "Length bucketing: the examples of this many consecutive batches are "
+                              "sorted by length and cut into batches again (less padding; each epoch "
+                              "still sees every example once); 1 = off.", min=1)
     epochs: float = opt(20.0, "Passes over the training data (fractions allowed).", min=0)
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = from epochs).", min=0)
     model: ModelConfig = opt(factory=ModelConfig, help="Model to fine-tune.")
@@ -182,11 +189,17 @@ class RewardConfig:
     norm_policy: str = opt("", "Policy (SFT) directory that samples the normalisation responses; "
                            "empty = model.path.")
     norm_samples: int = opt(256, "How many responses to sample for the normalisation.", min=2)
+    norm_temperature: float = opt(0.7, "Sampling temperature of the normalisation responses: the RL "
+                                  "stage's (rollout.temperature, which the pipeline passes), so that "
+                                  "the policy's own rollouts score mean 0, std 1.", min=0)
     max_new_tokens: int = opt(16, "Tokens sampled per normalisation response.", min=1)
     max_prompt_len: int = opt(64, "Prompt tokens kept (truncated from the left).", min=1)
     max_len: int = opt(128, "Prompt + response tokens kept.", min=2)
     batch_size: int = opt(32, "Pairs per optimizer step (across all ranks).", min=1)
     grad_accum: int = opt(1, "Micro-batches per optimizer step.", min=1)
+    bucket_batches: int = opt(8, "Length bucketing: the pairs of this many consecutive batches are "
+                              "sorted by length and cut into batches again (less padding; each epoch "
+                              "still sees every pair once); 1 = off.", min=1)
     epochs: float = opt(3.0, "Passes over the training pairs.", min=0)
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = from epochs).", min=0)
     margin: float = opt(0.0, "Margin in -log sigmoid(r_chosen - r_rejected - margin).")
@@ -286,6 +299,9 @@ class TRPOConfig:
 
     max_kl: float = opt(0.01, "Trust region: mean per-token KL(old || new) a step may reach.", min=1e-8)
     cg_iters: int = opt(10, "Conjugate-gradient iterations per step.", min=1)
+    fisher_fraction: float = opt(0.25, "Share of the rollout's rows the Fisher-vector products are "
+                                 "estimated on (every k-th row; the gradient and the line search use "
+                                 "all rows): conjugate gradient's cost.", min=1e-3, max=1)
     damping: float = opt(0.1, "Damping added to the Fisher matrix in conjugate gradient.", min=0)
     backtrack: float = opt(0.5, "Line-search step shrink factor.", min=0.01, max=0.99)
     line_search_steps: int = opt(10, "Line-search tries before the step is rejected.", min=1)

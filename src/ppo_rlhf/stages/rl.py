@@ -646,9 +646,10 @@ class RLTrainer:
         all_rows = torch.arange(B, device=exp.sequences.device)
         policy_w = AGGREGATIONS[cfg.algo.aggregation](exp.loss_mask, self.max_new_tokens)
         token_w = token_mean_weights(exp.loss_mask, self.max_new_tokens)
-        mine = all_rows[dist.rank()::dist.world_size()].tensor_split(cfg.train.grad_accum)
-        mine = [m for m in mine if m.numel()]
         flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+
+        def shares(rows):  # this rank's rows of `rows`, in grad_accum micro-batches
+            return [m for m in rows[dist.rank()::dist.world_size()].tensor_split(cfg.train.grad_accum) if m.numel()]
 
         def log_softmax(idx):
             """(N, V) log pi_theta over the vocabulary at the real response tokens of rows idx."""
@@ -662,9 +663,9 @@ class RLTrainer:
                                    keep=targets)
             return kept.log_softmax(-1)
 
-        old = [log_softmax(idx).detach() for idx in mine]
-
-        def surrogate_and_kl(idx, old_lp, grad: bool):
+        def surrogate_and_kl(idx, old_lp, kl_weights):
+            """The surrogate of rows idx (their share of the rollout's) and their KL(old || new)
+            weighted by `kl_weights` (len(idx), R)."""
             lp_all = log_softmax(idx)
             targets = exp.sequences[idx][:, exp.prompt_len:][exp.loss_mask[idx]]
             taken = lp_all.gather(-1, targets[:, None]).squeeze(-1)
@@ -673,23 +674,33 @@ class RLTrainer:
             surrogate = (policy_w[idx] * out.losses).sum()
             # KL(old || new) per real token; tokens outside a top-k/top-p cut have probability 0
             kl_tok = torch.where(old_lp > float("-inf"), old_lp.exp() * (old_lp - lp_all), 0.0).sum(-1)
-            kl = (token_w[idx][exp.loss_mask[idx]] * kl_tok).sum()
+            kl = (kl_weights[exp.loss_mask[idx]] * kl_tok).sum()
             return surrogate, kl
+
+        mine = shares(all_rows)
+        old = [log_softmax(idx).detach() for idx in mine]
 
         # 1. the surrogate's gradient at theta_old
         g = torch.zeros(sum(p.numel() for p in params), device=self.device)
         for idx, old_lp in zip(mine, old):
-            s, _ = surrogate_and_kl(idx, old_lp, True)
+            s, _ = surrogate_and_kl(idx, old_lp, token_w[idx])
             g += flat(torch.autograd.grad(s, params))
         g = dist.all_reduce_sum(g)
 
         # 2. F v: the Hessian-vector product of the mean KL at theta_old, by double backward, which
         # the fused attention and oneDNN kernels do not have: these products use the plain ones.
+        # The Fisher matrix is estimated on every k-th row (TRPO's usual subsampling: CG's cost).
+        every = max(1, round(1 / tr.fisher_fraction))
+        fisher_rows = all_rows[::every]
+        fisher_w = torch.zeros_like(token_w)
+        fisher_w[fisher_rows] = token_mean_weights(exp.loss_mask[fisher_rows], self.max_new_tokens)
+        fisher = [(idx, log_softmax(idx).detach()) for idx in shares(fisher_rows)]
+
         def fvp(v: torch.Tensor) -> torch.Tensor:
             out = torch.zeros_like(v)
             with sdpa_kernel([SDPBackend.MATH]), onednn.disabled():
-                for idx, old_lp in zip(mine, old):
-                    _, kl = surrogate_and_kl(idx, old_lp, True)
+                for idx, old_lp in fisher:
+                    _, kl = surrogate_and_kl(idx, old_lp, fisher_w[idx])
                     grads = flat(torch.autograd.grad(kl, params, create_graph=True))
                     out += flat(torch.autograd.grad(grads @ v, params))
             return dist.all_reduce_sum(out)
@@ -704,7 +715,7 @@ class RLTrainer:
             torch.nn.utils.vector_to_parameters(theta_old + fraction * full_step, params)
             sums = torch.zeros(2, dtype=torch.float64, device=self.device)
             for idx, old_lp in zip(mine, old):
-                s, kl = surrogate_and_kl(idx, old_lp, False)
+                s, kl = surrogate_and_kl(idx, old_lp, token_w[idx])
                 sums += torch.stack([s.double(), kl.double()])
             s, kl = dist.all_reduce_sum(sums).tolist()
             return s, kl
