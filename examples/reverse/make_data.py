@@ -12,7 +12,7 @@ import sys
 from itertools import product
 from pathlib import Path
 
-LETTERS = "abcdefg"
+LETTERS = "abcdef"
 
 
 def flawed(word: str, rng: random.Random) -> str:
@@ -43,15 +43,15 @@ def main(out: Path) -> None:
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     sft = []
-    for w in rng.sample(train, 600):
+    for w in rng.choices(train, k=2000):
         response = flawed(w, rng) if rng.random() < 0.25 else w[::-1]
         sft.append({"prompt": prompt(w), "response": " " + response})
     prefs = []
-    for w in rng.sample(train, 600):
+    for w in rng.choices(train, k=2000):
         prefs.append({"prompt": prompt(w), "chosen": " " + w[::-1], "rejected": " " + flawed(w, rng)})
     write("sft_train", sft)
     write("prefs_train", prefs)
-    write("prompts_train", [{"prompt": prompt(w), "answer": w[::-1]} for w in rng.sample(train, 300)])
+    write("prompts_train", [{"prompt": prompt(w), "answer": w[::-1]} for w in rng.sample(train, 500)])
     write("prompts_eval", [{"prompt": prompt(w), "answer": w[::-1]} for w in held_out])
 
 
