@@ -24,6 +24,7 @@ from ..data.jsonl import prompt_text, read_prompts
 from ..fileio import atomic_write_json
 from ..generation import generate, response_logprobs, sequence_rewards
 from ..models import check_same_tokenizer, load_causal_lm, load_scalar_model
+from ..rollout import Reference
 from ..tasks import gold_task
 from ..tokenizer import load_tokenizer
 from . import common
@@ -82,13 +83,12 @@ def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch
 def evaluate_policy(policy, tokenizer, prompts: PromptSet, *, task: str = "", gold: str = "", device=None,
                     reward_model=None, reference=None, max_new_tokens: int | None = None,
                     temperature: float = 0.7, batch_size: int = 64, seed: int = 1234,
-                    sample_rows: int = 0, reference_ctx=None) -> dict:
+                    sample_rows: int = 0) -> dict:
     """Gold reward (mean/std), RM score and KL(policy||reference) per sequence on `prompts`.
 
     The gold reward comes from `task` (a built-in task or your own, `path/task.py:Class`) or from
-    a gold function `gold` (`module:fn`), which receive the prompt rows' fields. With LoRA the
-    reference is the policy itself inside `reference_ctx()` (adapters disabled), as in the PPO
-    rollout, instead of a `reference` model.
+    a gold function `gold` (`module:fn`), which receive the prompt rows' fields. `reference` is a
+    `rollout.Reference`: a frozen model, or the LoRA policy with its adapters disabled, as in RL.
 
     Prompts are sharded over ranks and the statistics combined; prompt j samples from its own
     stream seeded from (seed, j), so the result does not depend on the number of ranks. KL is the
@@ -121,13 +121,9 @@ def evaluate_policy(policy, tokenizer, prompts: PromptSet, *, task: str = "", go
                                            [prompts.fields[j] if prompts.fields else {} for j in idx])
         if reward_model is not None:
             scores += sequence_rewards(reward_model, seq, seq_mask).float().tolist()
-        if reference is not None or reference_ctx is not None:
+        if reference is not None:
             lp, _ = response_logprobs(policy, seq, seq_mask, ids.size(1), temperature=temp)
-            if reference_ctx is not None:
-                with reference_ctx():
-                    ref_lp, _ = response_logprobs(policy, seq, seq_mask, ids.size(1), temperature=temp)
-            else:
-                ref_lp, _ = response_logprobs(reference, seq, seq_mask, ids.size(1), temperature=temp)
+            ref_lp = reference.logprobs(seq, seq_mask, ids.size(1), temp)
             kls += ((lp - ref_lp) * resp_mask).sum(1).tolist()
         for k, j in enumerate(idx[: max(0, sample_rows - len(rows))]):
             rows.append({"prompt": prompts.texts[j], "response": texts[k],
@@ -140,7 +136,7 @@ def evaluate_policy(policy, tokenizer, prompts: PromptSet, *, task: str = "", go
         out["gold_reward"], out["gold_reward_std"] = _mean_std(golds)
     if reward_model is not None:
         out["rm_score"], out["rm_score_std"] = _mean_std(scores)
-    if reference is not None or reference_ctx is not None:
+    if reference is not None:
         out["kl"], _ = _mean_std(kls)
     out["samples"] = rows
     return out
@@ -173,7 +169,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         if other:  # scored with the policy's token ids
             check_same_tokenizer(policy_dir, "policy", other, what)
     policy = load_causal_lm(str(policy_dir), tokenizer).to(device)
-    reference = load_causal_lm(cfg.reference, tokenizer).to(device).eval() if cfg.reference else None
+    reference = Reference(model=load_causal_lm(cfg.reference, tokenizer).to(device).eval()) if cfg.reference else None
     rm = load_scalar_model(cfg.reward_model, tokenizer).to(device).eval() if cfg.reward_model else None
     prompts = load_eval_prompts(cfg.prompts_file, tokenizer, cfg.max_prompt_len, cfg.n)
     if prompts.distinct < cfg.n and dist.is_main():

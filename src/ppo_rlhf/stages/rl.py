@@ -322,8 +322,7 @@ class RLTrainer:
         cfg = self.cfg
         with dist.full_params(self.policy, self.reward_model, self.reference.model):
             res = evaluate_policy(self.policy, self.tokenizer, self.eval_prompts, task=cfg.task, device=self.device,
-                                  reward_model=self.reward_model, reference=self.reference.model,
-                                  reference_ctx=self.reference.context if self.use_lora else None,
+                                  reward_model=self.reward_model, reference=self.reference,
                                   max_new_tokens=self.max_new_tokens, temperature=cfg.rollout.temperature,
                                   seed=cfg.run.seed + 99, sample_rows=cfg.sample_rows)
         return StepResult({f"eval/{k}": v for k, v in res.items() if isinstance(v, float)}, samples=res["samples"])
