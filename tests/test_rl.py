@@ -301,3 +301,17 @@ def test_rollouts_of_different_shapes_concatenate_after_padding(dirs):
     e1 = make_experience(a, t.cfg, 0.5, t.max_new_tokens)
     e2 = make_experience(b, t.cfg, 0.5, t.max_new_tokens)
     torch.testing.assert_close(e2.advantages[:, :R], e1.advantages)
+
+
+def test_trpo_run_saves_a_model_with_tied_weights(dirs, tmp_path):
+    from ppo_rlhf.stages.rl import run_rl
+
+    cfg = build_config(PPOConfig, overrides=[
+        f"policy={dirs / 'sft'}", f"reward_model={dirs / 'rm'}", f"prompts_file={dirs / 'prompts.jsonl'}",
+        f"out_dir={tmp_path / 'trpo'}", "algo=trpo", "rollout.batch_size=4", "train.updates=2",
+        "run.tensorboard=false", "run.eval_every=0", "algo.trpo.cg_iters=2"])
+    run_rl(cfg)
+    from ppo_rlhf.tokenizer import load_tokenizer
+
+    policy = load_causal_lm(tmp_path / "trpo" / "model", load_tokenizer(tmp_path / "trpo" / "model"))
+    assert policy.lm_head.weight.data_ptr() == policy.transformer.wte.weight.data_ptr()

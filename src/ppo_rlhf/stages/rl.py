@@ -710,8 +710,17 @@ class RLTrainer:
         theta_old = torch.nn.utils.parameters_to_vector(params).detach().clone()
 
         @torch.no_grad()
+        def assign(vector: torch.Tensor) -> None:
+            # In place: torch's vector_to_parameters would make every parameter a view of one
+            # vector, which breaks tied weights (and safetensors refuses to save them).
+            start = 0
+            for p in params:
+                p.copy_(vector[start:start + p.numel()].view_as(p))
+                start += p.numel()
+
+        @torch.no_grad()
         def evaluate(fraction: float) -> tuple[float, float]:
-            torch.nn.utils.vector_to_parameters(theta_old + fraction * full_step, params)
+            assign(theta_old + fraction * full_step)
             sums = torch.zeros(2, dtype=torch.float64, device=self.device)
             for idx, old_lp in zip(mine, old):
                 s, kl = surrogate_and_kl(idx, old_lp, token_w[idx])
@@ -722,7 +731,7 @@ class RLTrainer:
         old_surrogate, _ = evaluate(0.0)
         result = backtracking_line_search(evaluate, old_surrogate, tr.max_kl, tr.backtrack, tr.line_search_steps)
         with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(theta_old + result.fraction * full_step, params)
+            assign(theta_old + result.fraction * full_step)
         return {"trpo/step_fraction": result.fraction, "trpo/kl": result.kl, "trpo/line_search_tries": result.tries,
                 "trpo/surrogate_improvement": old_surrogate - result.surrogate, "trpo/step_size": beta,
                 "loss/policy": result.surrogate}
