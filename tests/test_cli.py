@@ -262,3 +262,12 @@ def test_model_size_from_the_command_line(capsys, saved_policy, tmp_path):
     assert code == 0, err
     saved = AutoConfig.from_pretrained(tmp_path / "sft" / "model")
     assert (saved.model_type, saved.n_layer, saved.n_embd, saved.n_head) == ("gpt2", 1, 32, 2)
+
+
+def test_eval_reports_truncated_prompts(capsys, saved_policy):
+    from ppo_rlhf.stages.evaluate import load_eval_prompts
+    from ppo_rlhf.tokenizer import load_tokenizer
+
+    prompts = load_eval_prompts(str(saved_policy / "prompts.jsonl"), load_tokenizer(saved_policy / "model"), 3)
+    assert prompts.truncation.prompts_truncated == 5 and prompts.fields[0]["answer"]
+    assert "5 prompts cut from the left to 3 tokens" in capsys.readouterr().err
