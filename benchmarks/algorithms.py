@@ -5,7 +5,7 @@ wall time and KL, over several seeds -> benchmarks/ALGORITHMS.md, results/algori
     python benchmarks/algorithms.py --task arithmetic --reward gold     # the task's gold as a reward
                                                                         # function, no reward model
     python benchmarks/algorithms.py --task arithmetic --reward process --algos ppo   # the gold split
-                                                 # into process-reward steps (process_rewards.py)
+                                                 # into process-reward steps (tasks.arithmetic:gold_steps)
     python benchmarks/algorithms.py --algos ppo grpo --seeds 0 --updates 60   # a quick look
 
 1. Once per task: `ppo-rlhf pipeline --task T` at seed 0 (tokenizer, data, SFT, RM and the default
@@ -83,7 +83,7 @@ def one_run(task: str, algo: str, seed: int, reward: str, base_run: Path, work: 
     elif reward == "gold":
         args.append(f"reward.functions=ppo_rlhf.tasks.{task}:gold")
     else:  # the same gold total, as per-step process rewards
-        args.append(f"reward.functions={HERE / 'process_rewards.py'}:answer_steps")
+        args.append(f"reward.functions=ppo_rlhf.tasks.{task}:gold_steps")
     if updates:
         args.append(f"train.updates={updates}")
     args += extra
@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--reward", choices=("rm", "gold", "process"), default="rm",
                     help="rm: the reward model; gold: the task's gold as a reward function, no RM; "
-                         "process: the arithmetic gold as two process-reward steps, no RM")
+                         "process: the task's gold as process-reward steps (gold_steps), no RM")
     ap.add_argument("--updates", type=int, default=None, help="train.updates (default: the stage's, 150)")
     ap.add_argument("--work", default="runs/algorithms")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
