@@ -68,6 +68,43 @@ def collate_pairs(batch: Sequence, pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+class PaddedSet:
+    """A training set padded once, so that a batch costs one gather instead of a Python loop over
+    its examples. `batch(rows)` equals the collate function's output on those rows: right-padded
+    to the longest of them.
+
+    `tensors`: name -> (N, T) tensors (row i = example i), right-padded to the longest example.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+        self.lengths = tensors["attention_mask"].sum(1)  # (N,) real tokens per row
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        width = int(self.lengths[idx].max())
+        return {k: v[idx, :width] for k, v in self.tensors.items()}
+
+
+def padded_sft(examples: Sequence, pad_id: int) -> PaddedSet:
+    """`EncodedSFT` examples as a `PaddedSet` of input_ids, attention_mask and loss_mask."""
+    return PaddedSet(collate_sft(examples, pad_id))
+
+
+def padded_pairs(pairs: Sequence, pad_id: int) -> PaddedSet:
+    """`EncodedPair`s as a `PaddedSet` of 2N rows: row i is pair i's chosen sequence, row N + i its
+    rejected one (`pair_rows` picks a batch in `collate_pairs`' order)."""
+    return PaddedSet(collate_pairs(pairs, pad_id))
+
+
+def pair_rows(pairs: Sequence[int], n_pairs: int) -> list[int]:
+    """Rows of a `padded_pairs` set for the pairs `pairs`: their chosen rows, then their rejected ones."""
+    return list(pairs) + [n_pairs + i for i in pairs]
+
+
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position ids (B, T) long: 0 at each row's first real token, counting real tokens only.
 

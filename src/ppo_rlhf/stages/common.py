@@ -262,8 +262,13 @@ def finished_summary(out_dir: Path, step: int, total: int, stage: str) -> dict |
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The shuffled order of epoch `epoch`: a pure function of (seed, epoch) so resume is exact."""
+    return list(_epoch_order(n, seed, epoch))
+
+
+@functools.lru_cache(maxsize=4)  # a step reads one or two epochs' orders, many steps the same ones
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    return tuple(torch.randperm(n, generator=g).tolist())
 
 
 def global_batch(n: int, batch_size: int, seed: int, step: int) -> list[int]:
@@ -276,10 +281,29 @@ def global_batch(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     pos = step * batch_size
     while len(batch) < batch_size:
         epoch, offset = divmod(pos, n)
-        take = epoch_order(n, seed, epoch)[offset: offset + batch_size - len(batch)]
+        take = _epoch_order(n, seed, epoch)[offset: offset + batch_size - len(batch)]
         batch.extend(take)
         pos += len(take)
     return batch
+
+
+def bucketed_batch(lengths: torch.Tensor, batch_size: int, seed: int, step: int, pool: int) -> list[int]:
+    """Global batch `step` of similar lengths: the examples of `pool` consecutive `global_batch`es
+    are sorted by length and cut into `pool` batches again, taken in a shuffled order.
+
+    A batch then needs little padding, while each pool -- and so each epoch -- holds the same
+    examples as without bucketing. A pure function of (lengths, batch_size, seed, step), so resume
+    is exact. `lengths`: (N,) tokens per example; `pool` <= 1 is `global_batch` itself.
+    """
+    n = len(lengths)
+    if pool <= 1:
+        return global_batch(n, batch_size, seed, step)
+    first, k = divmod(step, pool)
+    items = [i for s in range(first * pool, (first + 1) * pool) for i in global_batch(n, batch_size, seed, s)]
+    items = [items[j] for j in lengths[items].argsort(stable=True).tolist()]  # ties keep the shuffle
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * first + 1)
+    k = int(torch.randperm(pool, generator=g)[k])
+    return items[k * batch_size: (k + 1) * batch_size]
 
 
 def global_batches(n: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[list[int]]:

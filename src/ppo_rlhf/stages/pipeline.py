@@ -161,6 +161,7 @@ def configure(cfg: PipelineConfig, explicit: Iterable[str] = (),
     fill("sft.eval_file", str(files.get("sft_eval", "")))
     fill("sft.task", gold)
     fill("sft.eval_prompts_file", str(files["prompts_eval"]) if gold else "")
+    fill("sft.eval_temperature", cfg.ppo.rollout.temperature)
     fill("sft.model.path", cfg.model)
     fill("sft.model.tokenizer", cfg.tokenizer.out_dir)
     fill("sft.run.seed", cfg.seed)
@@ -174,6 +175,7 @@ def configure(cfg: PipelineConfig, explicit: Iterable[str] = (),
     fill("reward.eval_file", str(files.get("prefs_eval", "")))
     fill("reward.norm_prompts_file", str(files["prompts_train"]))
     fill("reward.max_new_tokens", cfg.ppo.rollout.max_new_tokens or max_new_tokens)
+    fill("reward.norm_temperature", cfg.ppo.rollout.temperature)  # normalised on the RL stage's samples
     fill("reward.model.path", str(Path(cfg.sft.out_dir) / "model"))
     fill("reward.run.seed", cfg.seed)
 

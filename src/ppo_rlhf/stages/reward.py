@@ -5,7 +5,8 @@ Bradley-Terry loss -log sigmoid(r_chosen - r_rejected); K-way rankings arrive as
         model.path=run/sft/model out_dir=run/reward
 
 After training the score is normalised (gain/bias stored in the model's config) so that the SFT
-policy's own responses score mean 0, std 1 -- the scale PPO's KL coefficient is tuned for.
+policy's own responses, sampled at the RL stage's temperature (`norm_temperature`), score mean 0,
+std 1 -- the scale PPO's KL coefficient is tuned for.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from .. import distributed as dist
 from ..algo.losses import pairwise_rm_loss
 from ..config import RewardConfig, to_dict
-from ..data.collate import collate_pairs, collate_prompts
+from ..data.collate import PaddedSet, collate_pairs, collate_prompts, padded_pairs, pair_rows
 from ..data.encode import check_token_ids, encode_pairs
 from ..data.jsonl import read_preferences
 from ..generation import generate, sequence_rewards
@@ -39,14 +40,19 @@ def pair_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def evaluate_pairs(model, pairs, pad_id: int, batch_size: int, device) -> dict[str, float]:
-    """Held-out pairwise accuracy and loss (ties count as wrong), combined over ranks."""
+def evaluate_pairs(model, pairs: PaddedSet, batch_size: int, device) -> dict[str, float]:
+    """Held-out pairwise accuracy and loss (ties count as wrong), combined over ranks.
+    `pairs`: a `padded_pairs` set."""
     model.eval()
     total = torch.zeros(3, dtype=torch.float64)
-    mine = dist.shard(list(range(len(pairs))))
+    n_pairs = len(pairs) // 2
+    longer = torch.maximum(pairs.lengths[:n_pairs], pairs.lengths[n_pairs:])
+    # by length, so that a batch holds little padding (the sums do not depend on the order)
+    mine = dist.shard(longer.argsort(stable=True).tolist())
     with dist.full_params(model):  # ranks may run different numbers of batches
         for i in range(0, len(mine), batch_size):
-            batch = {k: v.to(device) for k, v in collate_pairs([pairs[j] for j in mine[i:i + batch_size]], pad_id).items()}
+            rows = pair_rows(mine[i:i + batch_size], n_pairs)
+            batch = {k: v.to(device) for k, v in pairs.batch(rows).items()}
             chosen, rejected = pair_scores(model, batch)
             loss, acc = pairwise_rm_loss(chosen.float(), rejected.float())
             n = chosen.size(0)
@@ -71,7 +77,7 @@ def normalisation_scores(cfg: RewardConfig, model, tokenizer, train_pairs, devic
             ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
             resp, resp_mask = generate(policy, ids, mask, max_new_tokens=cfg.max_new_tokens,
                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
-                                       temperature=1.0, generator=gen)
+                                       temperature=cfg.norm_temperature, generator=gen)
             scores.append(sequence_rewards(model, torch.cat([ids, resp], 1), torch.cat([mask, resp_mask], 1)))
     else:
         for i in range(0, min(len(train_pairs), cfg.norm_samples), cfg.batch_size):
@@ -86,25 +92,30 @@ class RewardStage(common.Training):
 
     name, unit = "reward", "step"
 
-    def __init__(self, cfg: RewardConfig, model, train: list, evalset: list, pad_id: int, device,
+    def __init__(self, cfg: RewardConfig, model, train: PaddedSet, evalset: PaddedSet | None, device,
                  total_steps: int):
         super().__init__(model, cfg.optim, cfg.run, device, total_steps)
-        self.cfg, self.train, self.evalset, self.pad_id, self.device = cfg, train, evalset, pad_id, device
+        self.cfg, self.train, self.evalset, self.device = cfg, train, evalset, device
+        self.n_pairs = len(train) // 2
+        # a pair's batch is padded to the longer of its two sequences
+        self.pair_lengths = torch.maximum(train.lengths[:self.n_pairs], train.lengths[self.n_pairs:])
 
     def step(self, ctx) -> StepResult:
         cfg = self.cfg
         self.model.train()
-        global_idx = common.global_batch(len(self.train), cfg.batch_size, cfg.run.seed, ctx.step - 1)
-        stats = torch.zeros(2, dtype=torch.float64)
+        global_idx = common.bucketed_batch(self.pair_lengths, cfg.batch_size, cfg.run.seed, ctx.step - 1,
+                                           cfg.bucket_batches)
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss and accuracy sums
         for micro in common.micro_batches(dist.shard(global_idx), cfg.grad_accum):
-            batch = collate_pairs([self.train[i] for i in micro], self.pad_id)
+            batch = self.train.batch(pair_rows(micro, self.n_pairs))
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with common.autocast(self.device, cfg.run.dtype):
                 chosen, rejected = pair_scores(self.ddp_model, batch)
             loss, acc = pairwise_rm_loss(chosen.float(), rejected.float(), margin=cfg.margin or None)
             # mean over the global batch: weight each micro-batch by its share of it
             (loss * len(micro) * dist.world_size() / len(global_idx)).backward()
-            stats += torch.tensor([loss.item() * len(micro), float(acc) * len(micro)], dtype=torch.float64)
+            stats += torch.stack([loss.detach().double(), torch.tensor(acc, dtype=torch.float64,
+                                                                        device=self.device)]) * len(micro)
         stats = dist.all_reduce_sum(stats) / len(global_idx)
         _, gnorm = self.optimizer_step(ctx, stats[0].float())
         return StepResult({"rm/train_loss": stats[0], "rm/train_acc": stats[1], "rm/grad_norm": gnorm,
@@ -113,9 +124,9 @@ class RewardStage(common.Training):
 
     def evaluate(self, step: int, model=None) -> StepResult:
         """Held-out pairwise loss and accuracy of `model` (default: the one being trained)."""
-        if not self.evalset:
+        if self.evalset is None:
             return StepResult({})
-        ev = evaluate_pairs(model or self.model, self.evalset, self.pad_id, self.cfg.batch_size, self.device)
+        ev = evaluate_pairs(model or self.model, self.evalset, self.cfg.batch_size, self.device)
         return StepResult({"rm/eval_loss": ev["loss"], "rm/eval_acc": ev["accuracy"]})
 
 
@@ -144,7 +155,9 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict:
     if cfg.model.lora_r:
         model = apply_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout)
     steps = common.total_steps(len(train), cfg.batch_size, cfg.epochs, cfg.max_steps)
-    stage = RewardStage(cfg, model, train, evalset, tokenizer.pad_token_id, device, steps)
+    pad = tokenizer.pad_token_id
+    stage = RewardStage(cfg, model, padded_pairs(train, pad), padded_pairs(evalset, pad) if evalset else None,
+                        device, steps)
     loop = StageLoop(stage, out_dir, cfg.run)
     if (done := loop.begin(resume)) is not None:  # --resume found the run finished
         return done

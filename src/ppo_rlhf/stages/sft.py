@@ -10,6 +10,7 @@ accumulation and DDP compute exactly what one big batch would.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from pathlib import Path
@@ -19,11 +20,11 @@ import torch.nn.functional as F
 
 from .. import distributed as dist
 from ..config import SFTConfig, to_dict
-from ..data.collate import collate_sft, position_ids_from_mask
+from ..data.collate import PaddedSet, padded_sft, position_ids_from_mask
 from ..data.encode import check_token_ids, encode_sft
 from ..data.jsonl import read_sft
 from ..metrics import write_summary
-from ..models import apply_lora, load_causal_lm, save_model
+from ..models import apply_lora, load_causal_lm, save_model, unwrap
 from ..tokenizer import load_tokenizer
 from . import common
 from .evaluate import evaluate_policy, load_eval_prompts
@@ -31,29 +32,42 @@ from .loop import StageLoop, StepResult
 
 
 def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over loss-mask tokens, and their count. Shapes: batch (B, T)."""
+    """Summed next-token cross-entropy over loss-mask tokens, and their count. Shapes: batch (B, T).
+
+    The LM head runs only at the positions where some row predicts a loss token (HF's
+    `logits_to_keep`): the prompt positions need no logits, and the head over the vocabulary is
+    as large as a transformer block's MLP.
+    """
     ids, mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
-    logits = out.logits[:, :-1].float()
-    targets = ids[:, 1:]
-    weights = loss_mask[:, 1:]
+    weights = loss_mask[:, 1:]  # position t predicts token t + 1
+    keep = weights.any(0).nonzero().squeeze(1)  # (K,)
+    kwargs = {"logits_to_keep": keep} if _takes_logits_to_keep(model) else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                use_cache=False, **kwargs)
+    logits = out.logits.float() if kwargs else out.logits[:, keep].float()  # (B, K, V)
+    targets, weights = ids[:, keep + 1], weights[:, keep]
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
     nll = nll.view_as(targets) * weights
     return nll.sum(), weights.sum()
 
 
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the HF model inside `model` (DDP, peft) accepts `logits_to_keep` positions."""
+    return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
+
+
 @torch.no_grad()
-def eval_loss(model, encoded, pad_id: int, batch_size: int, device) -> float:
+def eval_loss(model, evalset: PaddedSet, batch_size: int, device) -> float:
     """Mean response-token NLL over a dataset (all ranks' shares combined)."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
-    mine = dist.shard(list(range(len(encoded))))
+    # by length, so that a batch holds little padding (the sum does not depend on the order)
+    mine = dist.shard(evalset.lengths.argsort(stable=True).tolist())
     with dist.full_params(model):  # ranks may run different numbers of batches
         for i in range(0, len(mine), batch_size):
-            batch = collate_sft([encoded[j] for j in mine[i:i + batch_size]], pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device) for k, v in evalset.batch(mine[i:i + batch_size]).items()}
             s, n = token_losses(model, batch)
-            total += torch.tensor([s.item(), n.item()], dtype=torch.float64)
+            total += torch.stack([s.double().cpu(), n.double().cpu()])
     total = dist.all_reduce_sum(total)
     return (total[0] / total[1].clamp(min=1)).item()
 
@@ -63,35 +77,36 @@ class SFTStage(common.Training):
 
     name, unit = "sft", "step"
 
-    def __init__(self, cfg: SFTConfig, model, train: list, evalset: list, pad_id: int, device,
+    def __init__(self, cfg: SFTConfig, model, train: PaddedSet, evalset: PaddedSet | None, device,
                  total_steps: int):
         super().__init__(model, cfg.optim, cfg.run, device, total_steps)
-        self.cfg, self.train, self.evalset, self.pad_id, self.device = cfg, train, evalset, pad_id, device
+        self.cfg, self.train, self.evalset, self.device = cfg, train, evalset, device
+        self.loss_tokens = train.tensors["loss_mask"][:, 1:].sum(1)  # (N,) per example
 
     def step(self, ctx) -> StepResult:
         cfg = self.cfg
         self.model.train()
-        global_idx = common.global_batch(len(self.train), cfg.batch_size, cfg.run.seed, ctx.step - 1)
-        n_tokens = sum(int(sum(self.train[i].loss_mask[1:])) for i in global_idx)
+        global_idx = common.bucketed_batch(self.train.lengths, cfg.batch_size, cfg.run.seed, ctx.step - 1,
+                                           cfg.bucket_batches)
+        n_tokens = max(1, int(self.loss_tokens[global_idx].sum()))
         loss_sum = torch.zeros((), device=self.device)
         for micro in common.micro_batches(dist.shard(global_idx), cfg.grad_accum):
-            batch = collate_sft([self.train[i] for i in micro], self.pad_id)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = {k: v.to(self.device) for k, v in self.train.batch(micro).items()}
             with common.autocast(self.device, cfg.run.dtype):
                 s, _ = token_losses(self.ddp_model, batch)
             # DDP averages gradients over ranks, hence the world-size factor.
-            (s * dist.world_size() / max(1, n_tokens)).backward()
+            (s * dist.world_size() / n_tokens).backward()
             loss_sum += s.detach()
-        loss = dist.all_reduce_sum(loss_sum) / max(1, n_tokens)
+        loss = dist.all_reduce_sum(loss_sum) / n_tokens
         _, gnorm = self.optimizer_step(ctx, loss)
         return StepResult({"sft/train_loss": loss, "sft/grad_norm": gnorm, "sft/lr": self.sched.get_last_lr()[0],
                            "sft/skipped_steps": ctx.guard.skipped_total},
                           progress={"loss": f"{loss.item():.3f}"})
 
     def evaluate(self, step: int) -> StepResult:
-        if not self.evalset:
+        if self.evalset is None:
             return StepResult({})
-        el = eval_loss(self.model, self.evalset, self.pad_id, self.cfg.batch_size, self.device)
+        el = eval_loss(self.model, self.evalset, self.cfg.batch_size, self.device)
         return StepResult({"sft/eval_loss": el, "sft/eval_ppl": math.exp(min(el, 50))})
 
 
@@ -116,7 +131,9 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     if cfg.model.lora_r:
         model = apply_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout)
     steps = common.total_steps(len(train), cfg.batch_size, cfg.epochs, cfg.max_steps)
-    stage = SFTStage(cfg, model, train, evalset, tokenizer.pad_token_id, device, steps)
+    pad = tokenizer.pad_token_id
+    stage = SFTStage(cfg, model, padded_sft(train, pad), padded_sft(evalset, pad) if evalset else None,
+                     device, steps)
     loop = StageLoop(stage, out_dir, cfg.run)
     if (done := loop.begin(resume)) is not None:  # --resume found the run finished
         return done
@@ -138,11 +155,16 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
         summary.update(eval_loss=final["sft/eval_loss"], eval_ppl=final["sft/eval_ppl"])
     if cfg.task and cfg.eval_prompts_file:
         prompts = load_eval_prompts(cfg.eval_prompts_file, tokenizer, cfg.max_prompt_len)
+        gold = {}
         with dist.full_params(model):
-            res = evaluate_policy(model, tokenizer, prompts, task=cfg.task, device=device,
-                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.run.seed)
-        summary.update(gold_reward=res["gold_reward"], gold_reward_std=res["gold_reward_std"])
-        loop.logger.log(steps, {"sft/gold_reward": res["gold_reward"]}, stage="sft")
+            for kind, temperature in (("", cfg.eval_temperature), ("_greedy", 0.0)):
+                res = evaluate_policy(model, tokenizer, prompts, task=cfg.task, device=device,
+                                      max_new_tokens=cfg.max_new_tokens, temperature=temperature,
+                                      seed=cfg.run.seed)
+                gold[f"gold_reward{kind}"], gold[f"gold_reward{kind}_std"] = res["gold_reward"], res["gold_reward_std"]
+        summary.update(gold)
+        loop.logger.log(steps, {"sft/gold_reward": gold["gold_reward"],
+                                "sft/gold_reward_greedy": gold["gold_reward_greedy"]}, stage="sft")
     exported = dist.plain_copy(model)  # on every rank: FSDP gathers the shards to rank 0
     if dist.is_main():
         save_model(exported, tokenizer, out_dir / "model")  # merges a copy of a LoRA model
