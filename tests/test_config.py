@@ -2,14 +2,25 @@
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ppo_rlhf.config import (PPOConfig, RewardConfig, SFTConfig, STAGE_CONFIGS, all_keys, build_config,
-                             describe, help_text, markdown_reference, opt, parse_override, to_dict)
+from ppo_rlhf.config import (
+    STAGE_CONFIGS,
+    PPOConfig,
+    RewardConfig,
+    SFTConfig,
+    all_keys,
+    build_config,
+    describe,
+    help_text,
+    markdown_reference,
+    opt,
+    parse_override,
+    to_dict,
+)
 from ppo_rlhf.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +129,7 @@ def test_parse_override_types():
 class _Inner:
     """A nested group."""
 
-    limit: Optional[int] = opt(None, "Optional int with a minimum.", min=1)
+    limit: int | None = opt(None, "Optional int with a minimum.", min=1)
 
 
 @dataclasses.dataclass
@@ -126,8 +137,8 @@ class _WithOptional:
     """A config with Optional fields."""
 
     temperature: float | None = opt(None, "Optional float; None = the task's default.", min=0)
-    name: Optional[str] = opt(None, "Optional string.")
-    flag: Optional[bool] = opt(True, "Optional bool set by default.")
+    name: str | None = opt(None, "Optional string.")
+    flag: bool | None = opt(True, "Optional bool set by default.")
     inner: _Inner = opt(factory=_Inner, help="Nested.")
 
 

@@ -86,8 +86,8 @@ def ppo_args(d, out, sft_model, reward_model):
 @pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
     """The three stages in this process (world size 1): the trajectories to match."""
-    from ppo_rlhf.stages.rl import run_ppo
     from ppo_rlhf.stages.reward import run_reward
+    from ppo_rlhf.stages.rl import run_ppo
     from ppo_rlhf.stages.sft import run_sft
 
     root = tmp_path_factory.mktemp("ref")

@@ -6,19 +6,19 @@ import functools
 import math
 
 import pytest
-from tiny_tokenizer import make_tokenizer
 import torch
 import transformers
+from tiny_tokenizer import make_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ppo_rlhf import generation
 from ppo_rlhf.errors import UserError
 from ppo_rlhf.generation import (
     _decoder_class,
-    cache_keyword,
     _GPT2Decoder,
     _HFDecoder,
     _LlamaDecoder,
+    cache_keyword,
     generate,
     response_logprobs,
     response_values,

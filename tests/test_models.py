@@ -6,8 +6,8 @@ import json
 import sys
 
 import pytest
-from tiny_tokenizer import make_tokenizer
 import torch
+from tiny_tokenizer import make_tokenizer
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_tokenizer import make_tokenizer
 import torch
+from tiny_tokenizer import make_tokenizer
 
 from ppo_rlhf.config import EvalConfig, RewardConfig, build_config
 from ppo_rlhf.data.jsonl import PromptExample, SFTExample, prompt_text

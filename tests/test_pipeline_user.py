@@ -6,11 +6,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_api import readme_block
 
 from ppo_rlhf.config import PipelineConfig, build_config
 from ppo_rlhf.errors import UserError
 from ppo_rlhf.stages.pipeline import configure, explicit_keys, split_off, user_data_files
-from test_api import readme_block
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "reverse"

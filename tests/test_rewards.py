@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from tiny_tokenizer import make_tokenizer
 
 from ppo_rlhf.errors import UserError
 from ppo_rlhf.rewards import (
@@ -16,7 +17,6 @@ from ppo_rlhf.rewards import (
     text_end_offsets,
 )
 from ppo_rlhf.tokenizer import train_tokenizer
-from tiny_tokenizer import make_tokenizer
 
 USER_FILE = '''
 def exact(prompts, responses, answer):

@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--task", help="shortcut for task=NAME (a built-in task, or "
                             "path/to/task.py:Class / module:Class / module:gold_fn)")
         if "out" in flags:
-            sp.add_argument("--out", help=f"shortcut for {flags['out']}=" + ("FILE" if flags["out"] == "out" else "DIR"))
+            what = "FILE" if flags["out"] == "out" else "DIR"
+            sp.add_argument("--out", help=f"shortcut for {flags['out']}={what}")
         if name == "pipeline":
             sp.add_argument("--data", help="directory of your own JSONL files (sft_train.jsonl, "
                             "prefs_train.jsonl, prompts_train.jsonl, ...) or a YAML listing them; "

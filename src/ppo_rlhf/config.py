@@ -167,9 +167,10 @@ class SFTConfig:
                                      "task's default.", min=1)
     batch_size: int = opt(32, "Sequences per optimizer step (across all ranks).", min=1)
     grad_accum: int = opt(1, "Micro-batches per optimizer step (batch_size must divide evenly).", min=1)
-    bucket_batches: int = opt(8, "Length bucketing: the examples of this many consecutive batches are "
-                              "sorted by length and cut into batches again (less padding; each epoch "
-                              "still sees every example once); 1 = off.", min=1)
+    bucket_batches: int = opt(1, "Length bucketing: the examples of this many consecutive batches are "
+                              "sorted by length and cut into batches again (less padding, e.g. 8: about "
+                              "1.2x faster steps on arithmetic; each epoch still sees every example "
+                              "once, but batches of similar lengths change what a step sees); 1 = off.", min=1)
     epochs: float = opt(20.0, "Passes over the training data (fractions allowed).", min=0)
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = from epochs).", min=0)
     model: ModelConfig = opt(factory=ModelConfig, help="Model to fine-tune.")
@@ -182,7 +183,8 @@ class RewardConfig:
     """`ppo-rlhf reward`: reward model from preference pairs with the Bradley-Terry loss."""
 
     out_dir: str = opt("", "Output directory.")
-    train_file: str = opt("", "Preference JSONL: {\"prompt\",\"chosen\",\"rejected\"} or rankings {\"prompt\",\"responses\"}.")
+    train_file: str = opt("", "Preference JSONL: {\"prompt\",\"chosen\",\"rejected\"} or rankings "
+                          "{\"prompt\",\"responses\"}.")
     eval_file: str = opt("", "Held-out preference JSONL for pairwise accuracy.")
     norm_prompts_file: str = opt("", "Prompts whose SFT-policy responses define the reward "
                                  "normalisation (mean 0, std 1); empty = use the training pairs' responses.")
@@ -197,9 +199,10 @@ class RewardConfig:
     max_len: int = opt(128, "Prompt + response tokens kept.", min=2)
     batch_size: int = opt(32, "Pairs per optimizer step (across all ranks).", min=1)
     grad_accum: int = opt(1, "Micro-batches per optimizer step.", min=1)
-    bucket_batches: int = opt(8, "Length bucketing: the pairs of this many consecutive batches are "
-                              "sorted by length and cut into batches again (less padding; each epoch "
-                              "still sees every pair once); 1 = off.", min=1)
+    bucket_batches: int = opt(1, "Length bucketing: the pairs of this many consecutive batches are "
+                              "sorted by length and cut into batches again (less padding, e.g. 8: about "
+                              "1.2x faster steps on arithmetic; each epoch still sees every pair "
+                              "once, but batches of similar lengths change what a step sees); 1 = off.", min=1)
     epochs: float = opt(3.0, "Passes over the training pairs.", min=0)
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = from epochs).", min=0)
     margin: float = opt(0.0, "Margin in -log sigmoid(r_chosen - r_rejected - margin).")
@@ -376,7 +379,8 @@ class PPOConfig:
     eval_samples: int = opt(400, "Held-out prompt samples per evaluation (a small file is cycled).", min=1)
     sample_rows: int = opt(4, "Prompt/response rows kept in samples.jsonl per evaluation.", min=0)
     algo: AlgorithmConfig = opt(factory=AlgorithmConfig, help="The RL algorithm.")
-    model: ModelConfig = opt(factory=lambda: ModelConfig(path=""), help="LoRA options for the policy (path is ignored: see policy).")
+    model: ModelConfig = opt(factory=lambda: ModelConfig(path=""),
+                             help="LoRA options for the policy (path is ignored: see policy).")
     rollout: RolloutConfig = opt(factory=RolloutConfig, help="Sampling.")
     reward: RewardShapingConfig = opt(factory=RewardShapingConfig, help="Reward shaping.")
     loss: PPOLossConfig = opt(factory=PPOLossConfig, help="Losses.")

@@ -17,8 +17,9 @@ Truncation rules (counted in a `TruncationReport`):
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from ppo_rlhf.errors import UserError
 

@@ -32,10 +32,11 @@ records. `ReadReport.describe()` says so in a sentence for the run log.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from ppo_rlhf.errors import UserError
 

@@ -110,7 +110,8 @@ def run_data(cfg: DataConfig) -> dict:
 
 def run_generate(args) -> None:
     """Sample from a saved model: prompts from a JSONL file, or typed at the terminal."""
-    model_dir = common.require_file(args.model_dir, "MODEL_DIR", "a directory saved by a stage, e.g. runs/demo/ppo/model")
+    model_dir = common.require_file(args.model_dir, "MODEL_DIR",
+                                    "a directory saved by a stage, e.g. runs/demo/ppo/model")
     tok = load_tokenizer(str(model_dir))
     model = load_causal_lm(str(model_dir), tok).eval()
     gen = torch.Generator().manual_seed(args.seed)
