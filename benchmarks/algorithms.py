@@ -72,8 +72,10 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def one_run(task: str, algo: str, seed: int, reward: str, base_run: Path, work: Path, updates: int | None,
-            log: Path, extra: list[str], label: str) -> dict:
+            log: Path, extra: list[str], label: str, run: bool = True) -> dict | None:
     out = work / task / f"{reward}{label}-{algo}-s{seed}"
+    if not run and not (out / "summary.json").is_file():
+        return None
     args = ["rl", "--out", out, f"algo={algo}", f"policy={base_run / 'sft' / 'model'}",
             f"prompts_file={base_run / 'data' / 'prompts_train.jsonl'}",
             f"eval_prompts_file={base_run / 'data' / 'prompts_eval.jsonl'}", f"task={task}",
@@ -166,6 +168,7 @@ def main() -> None:
     ap.add_argument("--work", default="runs/algorithms")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra RL-stage overrides for every run (e.g. algo.kl_in=reward)")
+    ap.add_argument("--no-run", action="store_true", help="only gather the runs that exist (a report)")
     ap.add_argument("--label", default="", help="suffix of the run directories and result files "
                     "(needed with --set, so runs with other settings are not mixed up)")
     args = ap.parse_args()
@@ -179,7 +182,9 @@ def main() -> None:
     for seed in args.seeds:  # every algorithm once before the next seed: a partial run still compares them
         for algo in args.algos:
             r = one_run(args.task, algo, seed, args.reward, base_run, work, args.updates, log, args.set,
-                        f"-{args.label}" if args.label else "")
+                        f"-{args.label}" if args.label else "", run=not args.no_run)
+            if r is None:
+                continue
             print(f"[done] {algo} seed {seed}: gold {r['sft_gold']:.3f} -> {r['final_gold']:.3f}, "
                   f"KL {r['final_kl']:.2f}, {r['seconds']:.0f} s", flush=True)
             results.append(r)
