@@ -2,17 +2,16 @@
 pair set, the training step's loss, and the normalisation's sampling temperature."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_tokenizer import make_tokenizer
 
 from ppo_rlhf.data.collate import collate_pairs, padded_pairs, pair_rows
 from ppo_rlhf.data.encode import EncodedPair
 from ppo_rlhf.models import disable_dropout, load_scalar_model, sequence_scores
 from ppo_rlhf.stages import reward
-from tiny_tokenizer import make_tokenizer
 
 
 def pairs(spec):

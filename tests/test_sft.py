@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from tiny_tokenizer import make_tokenizer
 
 from ppo_rlhf.data.collate import collate_sft, padded_sft
 from ppo_rlhf.data.encode import EncodedSFT
 from ppo_rlhf.models import load_causal_lm
 from ppo_rlhf.stages import common, sft
-from tiny_tokenizer import make_tokenizer
 
 
 def examples(lengths_and_prompts):
@@ -77,7 +77,8 @@ def test_bucketed_batches_keep_each_pool_of_examples_and_cut_it_by_length():
         # batches are consecutive slices of the pool sorted by length
         spans = sorted((lengths[b].min().item(), lengths[b].max().item()) for b in bucketed)
         assert all(hi <= lo2 for (_, hi), (lo2, _) in zip(spans, spans[1:]))
-        padding = lambda bs_: sum(len(b) * lengths[b].max().item() - lengths[b].sum().item() for b in bs_)
+        def padding(bs_):
+            return sum(len(b) * lengths[b].max().item() - lengths[b].sum().item() for b in bs_)
         assert padding(bucketed) <= padding(plain)
     # a pure function of the step: asking again, or out of order, gives the same batch
     assert common.bucketed_batch(lengths, bs, seed, 7, pool) == common.bucketed_batch(lengths, bs, seed, 7, pool)

@@ -7,7 +7,7 @@ Position ids come from the mask (`position_ids_from_mask`), so padding never shi
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 

@@ -24,8 +24,14 @@ from ..data.encode import check_token_ids, encode_pairs
 from ..data.jsonl import read_preferences
 from ..generation import generate, sequence_rewards
 from ..metrics import write_summary
-from ..models import (apply_lora, check_same_tokenizer, load_causal_lm, load_scalar_model, save_model,
-                      set_reward_normalisation)
+from ..models import (
+    apply_lora,
+    check_same_tokenizer,
+    load_causal_lm,
+    load_scalar_model,
+    save_model,
+    set_reward_normalisation,
+)
 from ..tokenizer import load_tokenizer
 from . import common
 from .evaluate import load_eval_prompts
