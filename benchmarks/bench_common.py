@@ -68,7 +68,7 @@ class Case:
         where = ("" if self.device == "cpu" else f" {self.device}") + f" {self.precision}"
         return f"{self.model.name} B={self.batch} {self.prompt_len}+{self.response_len}{where}"
 
-    def at(self, precision: str) -> "Case":
+    def at(self, precision: str) -> Case:
         """This configuration in another precision."""
         return replace(self, precision=precision)
 
@@ -81,7 +81,7 @@ class Case:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "Case":
+    def from_json(cls, d: dict) -> Case:
         d = dict(d)
         d["model"] = ModelShape(**d["model"])
         return cls(**d)
@@ -327,7 +327,7 @@ class OtherLoad:
         load.cores
     """
 
-    def __enter__(self) -> "OtherLoad":
+    def __enter__(self) -> OtherLoad:
         import time
 
         self._busy, _ = busy_jiffies()

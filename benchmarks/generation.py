@@ -31,9 +31,8 @@ import argparse
 import copy
 import platform
 import statistics
-import time
-
 import sys
+import time
 from pathlib import Path
 
 import torch

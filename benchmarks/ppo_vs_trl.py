@@ -55,7 +55,8 @@ SWEEPS = {
     "depth": [bc.Case(bc.ModelShape(n, 256), 32, 16, 64) for n in (2, 4, 8)],
 }
 # Scaling points TRL also runs in the full benchmark (the rest of the sweeps are ours only).
-TRL_SWEEP_POINTS = {bc.Case(SMALL, 32, 16, 256), bc.Case(SMALL, 128, 16, 64), bc.Case(bc.ModelShape(8, 256), 32, 16, 64)}
+TRL_SWEEP_POINTS = {bc.Case(SMALL, 32, 16, 256), bc.Case(SMALL, 128, 16, 64),
+                    bc.Case(bc.ModelShape(8, 256), 32, 16, 64)}
 
 
 def _busy_jiffies() -> tuple[int, int]:
@@ -175,7 +176,8 @@ def side_cells(r: dict | None) -> list:
     if "error" in r:
         return ["error"] + ["-"] * 7
     ph = r["phases_median_s"]
-    return [{"float32": "fp32", "bfloat16": "bf16"}.get(r["dtype"], r["dtype"]), f"{r['median_s']:.3f}", f"{r['tokens_per_s']:,.0f}", f"{r['median_cpu_s']:.2f}",
+    return [{"float32": "fp32", "bfloat16": "bf16"}.get(r["dtype"], r["dtype"]), f"{r['median_s']:.3f}",
+            f"{r['tokens_per_s']:,.0f}", f"{r['median_cpu_s']:.2f}",
             f"{r['peak_rss_mb']:,.0f}" + (f" (GPU {r['peak_gpu_mb']:,.0f})" if r.get("peak_gpu_mb") else ""),
             f"{ph['generate']:.2f}/{ph['score']:.2f}/{ph['train']:.2f}",
             f"{100 * r['mfu']:.1f}%", f"{r['other_load_cores']:.1f}"]
@@ -401,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(args.threads, peaks),
            "precisions": precisions,
-           "ours_source": {"at_start": source_at_start, "at_end": source_state()}, "omp_wait_policy": args.omp_wait_policy or None,
+           "ours_source": {"at_start": source_at_start, "at_end": source_state()},
+           "omp_wait_policy": args.omp_wait_policy or None,
            "updates_timed": updates, "rounds": rounds, "trl_python": trl_python, "comparisons": comparisons,
            "sweeps": {name: [c.label for c in cases] for name, cases in sweep_cases.items()},
            "runs": [{"label": case.label, "case": case.to_json(), "useful_flops": bc.useful_flops(case),

@@ -90,7 +90,6 @@ def run_updates(trainer, steps, n: int, timer) -> list[float]:
 
 
 def torch_profile(case: bc.Case, args) -> str:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     trainer, steps = build_trainer(case, Path(args.work_dir), args.updates, args.threads)
@@ -126,7 +125,8 @@ def torch_profile(case: bc.Case, args) -> str:
                 rows[ev.name] += ev.self_cpu_time_total
                 counts[ev.name] += 1
         for name, us in rows.most_common(args.top // 2):
-            print(f"  {name:<40} {us / 1e6 / args.updates:8.4f} s/update  {counts[name] / args.updates:8.0f} calls/update",
+            per_update = us / 1e6 / args.updates
+            print(f"  {name:<40} {per_update:8.4f} s/update  {counts[name] / args.updates:8.0f} calls/update",
                   file=out)
     return out.getvalue()
 

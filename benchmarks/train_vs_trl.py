@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, list[dict]]] = {}
     for rnd in range(args.rounds):
         for stage in args.stages.split(","):
-            steps, batch = (args.sft_steps, paths["sft_batch"]) if stage == "sft" else (args.rm_steps, paths["rm_batch"])
+            sft = stage == "sft"
+            steps, batch = (args.sft_steps, paths["sft_batch"]) if sft else (args.rm_steps, paths["rm_batch"])
             mean = paths["sft_mean_tokens"] if stage == "sft" else paths["rm_mean_tokens"]
             for precision in args.precisions.split(","):
                 job = {"stage": stage, "precision": precision, "steps": steps, "batch": batch,

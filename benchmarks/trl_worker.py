@@ -36,7 +36,7 @@ def main(case_json: str, paths_json: str, updates: int, threads: int) -> dict:
     import_s = time.perf_counter() - t_import
     case = bc.Case.from_json(json.loads(case_json))
     paths = json.loads(paths_json)
-    B, P, R = case.batch, case.prompt_len, case.response_len
+    B, R = case.batch, case.response_len
 
     t_setup = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(paths["tokenizer"])

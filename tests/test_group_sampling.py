@@ -4,8 +4,8 @@ from its copied KV cache, with the results of generating the repeated prompts.""
 from __future__ import annotations
 
 import pytest
-from tiny_tokenizer import make_tokenizer
 import torch
+from tiny_tokenizer import make_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ppo_rlhf.generation import generate

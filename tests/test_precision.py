@@ -4,9 +4,9 @@ master weights and optimizer state."""
 from __future__ import annotations
 
 import pytest
-from tiny_tokenizer import make_tokenizer
 import torch
 import torch.nn.functional as F
+from tiny_tokenizer import make_tokenizer
 
 from ppo_rlhf import generation
 from ppo_rlhf.config import OptimConfig, RunConfig

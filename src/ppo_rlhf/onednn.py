@@ -35,7 +35,6 @@ fp32 oneDNN (75, 73, 90) -- so there is nothing to gain from a second bf16 route
 from __future__ import annotations
 
 import contextlib
-
 import functools
 import logging
 import platform

@@ -773,7 +773,7 @@ def run_rl(cfg: PPOConfig, resume: bool = False, reward_functions: Sequence[Call
     (the Python API's way to pass them).
     """
     out_dir = Path(common.require(cfg.out_dir, "out_dir", "where to write the RL policy"))
-    device = common.setup(cfg.run)
+    device = common.setup(cfg.run, "ppo")
     t_start = time.time()
     trainer = RLTrainer(cfg, device, reward_functions)
     loop = StageLoop(trainer, out_dir, cfg.run)
