@@ -446,7 +446,7 @@ class RLTrainer:
         values = torch.zeros_like(logprobs)
         if self.value_model is not None:
             values = response_values(self.value_model, sequences, attention_mask, P).float()
-        texts, _ = decode_responses(tok, ro.response_ids.cpu(), ro.response_mask.cpu())
+        texts = self._texts(ro)
         prompts = [self.prompts.texts[i] for i in prompt_rows]
         fields = [self.prompts.fields[i] for i in prompt_rows]
         score, dense, rm_scores, fn_scores = self.scorer(sequences, attention_mask, ro.response_mask, prompts,
@@ -457,13 +457,18 @@ class RLTrainer:
                       score, dense, rm_scores, fn_scores, torch.zeros_like(score), truncated, groups,
                       torch.as_tensor(prompt_rows, device=sequences.device))
 
+    def _texts(self, ro: Rollout) -> list[str]:
+        """The decoded responses, for the reward functions (none needed without them)."""
+        if not self.scorer.names:
+            return [""] * ro.response_ids.size(0)
+        return decode_responses(self.tokenizer, ro.response_ids.cpu(), ro.response_mask.cpu())[0]
+
     @torch.no_grad()
     def baseline_scores(self, greedy: Rollout, prompt_rows: list[int], n: int) -> torch.Tensor:
         """(B*n,) the greedy response's score for each sampled row of its prompt (ReMax)."""
-        tok = self.tokenizer
         sequences = torch.cat([greedy.prompt_ids, greedy.response_ids], 1)
         attention_mask = torch.cat([greedy.prompt_mask, greedy.response_mask], 1)
-        texts, _ = decode_responses(tok, greedy.response_ids.cpu(), greedy.response_mask.cpu())
+        texts = self._texts(greedy)
         score, _, _, _ = self.scorer(sequences, attention_mask, greedy.response_mask,
                                      [self.prompts.texts[i] for i in prompt_rows], texts,
                                      [self.prompts.fields[i] for i in prompt_rows], prompt_rows)
