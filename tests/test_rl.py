@@ -315,3 +315,28 @@ def test_trpo_run_saves_a_model_with_tied_weights(dirs, tmp_path):
 
     policy = load_causal_lm(tmp_path / "trpo" / "model", load_tokenizer(tmp_path / "trpo" / "model"))
     assert policy.lm_head.weight.data_ptr() == policy.transformer.wte.weight.data_ptr()
+
+
+def test_a_reward_function_that_raises_stops_the_run_and_keeps_the_last_checkpoint(dirs, tmp_path):
+    from ppo_rlhf.checkpoint import CheckpointManager
+    from ppo_rlhf.rewards import RewardFunctionError
+    from ppo_rlhf.stages.rl import run_rl
+
+    calls = {"n": 0}
+
+    def flaky(prompts, responses, **_):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third rollout
+            raise ZeroDivisionError("boom")
+        return [0.0] * len(prompts)
+
+    out = tmp_path / "run"
+    cfg = build_config(PPOConfig, overrides=[
+        f"policy={dirs / 'sft'}", f"prompts_file={dirs / 'prompts.jsonl'}", f"out_dir={out}",
+        "rollout.batch_size=4", "train.updates=5", "run.save_every=2", "run.eval_every=0",
+        "run.tensorboard=false"])
+    with pytest.raises(RewardFunctionError, match="flaky"):
+        run_rl(cfg, reward_functions=[flaky])
+    ckpt = CheckpointManager(out, keep_last=2)
+    assert ckpt.latest_valid() == ckpt.path_for(2)  # update 2's checkpoint, whole
+    assert not (out / "summary.json").exists() and not (out / "model").exists()
