@@ -107,7 +107,7 @@ class LossStats(NamedTuple):
     @staticmethod
     def zeros() -> LossStats:
         z = torch.zeros((), dtype=torch.float64)
-        return LossStats(*([z] * 10), torch.tensor(float("-inf"), dtype=torch.float64))
+        return LossStats(*([z] * (len(LossStats._fields) - 1)), torch.tensor(float("-inf"), dtype=torch.float64))
 
     def __add__(self, other: LossStats) -> LossStats:  # type: ignore[override]
         summed = [a.double() + b.double() for a, b in zip(self[:-1], other[:-1])]
@@ -132,7 +132,8 @@ def update_metrics(steps: Sequence[StepStats], policy: bool, value: bool) -> dic
     if not steps:
         return {}
     n = len(steps)
-    mean = [float(sum(float(s.losses[i]) for s in steps) / n) for i in range(10)]
+    # one host sync for the whole update (each float() would be one on an accelerator)
+    mean = torch.stack([torch.stack([t.double() for t in s.losses[:-1]]) for s in steps]).mean(0).tolist()
     loss = LossStats(*mean, max(float(s.losses.ratio_max) for s in steps))
     out = {"loss/total": loss.loss}
     if policy:
@@ -544,7 +545,7 @@ class RLTrainer:
         cfg = self.cfg
         total = self.accumulate_gradients(exp, mb, update_policy, update_value)
         if cfg.loss.ptx_coef > 0 and update_policy and self.ptx_ids:
-            lm = self.ptx_step(ctx.step, len(mb))
+            lm = self.ptx_step()
             total = total._replace(ptx=total.ptx + lm, loss=total.loss + cfg.loss.ptx_coef * lm)
         total = total.all_reduce()
         policy_gn = value_gn = 0.0
@@ -622,10 +623,14 @@ class RLTrainer:
                           clipfrac, approx_kl, ratio_mean, torch.as_tensor(vclip), ratio_max.detach())
         return total, stats
 
-    def ptx_step(self, step: int, mb_rows: int) -> torch.Tensor:
-        """PPO-ptx: backpropagate c2 * L_LM on a pretraining batch (this rank's share); returns L_LM."""
+    def ptx_step(self) -> torch.Tensor:
+        """PPO-ptx: backpropagate c2 * L_LM on a pretraining batch (this rank's share); returns L_LM.
+
+        The batch is drawn from (seed, optimizer steps so far): a new batch for every optimizer step,
+        and the same one after a resume (the scheduler's count is checkpointed).
+        """
         cfg = self.cfg
-        g = torch.Generator().manual_seed(cfg.run.seed * 7919 + step * 131 + mb_rows)
+        g = torch.Generator().manual_seed(cfg.run.seed * 7919 + self.policy_sched.last_epoch * 131)
         rows = torch.randint(len(self.ptx_ids), (cfg.loss.ptx_batch_size,), generator=g).tolist()
         mine = dist.shard(rows)
         tokens = lambda rs: sum(len(self.ptx_ids[i]) - 1 for i in rs)  # noqa: E731
