@@ -15,7 +15,8 @@ wall time and KL, over several seeds -> benchmarks/ALGORITHMS.md, results/algori
    settings otherwise (every preset sees 64 responses per update: 64 prompts x 1 or 16 x 4).
 3. From each run's metrics.jsonl: the held-out evaluations (eval/gold_reward and eval/kl on 400
    held-out prompt samples every 25 updates; update 0 is the SFT policy) against samples seen and
-   wall time. Final figures are the last evaluation's.
+   wall time. Final figures are the last evaluation's. Greedy gold (`ppo-rlhf eval temperature=0`
+   on the same 400 held-out prompts) of the final policy and of the SFT policy, beside it.
 Each run is a separate process, one after another (2 CPU threads each).
 """
 
@@ -67,6 +68,14 @@ def base(task: str, work: Path, log: Path) -> Path:
     return run
 
 
+def greedy_gold(model: Path, base_run: Path, task: str, out: Path, log: Path) -> float:
+    """Gold reward of `model`'s greedy responses to the 400 held-out prompts (cached in `out`)."""
+    if not out.is_file():
+        cli("eval", f"policy={model}", f"prompts_file={base_run / 'data' / 'prompts_eval.jsonl'}", f"task={task}",
+            "temperature=0", "n=400", f"out={out}", log=log)
+    return json.loads(out.read_text())["gold_reward"]
+
+
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -94,6 +103,8 @@ def one_run(task: str, algo: str, seed: int, reward: str, base_run: Path, work: 
         print(f"[run] {' '.join(map(str, args))}", flush=True)
         wall = cli(*args, log=log)
     summary = json.loads((out / "summary.json").read_text())
+    greedy = greedy_gold(out / "model", base_run, task, out / "eval_greedy.json", log)
+    sft_greedy = greedy_gold(base_run / "sft" / "model", base_run, task, base_run / "eval_sft_greedy.json", log)
     rows = read_metrics(out / "metrics.jsonl")
     start = min(r["time"] for r in rows) if rows and "time" in rows[0] else None
     samples_per_update = summary["config"]["rollout"]["batch_size"] * summary["config"]["algo"]["samples_per_prompt"]
@@ -104,6 +115,7 @@ def one_run(task: str, algo: str, seed: int, reward: str, base_run: Path, work: 
     return {"algo": algo, "seed": seed, "reward": reward, "evals": evals,
             "sft_gold": evals[0]["gold"] if evals else None, "final_gold": summary.get("gold_reward"),
             "final_kl": summary.get("kl"), "seconds": summary.get("seconds", wall),
+            "sft_greedy": sft_greedy, "final_greedy": greedy,
             "trpo_kl_max": max((r["trpo/kl"] for r in rows if "trpo/kl" in r), default=None),
             "trpo_step_fraction": statistics.mean([r["trpo/step_fraction"] for r in rows if "trpo/step_fraction" in r])
             if any("trpo/step_fraction" in r for r in rows) else None}
@@ -118,16 +130,19 @@ def table(results: list[dict], algos: list[str]) -> str:
             return f"{values[0]:.3f}"
         return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
-    lines = ["| algorithm | SFT gold | final gold | gain (points) | KL (nats) | wall s | seeds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| algorithm | SFT gold T=0.7 | final T=0.7 | gain T=0.7 (points) | SFT greedy | final greedy | "
+             "gain greedy (points) | KL (nats) | wall s | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for algo in algos:
         rs = [r for r in results if r["algo"] == algo]
         if not rs:
             continue
         gains = [100 * (r["final_gold"] - r["sft_gold"]) for r in rs if r["final_gold"] is not None]
+        greedy_gains = [100 * (r["final_greedy"] - r["sft_greedy"]) for r in rs if r.get("final_greedy") is not None]
         lines.append(f"| {algo} | {ms([r['sft_gold'] for r in rs])} | {ms([r['final_gold'] for r in rs])} | "
-                     f"{ms(gains)} | {ms([r['final_kl'] for r in rs])} | {ms([r['seconds'] for r in rs])} "
-                     f"| {len(rs)} |")
+                     f"{ms(gains)} | {ms([r.get('sft_greedy') for r in rs])} | "
+                     f"{ms([r.get('final_greedy') for r in rs])} | {ms(greedy_gains)} | "
+                     f"{ms([r['final_kl'] for r in rs])} | {ms([r['seconds'] for r in rs])} | {len(rs)} |")
     return "\n".join(lines)
 
 

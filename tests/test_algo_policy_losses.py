@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from ppo_rlhf.algo.losses import AGGREGATIONS, POLICY_LOSSES, PolicyLossParams
+from ppo_rlhf.algo.losses import (
+    AGGREGATIONS,
+    POLICY_LOSSES,
+    CISPOKnobs,
+    PolicyLossParams,
+    SAPOKnobs,
+    register_policy_loss,
+)
 
 T = torch.tensor
 
@@ -15,10 +22,48 @@ def lp_from_ratios(ratios, old=-1.0):
     return (old_lp + T([ratios], dtype=torch.float64).log()).requires_grad_(), old_lp
 
 
-def test_registry_names_and_update_kinds():
-    assert set(POLICY_LOSSES) == {"ppo_clip", "dual_clip", "gspo", "trpo"}
-    assert POLICY_LOSSES["trpo"].update == "trust_region"
-    assert {POLICY_LOSSES[n].update for n in ("ppo_clip", "dual_clip", "gspo")} == {"gradient"}
+def test_an_unknown_update_kind_is_refused_at_registration():
+    with pytest.raises(ValueError, match="update='trust-region' is not one of"):
+        register_policy_loss("typo_loss", update="trust-region")
+    assert "typo_loss" not in POLICY_LOSSES
+
+
+def test_cispo_clips_and_detaches_the_is_weight_hand_computed():
+    # weight = sg(clip(r, 0, 2)): r 3 -> 2 (capped), r 0.5 -> 0.5, r 1 -> 1.
+    # L = -w * A * log pi; d L / d log pi = -w * A (every token keeps a gradient, capped or not)
+    lp, old = lp_from_ratios([3.0, 0.5, 1.0])
+    adv = T([[1.0, -2.0, 0.5]], dtype=torch.float64)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    out = POLICY_LOSSES["cispo"].fn(lp, old, adv, mask, PolicyLossParams(knobs=CISPOKnobs(weight_max=2.0)))
+    logp = lp.detach()
+    torch.testing.assert_close(out.losses, -T([[2.0, 0.5 * -2.0, 0.5]], dtype=torch.float64) * logp)
+    assert out.clipped.tolist() == [[True, False, False]]
+    out.losses.sum().backward()
+    torch.testing.assert_close(lp.grad, T([[-2.0, 1.0, -0.5]], dtype=torch.float64))
+
+
+def test_cispo_on_fresh_data_is_the_reinforce_gradient():
+    lp = T([[-0.7, -1.2]], dtype=torch.float64, requires_grad=True)
+    adv = T([[0.3, -0.4]], dtype=torch.float64)
+    out = POLICY_LOSSES["cispo"].fn(lp, lp.detach(), adv, torch.ones(1, 2, dtype=torch.bool), PolicyLossParams())
+    out.losses.sum().backward()
+    torch.testing.assert_close(lp.grad, -adv)
+
+
+def test_sapo_soft_gate_hand_computed():
+    # f(r) = 4/tau * sigmoid(tau (r - 1)); tau_pos = 2 on A > 0, tau_neg = 4 on A <= 0.
+    # r 1, A 1: f = 4/2 * 0.5 = 1, L = -1, dL/dlogp = -A * r * f'(r) = -(4 s (1-s)) = -1.
+    # r 1.5, A -1: x = 4 * 0.5 = 2, s = sigmoid(2); L = +4/4 * s; dL/dlogp = r * 4 s (1-s) * 1.
+    lp, old = lp_from_ratios([1.0, 1.5])
+    adv = T([[1.0, -1.0]], dtype=torch.float64)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    out = POLICY_LOSSES["sapo"].fn(lp, old, adv, mask, PolicyLossParams(knobs=SAPOKnobs(tau_pos=2.0, tau_neg=4.0)))
+    s2 = 1 / (1 + math.exp(-2.0))
+    torch.testing.assert_close(out.losses, T([[-1.0, s2]], dtype=torch.float64))
+    out.losses.sum().backward()
+    torch.testing.assert_close(lp.grad, T([[-1.0, 1.5 * 4 * s2 * (1 - s2)]], dtype=torch.float64))
+    # the gradient weight 4 s (1 - s) at r 1.5 on the negative side is 0.42 < 1/2: counted as clipped
+    assert out.clipped.tolist() == [[False, True]]
 
 
 def test_ppo_clip_asymmetric_range_hand_computed():

@@ -201,12 +201,14 @@ def test_ppo_two_ranks_match_one_process_and_resume(data, reference, tmp_path):
 def test_grpo_two_ranks_match_one_process(data, reference, tmp_path):
     """Group rollouts: each rank samples 4 responses to each of its prompts, the groups are
     gathered whole, and the group advantages, the minibatches of whole groups and the
-    seq-mean-token-mean loss give the 1-process trajectory."""
+    seq-mean-token-mean loss give the 1-process trajectory. The KL is in the loss here: in the
+    reward, a group of identical responses has returns equal only up to rounding (which differs
+    with the batch's composition), and GRPO's std scaling magnifies that rounding."""
     from ppo_rlhf.stages.rl import run_rl
 
     def args(out):
         return [*ppo_args(data, out, reference / "sft" / "model", reference / "reward" / "model"),
-                "algo=grpo", "rollout.batch_size=4", "train.updates=2"]
+                "algo=grpo", "rollout.batch_size=4", "train.updates=2", "algo.kl_in=loss"]
 
     run_rl(build_config(PPOConfig, overrides=args(tmp_path / "one")))
     torchrun("rl", args(tmp_path / "ddp"))

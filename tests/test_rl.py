@@ -2,6 +2,7 @@
 every algorithm preset runs, that a minibatch's gradient does not depend on how it is split, the
 TRPO trust region, group sampling, dynamic sampling and reward functions without a reward model."""
 
+import dataclasses
 import json
 import random
 
@@ -340,3 +341,86 @@ def test_a_reward_function_that_raises_stops_the_run_and_keeps_the_last_checkpoi
     ckpt = CheckpointManager(out, keep_last=2)
     assert ckpt.latest_valid() == ckpt.path_for(2)  # update 2's checkpoint, whole
     assert not (out / "summary.json").exists() and not (out / "model").exists()
+
+
+# -- wiring: each of these failed before its fix ---------------------------------------------------
+def test_dynamic_sampling_refill_groups_never_merge_with_earlier_ones(dirs, tmp_path):
+    """3 training prompts and rollout.batch_size=4: a refill round holds 3 prompts, and its group
+    ids used to be round * 3 + j, which collide with round 0's ids 0..3 (two prompts' samples
+    merged into one group of 8, and GRPO's advantages computed over the wrong rows)."""
+    from ppo_rlhf.algo.advantages import group_moments
+    from ppo_rlhf.rollout import make_experience
+
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": "1"}) + "\n"
+                                                    for p in ("1+2=", "3+4=", "5+6=")))
+    (tmp_path / "rewards.py").write_text(
+        "def varied(prompts, responses, **_):\n"
+        "    return [float(sum(map(ord, r)) % 3) if not p.startswith('1') else 0.0\n"
+        "            for p, r in zip(prompts, responses)]\n")
+    t = make_trainer(dirs, "algo=dapo", "rollout.batch_size=4", f"prompts_file={tmp_path / 'prompts.jsonl'}",
+                     f"reward.functions={tmp_path / 'rewards.py'}:varied", "rollout.truncated=keep",
+                     reward_model=False)
+    scored, stats = t.collect([1, 2, 0, 1], 1)
+    assert stats["rollout/sampling_rounds"] == 2  # prompt 0 ("1+2=") has no variance: refilled
+    for g in scored.groups.unique():
+        rows = scored.groups == g
+        assert rows.sum() == 4 and scored.prompt_index[rows].unique().numel() == 1
+    exp = make_experience(scored, t.cfg, t.kl_ctl.value, t.max_new_tokens)
+    _, _, count = group_moments(exp.scores, exp.groups)
+    assert (count == 4).all()
+
+
+def test_trpo_with_the_kl_in_the_loss_is_pulled_back_by_beta(dirs):
+    """TRPO's surrogate had no beta * KL term, and with algo.kl_in=loss the rollout leaves the KL
+    out of the reward: kl_coef=0 and kl_coef=100 gave identical steps."""
+    params = []
+    for beta in (0.0, 100.0):
+        t = make_trainer(dirs, "algo=trpo", "algo.kl_in=loss", f"reward.kl_coef={beta}", "rollout.batch_size=4",
+                         "algo.trpo.cg_iters=3", "train.critic_warmup_updates=0")
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():  # a policy away from the reference, so the KL term has a gradient
+            for p in t.policy.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        m = iterate(t)
+        assert m["trpo/step_fraction"] > 0
+        params.append(torch.nn.utils.parameters_to_vector(t.policy.parameters()).detach())
+    assert not torch.allclose(params[0], params[1])
+
+
+def test_a_greedy_baseline_is_scored_and_shaped_like_the_samples(dirs, tmp_path):
+    """ReMax's greedy baseline used to skip the shaping: the overlong penalty with the samples'
+    lengths (so it cancelled), no missing-EOS penalty, no dense terms, and a batch-wise
+    standardisation of its own (raw r - r_greedy = -4 everywhere became 0 everywhere)."""
+    from ppo_rlhf.algo.advantages import returns_to_go
+    from ppo_rlhf.rollout import make_experience
+
+    (tmp_path / "rewards.py").write_text(
+        "def by_length(prompts, responses, **_):\n"
+        "    return [float(len(r)) for r in responses]\n")
+    t = make_trainer(dirs, "algo=remax", "rollout.batch_size=4",
+                     f"reward.functions={tmp_path / 'rewards.py'}:by_length", "reward.combine=sum_then_normalize",
+                     "rollout.truncated=penalty", "rollout.overlong_buffer=4", reward_model=False)
+    scored = t.rollout([0, 1, 2, 3], 1, 0)
+    assert scored.is_baseline.tolist() == [False, True] * 4
+    # one standardisation over sampled and baseline rows together
+    assert float(scored.score.mean()) == pytest.approx(0.0, abs=1e-5)
+    exp = make_experience(scored, t.cfg, t.kl_ctl.value, t.max_new_tokens)
+    assert exp.sequences.size(0) == 4  # the update sees the sampled rows only
+    # the baseline's return, shaped on its own length and truncation, with its own KL terms
+    base = scored.is_baseline
+    as_samples = dataclasses.replace(t.cfg, algo=dataclasses.replace(t.cfg.algo, advantage="reinforce++"))
+    again = make_experience(scored._replace(is_baseline=torch.zeros_like(base), groups=torch.arange(8)),
+                            as_samples, t.kl_ctl.value, t.max_new_tokens)
+    base_return = again.rewards[base].sum(1)
+    expected = returns_to_go(again.rewards[~base], again.response_mask[~base], 1.0) - \
+        base_return[:, None] * again.response_mask[~base]
+    torch.testing.assert_close(exp.advantages, expected * exp.loss_mask)
+
+
+def test_meaningless_algorithm_combinations_are_refused(dirs):
+    with pytest.raises(Exception, match="does not use a value model"):
+        make_trainer(dirs, "algo=grpo", "algo.critic=true")
+    with pytest.raises(Exception, match=r"loss\.cispo\.\* is set, but algo.policy_loss=ppo_clip"):
+        make_trainer(dirs, "loss.cispo.weight_max=2")
+    with pytest.raises(Exception, match="train.target_kl"):
+        make_trainer(dirs, "algo=trpo", "train.target_kl=0.1")

@@ -13,7 +13,7 @@ import difflib
 import math
 import types
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +21,13 @@ import yaml
 
 from .algo.advantages import ADVANTAGES
 from .algo.losses import AGGREGATIONS, POLICY_LOSSES
+from .algo.options import opt
 from .errors import UserError
 
 ADVANTAGE_NAMES = tuple(ADVANTAGES)
 POLICY_LOSS_NAMES = tuple(POLICY_LOSSES)
 AGGREGATION_NAMES = tuple(AGGREGATIONS)
 PRESET_DIR = Path(__file__).parent / "algo" / "presets"
-
-
-def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
-        min: float | None = None, max: float | None = None, factory: Any = None) -> Any:
-    """A documented config field. `min`/`max` are inclusive bounds; `choices` lists legal values."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +259,7 @@ class RewardShapingConfig:
 
 
 @dataclass
-class PPOLossConfig:
+class _PPOLossOptions:
     """Loss terms and the advantage estimators' knobs."""
 
     clip_eps: float = opt(0.2, "Policy ratio clip epsilon (the lower one, 1 - clip_eps).", min=0)
@@ -294,6 +286,17 @@ class PPOLossConfig:
     norm_by_std: bool = opt(True, "GRPO: divide the group-centred scores by the group's std "
                             "(false = Dr. GRPO's unscaled advantages).")
     whiten_advantages: bool = opt(True, "Whiten the advantages over the global rollout batch.")
+
+
+# A registered policy loss with knobs of its own (algo/losses.py, `register_policy_loss(knobs=...)`)
+# gets a section loss.<name> (e.g. loss.cispo.weight_max): a new loss's options need no edit here.
+PPOLossConfig = dataclasses.make_dataclass(
+    "PPOLossConfig",
+    [(name, loss.knobs, opt(factory=loss.knobs, help=f"Options of algo.policy_loss={name}: "
+                                                      f"{(loss.knobs.__doc__ or '').strip()}"))
+     for name, loss in POLICY_LOSSES.items() if loss.knobs is not None],
+    bases=(_PPOLossOptions,))
+PPOLossConfig.__doc__, PPOLossConfig.__module__ = _PPOLossOptions.__doc__, __name__
 
 
 @dataclass

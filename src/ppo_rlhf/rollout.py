@@ -3,11 +3,14 @@ rewards, advantages and returns -- an `Experience` batch that the RL update cons
 
 Three steps, each a function:
 1. `sample` (on this rank's prompts): `samples_per_prompt` responses per prompt, grouped
-   consecutively, with the sampling log-probs;
+   consecutively, with the sampling log-probs; an estimator that declares a baseline response
+   (ReMax: the greedy one) gets it as one more row at the end of each group (`with_baselines`);
 2. `score` (on this rank's rows): old and reference log-probs, values, the reward-model score
    and the reward functions, combined into one sequence score; then gathered in global order;
 3. `make_experience` (on the global batch, the same on every rank): score shaping, per-token
-   rewards, the algorithm's advantage estimator (`algo.advantages.ADVANTAGES`), whitening.
+   rewards, the algorithm's advantage estimator (`algo.advantages.ADVANTAGES`), whitening. Baseline
+   rows are scored and shaped exactly like the samples, give the estimator their returns, and are
+   then dropped: the update sees only sampled rows.
 
 Shapes: B rollout rows, P prompt tokens (left-padded), R response tokens (right-padded after EOS).
 Response-aligned tensors (B, R) start at the first response token.
@@ -30,6 +33,7 @@ from .algo.advantages import (
     RunningMeanStd,
     compute_rewards,
     masked_whiten,
+    sequence_returns,
 )
 from .algo.kl import kl_penalty
 from .config import PPOConfig
@@ -88,7 +92,7 @@ class Scored(NamedTuple):
     dense: torch.Tensor  # (B, R) per-token additions: process rewards, RM dense credit
     rm_scores: torch.Tensor  # (B,) normalised RM score (zeros without an RM)
     function_scores: torch.Tensor  # (B, F) each reward function's sequence reward
-    baselines: torch.Tensor  # (B,) baseline score (ReMax's greedy response), zeros when unused
+    is_baseline: torch.Tensor  # (B,) bool, a baseline response (scored like a sample, not trained on)
     truncated: torch.Tensor  # (B,) bool, no EOS within max_new_tokens
     groups: torch.Tensor  # (B,) rows sampled together from one prompt share an id
     prompt_index: torch.Tensor  # (B,) the row's prompt in the training prompts
@@ -156,6 +160,22 @@ def pad_responses(rollout: Rollout, length: int, pad_id: int) -> Rollout:
         response_mask=F.pad(rollout.response_mask, (0, extra), value=False),
         logprobs=F.pad(rollout.logprobs, (0, extra), value=0.0),
         entropy=F.pad(rollout.entropy, (0, extra), value=0.0))
+
+
+def with_baselines(samples: Rollout, baselines: Rollout, n: int, pad_id: int) -> tuple[Rollout, torch.Tensor]:
+    """The sampled rows (B*n, n per prompt) with each prompt's baseline response (B rows) appended
+    to its group: groups of n + 1 rows, the last the baseline. Returns (rollout, is_baseline (B*(n+1),))."""
+    length = max(samples.response_ids.size(1), baselines.response_ids.size(1))
+    samples, baselines = pad_responses(samples, length, pad_id), pad_responses(baselines, length, pad_id)
+    B = baselines.response_ids.size(0)
+
+    def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a.reshape(B, n, *a.shape[1:]), b[:, None]], 1).reshape(B * (n + 1), *a.shape[1:])
+
+    merged = Rollout(*(interleave(a, b) for a, b in zip(samples, baselines)))
+    is_baseline = torch.zeros(B, n + 1, dtype=torch.bool, device=samples.response_ids.device)
+    is_baseline[:, n] = True
+    return merged, is_baseline.reshape(-1)
 
 
 def truncated_rows(response_ids: torch.Tensor, response_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -250,14 +270,12 @@ def pad_scored(s: Scored, prompt_len: int, response_len: int, pad_id: int) -> Sc
 
 
 def shape_scores(scores: torch.Tensor, truncated: torch.Tensor, lengths: torch.Tensor, cfg: PPOConfig,
-                 max_new_tokens: int, running: RunningMeanStd | None, update_running: bool = True) -> torch.Tensor:
-    """Running normalisation (optional), the missing-EOS penalty, DAPO's soft overlong punishment,
-    clipping. scores, truncated, lengths (B,); on the global batch."""
+                 max_new_tokens: int, running: RunningMeanStd | None) -> torch.Tensor:
+    """Running normalisation (optional; the caller updates `running`), the missing-EOS penalty,
+    DAPO's soft overlong punishment, clipping. scores, truncated, lengths (B,); on the global batch."""
     r, ro = cfg.reward, cfg.rollout
     scores = scores.float().clone()
     if running is not None:
-        if update_running:
-            running.update(scores)
         scores = running.normalize(scores)
     if ro.truncated == "penalty":
         scores = torch.where(truncated, torch.full_like(scores, ro.missing_eos_penalty), scores)
@@ -277,6 +295,21 @@ def advantage_params(cfg: PPOConfig) -> AdvantageParams:
                            adaptive_lam_alpha=loss.adaptive_lam_alpha or 0.0, norm_by_std=loss.norm_by_std)
 
 
+def select_rows(s: Scored, rows: torch.Tensor) -> Scored:
+    """The rows `rows` (a (B,) bool mask or indices) of a scored batch."""
+    return Scored(*(t[rows] for t in s))
+
+
+def baseline_returns(returns: torch.Tensor, groups: torch.Tensor, is_baseline: torch.Tensor) -> torch.Tensor:
+    """(number of sampled rows,) each sampled row's baseline: the mean return of the baseline rows
+    of its group. returns, groups, is_baseline (B,); every group must hold a baseline row."""
+    match = groups[~is_baseline][:, None] == groups[is_baseline][None, :]
+    if not bool(match.any(1).all()):
+        raise ValueError("a group of sampled rows has no baseline row")
+    match = match.to(returns.dtype)
+    return (match @ returns[is_baseline]) / match.sum(1)
+
+
 @torch.no_grad()
 def make_experience(scored: Scored, cfg: PPOConfig, kl_coef: float, max_new_tokens: int,
                     running: RunningMeanStd | None = None) -> Experience:
@@ -284,22 +317,28 @@ def make_experience(scored: Scored, cfg: PPOConfig, kl_coef: float, max_new_toke
 
     The KL goes into the per-token reward (algo.kl_in=reward) or is left to the loss; the
     advantage estimator is `ADVANTAGES[algo.advantage]`; advantages are whitened over the loss
-    tokens when loss.whiten_advantages.
+    tokens when loss.whiten_advantages. Baseline rows (`scored.is_baseline`) go through the same
+    shaping and rewards; their returns are the estimator's `baselines`, and they are not in the
+    result. The running normaliser learns from the sampled rows only.
     """
-    mask = scored.response_mask
-    lengths = mask.sum(1)
-    scores = shape_scores(scored.score, scored.truncated, lengths, cfg, max_new_tokens, running)
+    if running is not None:
+        running.update(scored.score[~scored.is_baseline])
+    scores = shape_scores(scored.score, scored.truncated, scored.response_mask.sum(1), cfg, max_new_tokens,
+                          running)
     in_reward = cfg.algo.kl_in == "reward"
-    rewards, kl = compute_rewards(scores, scored.logprobs, scored.ref_logprobs, mask,
+    rewards, kl = compute_rewards(scores, scored.logprobs, scored.ref_logprobs, scored.response_mask,
                                   kl_coef if in_reward else 0.0, estimator=cfg.reward.kl_estimator,
                                   dense_scores=scored.dense)
-    loss_mask = mask & ~scored.truncated[:, None] if cfg.rollout.truncated == "mask" else mask
     estimator = ADVANTAGES[cfg.algo.advantage]
-    values = scored.values * mask
     baselines = None
-    if estimator.needs_baseline:
-        baselines = shape_scores(scored.baselines, torch.zeros_like(scored.truncated), lengths, cfg,
-                                 max_new_tokens, running, update_running=False)
+    if estimator.baseline is not None:
+        baselines = baseline_returns(sequence_returns(rewards, scored.response_mask), scored.groups,
+                                     scored.is_baseline)
+    sampled = ~scored.is_baseline
+    scored, scores, rewards, kl = select_rows(scored, sampled), scores[sampled], rewards[sampled], kl[sampled]
+    mask = scored.response_mask
+    loss_mask = mask & ~scored.truncated[:, None] if cfg.rollout.truncated == "mask" else mask
+    values = scored.values * mask
     inputs = AdvantageInputs(rewards, mask, scores, scored.groups, values if estimator.needs_values else None,
                              baselines)
     advantages, returns = estimator.fn(inputs, advantage_params(cfg))

@@ -214,8 +214,9 @@ class AdvantageInputs(NamedTuple):
     rewards (B, R): per-token rewards -- the score at the last real token, any process rewards,
     and -beta * KL_t when the KL is in the reward. scores (B,): the sequence score alone.
     values (B, R) V_old(s_t), or None without a critic. groups (B,): rows sampled from the same
-    prompt share an id. baselines (B,): a per-row baseline score (ReMax: the greedy response's),
-    or None. mask (B, R) is True at real response tokens.
+    prompt share an id. baselines (B,): for an estimator that declares a baseline response, the
+    return (sum of per-token rewards, shaped exactly as the samples' are) of the baseline response
+    to each row's prompt; else None. mask (B, R) is True at real response tokens.
     """
 
     rewards: Tensor
@@ -246,14 +247,21 @@ class Estimator(NamedTuple):
     fn: Callable[[AdvantageInputs, AdvantageParams], tuple[Tensor, Tensor | None]]
     needs_values: bool = False  # a critic (value model) is required
     needs_groups: bool = False  # several samples per prompt are required
-    needs_baseline: bool = False  # a greedy response per prompt is scored as the baseline
+    # A baseline response per prompt, sampled as this says ("greedy": the argmax response), scored
+    # and shaped by the same path as the samples; its return reaches the estimator as `baselines`.
+    baseline: str | None = None
 
 
 ADVANTAGES: dict[str, Estimator] = {}
 
 
-def register_advantage(name: str, **needs: bool):
+BASELINE_RESPONSES = ("greedy",)
+
+
+def register_advantage(name: str, **needs):
     """Decorator: register `fn(inputs, params) -> (advantages (B, R), returns (B, R) | None)`."""
+    if needs.get("baseline") not in (None, *BASELINE_RESPONSES):
+        raise ValueError(f"estimator {name!r}: baseline={needs['baseline']!r} is not one of {BASELINE_RESPONSES}")
 
     def wrap(fn):
         if name in ADVANTAGES:
@@ -374,11 +382,11 @@ def reinforce_pp_baseline_advantages(x: AdvantageInputs, p: AdvantageParams) -> 
     return returns_to_go(rewards, x.mask, p.gamma), None
 
 
-@register_advantage("remax", needs_baseline=True)
+@register_advantage("remax", baseline="greedy")
 def remax_advantages(x: AdvantageInputs, p: AdvantageParams) -> tuple[Tensor, None]:
-    """ReMax (Li et al. 2023): the return-to-go minus the score of the greedy response to the same
+    """ReMax (Li et al. 2023): the return-to-go minus the return of the greedy response to the same
     prompt (a baseline that costs one greedy rollout and no critic)."""
     if x.baselines is None:
-        raise ValueError("remax needs baselines: the scores of greedy responses")
+        raise ValueError("remax needs baselines: the returns of greedy responses")
     g = returns_to_go(x.rewards, x.mask, p.gamma)
     return g - _broadcast(x.baselines, x.mask), None

@@ -1,8 +1,10 @@
 """Losses for the three RLHF stages: the registered policy losses (PPO-clip, dual-clip, GSPO,
-TRPO's surrogate) and loss aggregations, the value loss, the language-model loss (SFT and
+CISPO, SAPO, TRPO's surrogate) and loss aggregations, the value loss, the language-model loss (SFT and
 PPO-ptx), the pairwise reward-model loss, and the entropy of a categorical.
 
-Policy losses are per token; an aggregation (`AGGREGATIONS`) turns them into the minibatch loss. Inputs
+Policy losses are per token; an aggregation (`AGGREGATIONS`) turns them into the minibatch loss. A
+loss declares how the stage optimises it (`update`, one of `UPDATE_KINDS`) and may declare its own
+knobs (a dataclass of `opt` fields, which the config offers as `loss.<name>.*`). Inputs
 at padded positions are replaced before any arithmetic, so inf/NaN there cannot reach the loss or
 its gradient. Stats are detached Python floats, ready for the metrics logger.
 """
@@ -10,13 +12,15 @@ its gradient. Stats are detached Python floats, ready for the metrics logger.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ppo_rlhf.algo.advantages import masked_mean
+from ppo_rlhf.algo.options import opt
 
 
 def _fill_padding(x: Tensor, mask: Tensor, value: float = 0.0) -> Tensor:
@@ -25,11 +29,13 @@ def _fill_padding(x: Tensor, mask: Tensor, value: float = 0.0) -> Tensor:
 
 class PolicyLossParams(NamedTuple):
     """Knobs of the policy losses: the ratio's clip range [1 - clip_low, 1 + clip_high] (DAPO's
-    asymmetric "clip-higher" when they differ) and dual-clip's bound c on negative advantages."""
+    asymmetric "clip-higher" when they differ), dual-clip's bound c on negative advantages, and
+    `knobs`: the loss's own options (an instance of the dataclass it registered), or None."""
 
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip_c: float = 3.0
+    knobs: Any = None
 
 
 class PolicyLossOutput(NamedTuple):
@@ -44,28 +50,35 @@ class PolicyLossOutput(NamedTuple):
     clipped: Tensor
 
 
-class PolicyLoss(NamedTuple):
-    """A registered policy loss: the per-token function and how the stage optimises it.
+# How the RL stage optimises a policy loss: "gradient" = minibatch steps of the optimizer (PPO and
+# friends); "trust_region" = one natural-gradient step with a KL-constrained line search per rollout
+# (TRPO, `algo.trpo`, algo/trpo.py's trust_region_step).
+UPDATE_KINDS = ("gradient", "trust_region")
 
-    update "gradient" = minibatch steps of the optimizer (PPO and friends); "trust_region" = one
-    natural-gradient step with a KL-constrained line search per rollout (TRPO, `algo.trpo`).
-    """
+
+class PolicyLoss(NamedTuple):
+    """A registered policy loss: the per-token function, how the stage optimises it (one of
+    UPDATE_KINDS) and the dataclass of its own knobs (None: it has none)."""
 
     fn: Callable[[Tensor, Tensor, Tensor, Tensor, PolicyLossParams], PolicyLossOutput]
     update: str = "gradient"
+    knobs: type | None = None
 
 
 POLICY_LOSSES: dict[str, PolicyLoss] = {}
 
 
-def register_policy_loss(name: str, update: str = "gradient"):
+def register_policy_loss(name: str, update: str = "gradient", knobs: type | None = None):
     """Decorator: register `fn(logprobs, old_logprobs, advantages, mask, params) -> PolicyLossOutput`
-    (all (B, R); logprobs carry the gradient)."""
+    (all (B, R); logprobs carry the gradient). `knobs`: a dataclass whose fields (each an `opt`) the
+    config offers as `loss.<name>.<field>`; the loss reads them as `params.knobs`."""
+    if update not in UPDATE_KINDS:
+        raise ValueError(f"policy loss {name!r}: update={update!r} is not one of {UPDATE_KINDS}")
 
     def wrap(fn):
         if name in POLICY_LOSSES:
             raise ValueError(f"policy loss {name!r} is registered twice")
-        POLICY_LOSSES[name] = PolicyLoss(fn, update)
+        POLICY_LOSSES[name] = PolicyLoss(fn, update, knobs)
         return fn
 
     return wrap
@@ -117,6 +130,62 @@ def gspo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: 
     token_log_ratio = seq_log_ratio.detach()[:, None] + logprobs - logprobs.detach()
     ratio = torch.exp(_fill_padding(token_log_ratio, mask))
     return _clipped_surrogate(ratio, _fill_padding(advantages, mask), mask, p)
+
+
+@dataclass
+class CISPOKnobs:
+    """CISPO's clipped importance-sampling weight."""
+
+    weight_max: float = opt(5.0, "Upper bound of CISPO's IS weight sg(min(r_t, weight_max)); MiniMax-M1 "
+                            "sets no lower bound and tunes only this one.", min=1.0)
+    weight_min: float = opt(0.0, "Lower bound of the IS weight (0 = none, as in MiniMax-M1).", min=0.0)
+
+
+@register_policy_loss("cispo", knobs=CISPOKnobs)
+def cispo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+               p: PolicyLossParams) -> PolicyLossOutput:
+    """CISPO (MiniMax-M1, Chen et al. 2025): L_t = -sg(clip(r_t, w_min, w_max)) * A_t * log pi(a_t).
+
+    The IS weight is clipped and detached instead of the update: every token keeps a gradient
+    (PPO's clip zeroes the gradient of a token whose ratio left the band, which drops the rare
+    tokens that matter most), and the weight bounds how much a stale token can count. On fresh
+    data (r = 1) the gradient is REINFORCE's, -A_t * grad log pi. "clipped": the weight was capped.
+    """
+    mask = mask.bool()
+    k = p.knobs if p.knobs is not None else CISPOKnobs()
+    ratio = torch.exp(_fill_padding(logprobs - old_logprobs, mask))
+    weight = ratio.detach().clamp(min=k.weight_min, max=k.weight_max)
+    losses = -_fill_padding(advantages, mask) * weight * _fill_padding(logprobs, mask)
+    clipped = ((ratio > k.weight_max) | (ratio < k.weight_min)) & mask
+    return PolicyLossOutput(_fill_padding(losses, mask), ratio.detach(), clipped)
+
+
+@dataclass
+class SAPOKnobs:
+    """SAPO's soft gate temperatures."""
+
+    tau_pos: float = opt(1.0, "Gate temperature on positive-advantage tokens (SAPO: 1.0).", min=1e-6)
+    tau_neg: float = opt(1.05, "Gate temperature on negative-advantage tokens (SAPO: 1.05; larger = "
+                         "the gate closes faster as the ratio moves).", min=1e-6)
+
+
+@register_policy_loss("sapo", knobs=SAPOKnobs)
+def sapo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+              p: PolicyLossParams) -> PolicyLossOutput:
+    """SAPO (Gao et al. 2025, "Soft Adaptive Policy Optimization"): PPO's hard clip replaced by a
+    smooth gate, L_t = -f(r_t) * A_t with f(r) = (4 / tau) * sigmoid(tau * (r - 1)) and tau =
+    tau_pos where A_t > 0, tau_neg otherwise. f'(r) = 4 s (1 - s) with s = sigmoid(tau (r - 1)): 1 at
+    r = 1 (the policy gradient on fresh data), decaying smoothly as the ratio drifts, faster on the
+    negative side. "clipped": tokens whose gradient weight has fallen below one half."""
+    mask = mask.bool()
+    k = p.knobs if p.knobs is not None else SAPOKnobs()
+    advantages = _fill_padding(advantages, mask)
+    ratio = torch.exp(_fill_padding(logprobs - old_logprobs, mask))
+    tau = torch.where(advantages > 0, torch.full_like(ratio, k.tau_pos), torch.full_like(ratio, k.tau_neg))
+    gate = torch.sigmoid(tau * (ratio - 1.0))
+    losses = -(4.0 / tau) * gate * advantages
+    grad_weight = (4.0 * gate * (1.0 - gate)).detach()
+    return PolicyLossOutput(_fill_padding(losses, mask), ratio.detach(), (grad_weight < 0.5) & mask)
 
 
 @register_policy_loss("trpo", update="trust_region")

@@ -8,13 +8,18 @@ functions over closures so they know nothing of models:
    beta = sqrt(2 max_kl / s^T F s);
 4. a backtracking line search over fractions 1, b, b^2, ... that accepts the first step whose
    surrogate improves on theta_old's and whose measured KL(old || new) <= max_kl; none = no step.
+
+`trust_region_step` runs the four steps on a list of parameters, given closures that evaluate the
+surrogate and the KL on the caller's batches; the RL stage supplies them for the policy loss that
+declares `update="trust_region"`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -77,3 +82,92 @@ def backtracking_line_search(evaluate: Callable[[float], tuple[float, float]], o
             return LineSearchResult(fraction, surrogate, kl, tries)
         fraction *= backtrack
     return LineSearchResult(0.0, old_surrogate, 0.0, max_tries)
+
+
+class TrustRegionResult(NamedTuple):
+    """What one trust-region step did: the line search's result, the natural-gradient step size
+    beta, and the surrogate before the step."""
+
+    search: LineSearchResult
+    step_size: float
+    old_surrogate: float
+
+
+def _flat(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+@torch.no_grad()
+def assign_flat(params: Sequence[Tensor], vector: Tensor) -> None:
+    """Copy a flat vector into `params` in place. (torch's vector_to_parameters would make every
+    parameter a view of one vector, which breaks tied weights and the safetensors export.)"""
+    start = 0
+    for p in params:
+        p.copy_(vector[start:start + p.numel()].view_as(p))
+        start += p.numel()
+
+
+def trust_region_step(
+    params: Sequence[Tensor],
+    batches: Sequence[Any],
+    surrogate_and_kl: Callable[[Any], tuple[Tensor, Tensor]],
+    fisher_batches: Sequence[Any],
+    fisher_kl: Callable[[Any], Tensor],
+    max_kl: float,
+    cg_iters: int = 10,
+    damping: float = 0.1,
+    backtrack: float = 0.5,
+    max_tries: int = 10,
+    all_reduce: Callable[[Tensor], Tensor] = lambda t: t,
+    double_backward: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> TrustRegionResult:
+    """One TRPO step on `params`, which it leaves at the accepted point (theta_old if rejected).
+
+    surrogate_and_kl(batch) -> (surrogate, KL(old || theta)) of one of `batches` at the current
+    parameters, each already weighted by its share of the whole (so the sums over batches, and
+    `all_reduce` over ranks, are the totals); fisher_kl(batch) -> the KL whose Hessian at theta_old
+    is the Fisher matrix, on `fisher_batches` (a subsample: CG's cost). `double_backward` is a
+    context for the Fisher-vector products' second derivatives (kernels without one opt out).
+    """
+    params = list(params)
+
+    def totals() -> tuple[float, float]:
+        sums = torch.zeros(2, dtype=torch.float64, device=params[0].device)
+        for batch in batches:
+            s, kl = surrogate_and_kl(batch)
+            sums += torch.stack([s.detach().double(), kl.detach().double()])
+        s, kl = all_reduce(sums).tolist()
+        return s, kl
+
+    # 1. the surrogate's gradient at theta_old
+    g = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+    for batch in batches:
+        s, _ = surrogate_and_kl(batch)
+        g += _flat(torch.autograd.grad(s, params))
+    g = all_reduce(g)
+
+    # 2. F v by double backward of the mean KL at theta_old
+    def fvp(v: Tensor) -> Tensor:
+        out = torch.zeros_like(v)
+        with double_backward():
+            for batch in fisher_batches:
+                grads = _flat(torch.autograd.grad(fisher_kl(batch), params, create_graph=True))
+                out += _flat(torch.autograd.grad(grads @ v, params))
+        return all_reduce(out)
+
+    direction = conjugate_gradient(fvp, -g, cg_iters, damping)
+    beta = max_step_size(direction, fvp(direction), max_kl)
+    full_step = beta * direction
+    theta_old = torch.cat([p.detach().reshape(-1) for p in params]).clone()
+
+    @torch.no_grad()
+    def evaluate(fraction: float) -> tuple[float, float]:
+        assign_flat(params, theta_old + fraction * full_step)
+        return totals()
+
+    # 3.-4. the largest step on the quadratic KL bound, then the line search on the measured one
+    with torch.no_grad():
+        old_surrogate, _ = totals()
+    result = backtracking_line_search(evaluate, old_surrogate, max_kl, backtrack, max_tries)
+    assign_flat(params, theta_old + result.fraction * full_step)
+    return TrustRegionResult(result, beta, old_surrogate)

@@ -12,14 +12,17 @@ Each iteration:
    reward model and/or reward functions; gather every rank's rows in global order;
 3. `rollout.make_experience`: shaped scores, per-token rewards (with -beta*KL_t when the KL is in
    the reward), the registered advantage estimator `ADVANTAGES[algo.advantage]`, whitening;
-4. the update of the registered policy loss `POLICY_LOSSES[algo.policy_loss]`: minibatch
-   optimizer steps (`gradient_update`) or TRPO's natural-gradient step (`trust_region_update`),
-   each loss aggregated by `AGGREGATIONS[algo.aggregation]`; the value model's steps alongside.
-The math lives in `ppo_rlhf.algo`; this file is the loop and names no algorithm.
+4. the update the registered policy loss `POLICY_LOSSES[algo.policy_loss]` declares: minibatch
+   optimizer steps ("gradient") or one trust-region step (`algo.trpo.trust_region_step`), the loss
+   aggregated by `AGGREGATIONS[algo.aggregation]`; the value model's steps alongside.
+What an estimator or loss needs (a critic, groups, a baseline response, a trust-region step) it
+declares; each need has one generic path here. The math lives in `ppo_rlhf.algo`; this file is the
+loop and names no algorithm.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +38,7 @@ from ..algo.advantages import ADVANTAGES, RunningMeanStd, explained_variance, gr
 from ..algo.kl import kl_penalty
 from ..algo.kl_control import make_kl_controller
 from ..algo.losses import AGGREGATIONS, POLICY_LOSSES, PolicyLossParams, lm_loss, token_mean_weights, value_loss
-from ..algo.trpo import backtracking_line_search, conjugate_gradient, max_step_size
+from ..algo.trpo import trust_region_step
 from ..config import PPOConfig, to_dict
 from ..data.collate import pad_left, pad_right, position_ids_from_mask
 from ..data.encode import check_token_ids, encode_prompts, encode_texts
@@ -66,9 +69,11 @@ from ..rollout import (
     pad_responses,
     pad_scored,
     sample,
+    select_rows,
     sequence_kl,
     shape_scores,
     truncated_rows,
+    with_baselines,
 )
 from ..tasks import get_task
 from ..tokenizer import load_tokenizer
@@ -239,7 +244,10 @@ class RLTrainer:
                                          cfg.reward.kl_horizon)
         self.running = RunningMeanStd() if cfg.reward.normalize else None
         self.loss_params = PolicyLossParams(cfg.loss.clip_eps, cfg.loss.clip_eps_high if cfg.loss.clip_eps_high
-                                            is not None else cfg.loss.clip_eps, cfg.loss.dual_clip_c)
+                                            is not None else cfg.loss.clip_eps, cfg.loss.dual_clip_c,
+                                            getattr(cfg.loss, algo.policy_loss, None))
+        # rows per group in a rollout: the samples, then the baseline response if the estimator has one
+        self.group_rows = algo.samples_per_prompt + (self.estimator.baseline is not None)
         self.gen = torch.Generator(device=device).manual_seed(cfg.run.seed)  # seeds the global rollout
         self.shuffle_gen = torch.Generator().manual_seed(cfg.run.seed + 17)
         self.timer = PhaseTimer()
@@ -261,6 +269,16 @@ class RLTrainer:
             common.check_batch(cfg.loss.ptx_batch_size, 1, "loss.ptx_batch_size")
         if self.estimator.needs_values and not algo.critic:
             raise UserError(f"algo.advantage={algo.advantage} needs a value model: set algo.critic=true")
+        if algo.critic and not self.estimator.needs_values:
+            raise UserError(f"algo.critic=true, but algo.advantage={algo.advantage} does not use a value "
+                            "model (it would be trained and never read): set algo.critic=false")
+        for name, loss in POLICY_LOSSES.items():
+            if loss.knobs is not None and name != algo.policy_loss and getattr(cfg.loss, name) != loss.knobs():
+                raise UserError(f"loss.{name}.* is set, but algo.policy_loss={algo.policy_loss}: those options "
+                                f"are read only by policy_loss={name}; remove them or choose that loss")
+        if self.policy_loss.update == "trust_region" and cfg.train.target_kl is not None:
+            raise UserError(f"train.target_kl stops gradient epochs early; algo.policy_loss={algo.policy_loss} "
+                            "takes one trust-region step (its bound is algo.trpo.max_kl): remove train.target_kl")
         if self.estimator.needs_groups and algo.samples_per_prompt < 2:
             raise UserError(f"algo.advantage={algo.advantage} compares the responses to one prompt: "
                             "set algo.samples_per_prompt to 2 or more")
@@ -367,9 +385,10 @@ class RLTrainer:
     def collect(self, rows: list[int], step: int) -> tuple[Scored, dict[str, float]]:
         """The scored global rollout of the prompts `rows`; with dynamic sampling, groups whose
         scores are all equal are dropped and more prompts sampled (a pure function of (seed, step,
-        round), so resume stays exact) until the batch is full or max_sampling_rounds is reached."""
+        round), so resume stays exact) until the batch is full or max_sampling_rounds is reached.
+        Group ids count the groups sampled so far, so a refill round's never repeat an earlier one's."""
         algo = self.cfg.algo
-        n = algo.samples_per_prompt
+        k = self.group_rows
         scored = self.rollout(rows, step, 0)
         if not algo.dynamic_sampling:
             return scored, {}
@@ -377,33 +396,34 @@ class RLTrainer:
         kept, rounds, seen = [], 0, 0
         while True:
             shaped = shape_scores(scored.score, scored.truncated, scored.response_mask.sum(1), self.cfg,
-                                  self.max_new_tokens, self.running, update_running=False)
-            _, std, _ = group_moments(shaped, scored.groups)
-            keep_groups = std.view(-1, n)[:, 0] > 0
-            seen += keep_groups.numel()
-            keep_rows = keep_groups.repeat_interleave(n)
-            kept.append(Scored(*(t[keep_rows] for t in scored)))
+                                  self.max_new_tokens, self.running)
+            sampled = ~scored.is_baseline
+            _, std, _ = group_moments(shaped[sampled], scored.groups[sampled])
+            keep_rows = torch.isin(scored.groups, scored.groups[sampled][std > 0])
+            seen += scored.sequences.size(0) // k
+            kept.append(select_rows(scored, keep_rows))
             rounds += 1
-            have = sum(k.sequences.size(0) // n for k in kept)
+            have = sum(part.sequences.size(0) // k for part in kept)
             if have >= want or rounds >= algo.max_sampling_rounds:
                 break
             g = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + step * 7919 + rounds)
             extra = torch.randperm(len(self.prompts.ids), generator=g)[:want].tolist()
-            scored = self.rollout(extra, step, rounds)
-        prompt_len = max(k.prompt_len for k in kept)
-        response_len = max(k.response_mask.size(1) for k in kept)
-        kept = [pad_scored(k, prompt_len, response_len, self.tokenizer.pad_token_id) for k in kept]
-        merged = Scored(*(torch.cat(parts)[: want * n] for parts in zip(*kept)))
+            scored = self.rollout(extra, step, seen)
+        prompt_len = max(part.prompt_len for part in kept)
+        response_len = max(part.response_mask.size(1) for part in kept)
+        kept = [pad_scored(part, prompt_len, response_len, self.tokenizer.pad_token_id) for part in kept]
+        merged = Scored(*(torch.cat(parts)[: want * k] for parts in zip(*kept)))
         if merged.sequences.size(0) == 0:
             raise UserError(f"algo.dynamic_sampling: every group of {rounds} rollouts had equal rewards "
                             "(no learning signal); raise algo.max_sampling_rounds or turn dynamic sampling off")
-        return merged, {"rollout/kept_groups": merged.sequences.size(0) / n, "rollout/sampled_groups": seen,
+        return merged, {"rollout/kept_groups": merged.sequences.size(0) / k, "rollout/sampled_groups": seen,
                         "rollout/sampling_rounds": rounds}
 
-    def rollout(self, rows: list[int], step: int, round_: int) -> Scored:
+    def rollout(self, rows: list[int], step: int, first_group: int) -> Scored:
         """Sample and score the global prompt batch `rows`: this rank samples its prompts (`dist.shard`),
         n responses each from per-row streams seeded from a per-update seed, so the rollout does not
-        depend on the world size; the scored rows are gathered in global order, groups together."""
+        depend on the world size, plus the baseline response when the estimator declares one; the
+        scored rows are gathered in global order, groups together, numbered from `first_group`."""
         cfg, tok, dev = self.cfg, self.tokenizer, self.device
         n = cfg.algo.samples_per_prompt
         mine = dist.shard(range(len(rows)))
@@ -415,34 +435,39 @@ class RLTrainer:
         with self.timer("generate"), common.autocast(dev, self.dtype), dist.full_params(self.policy):
             ro = sample(self.policy, prompt_ids, prompt_mask, cfg, self.max_new_tokens, tok.eos_token_id,
                         tok.pad_token_id, seeds)
-            greedy = None
-            if self.estimator.needs_baseline:
-                greedy = sample(self.policy, prompt_ids, prompt_mask, cfg, self.max_new_tokens, tok.eos_token_id,
-                                tok.pad_token_id, [], greedy=True)
+            is_baseline = torch.zeros(ro.response_ids.size(0), dtype=torch.bool, device=dev)
+            if self.estimator.baseline is not None:
+                base = sample(self.policy, prompt_ids, prompt_mask, cfg, self.max_new_tokens, tok.eos_token_id,
+                              tok.pad_token_id, [], greedy=self.estimator.baseline == "greedy")
+                ro, is_baseline = with_baselines(ro, base, n, tok.pad_token_id)
             length = int(dist.all_reduce_max(torch.tensor(ro.response_ids.size(1))))
             ro = pad_responses(ro, length, tok.pad_token_id)
+        k = self.group_rows
         with self.timer("score"), common.autocast(dev, self.dtype):
-            scored = self.score(ro, [rows[j] for j in mine for _ in range(n)], [round_ * len(rows) + j for j in mine])
-            if greedy is not None:
-                scored = scored._replace(baselines=self.baseline_scores(greedy, [rows[j] for j in mine], n))
-        return gather_scored(scored, n)
+            scored = self.score(ro, [rows[j] for j in mine for _ in range(k)], [first_group + j for j in mine],
+                                is_baseline)
+        return gather_scored(scored, k)
 
     @torch.no_grad()
-    def score(self, ro: Rollout, prompt_rows: list[int], groups: list[int]) -> Scored:
-        """Old/reference log-probs, values and the sequence score of this rank's rows; `prompt_rows`
-        (one per row) index the training prompts, `groups` (one per prompt) name the groups."""
+    def score(self, ro: Rollout, prompt_rows: list[int], groups: list[int], is_baseline: torch.Tensor) -> Scored:
+        """Old/reference log-probs, values and the sequence score of this rank's rows, sampled and
+        baseline rows alike (one call, so batch-wise score normalisation sees them together);
+        `prompt_rows` (one per row) index the training prompts, `groups` (one per prompt) name the groups."""
         cfg, tok = self.cfg, self.tokenizer
-        n = cfg.algo.samples_per_prompt
         P = ro.prompt_ids.size(1)
         sequences = torch.cat([ro.prompt_ids, ro.response_ids], 1)
         attention_mask = torch.cat([ro.prompt_mask, ro.response_mask], 1)
         temp = cfg.rollout.temperature
         logprobs = ro.logprobs
-        if self.dtype == "bfloat16":
-            # bf16 sampling kernels and the training forward round differently (up to ~0.04 nats):
-            # the old log-probs come from the training forward, so the first ratios are exactly 1.
-            logprobs, _ = response_logprobs(self.policy, sequences, attention_mask, P, temperature=temp,
-                                            top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p)
+        # bf16 sampling kernels and the training forward round differently (up to ~0.04 nats): the
+        # old log-probs come from the training forward, so the first ratios are exactly 1. A greedy
+        # baseline's sampling log-probs are at temperature 1: its rows are recomputed at the rollout's.
+        redo = torch.ones_like(is_baseline) if self.dtype == "bfloat16" else is_baseline
+        if bool(redo.any()):
+            lp, _ = response_logprobs(self.policy, sequences[redo], attention_mask[redo], P, temperature=temp,
+                                      top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p)
+            logprobs = logprobs.clone()
+            logprobs[redo] = lp
         ref_logprobs = self.reference.logprobs(sequences, attention_mask, P, temp)
         values = torch.zeros_like(logprobs)
         if self.value_model is not None:
@@ -453,9 +478,9 @@ class RLTrainer:
         score, dense, rm_scores, fn_scores = self.scorer(sequences, attention_mask, ro.response_mask, prompts,
                                                          texts, fields, prompt_rows)
         truncated = truncated_rows(ro.response_ids, ro.response_mask, tok.eos_token_id)
-        groups = group_ids(groups, n, sequences.device)
+        groups = group_ids(groups, self.group_rows, sequences.device)
         return Scored(sequences, attention_mask, ro.response_mask, logprobs, ref_logprobs, values, ro.entropy,
-                      score, dense, rm_scores, fn_scores, torch.zeros_like(score), truncated, groups,
+                      score, dense, rm_scores, fn_scores, is_baseline, truncated, groups,
                       torch.as_tensor(prompt_rows, device=sequences.device))
 
     def _texts(self, ro: Rollout) -> list[str]:
@@ -463,17 +488,6 @@ class RLTrainer:
         if not self.scorer.names:
             return [""] * ro.response_ids.size(0)
         return decode_responses(self.tokenizer, ro.response_ids.cpu(), ro.response_mask.cpu())[0]
-
-    @torch.no_grad()
-    def baseline_scores(self, greedy: Rollout, prompt_rows: list[int], n: int) -> torch.Tensor:
-        """(B*n,) the greedy response's score for each sampled row of its prompt (ReMax)."""
-        sequences = torch.cat([greedy.prompt_ids, greedy.response_ids], 1)
-        attention_mask = torch.cat([greedy.prompt_mask, greedy.response_mask], 1)
-        texts = self._texts(greedy)
-        score, _, _, _ = self.scorer(sequences, attention_mask, greedy.response_mask,
-                                     [self.prompts.texts[i] for i in prompt_rows], texts,
-                                     [self.prompts.fields[i] for i in prompt_rows], prompt_rows)
-        return score.repeat_interleave(n)
 
     def rollout_metrics(self, exp: Experience, beta: float) -> tuple[dict, list[dict]]:
         """The rollout's objective metrics and a few sample rows."""
@@ -511,12 +525,26 @@ class RLTrainer:
         cfg = self.cfg
         update_value = self.value_model is not None and (ctx.step - 1) % cfg.train.value_update_every == 0
         update_policy = ctx.step > cfg.train.critic_warmup_updates
-        if self.policy_loss.update == "trust_region":
-            out = self.gradient_update(exp, ctx, False, update_value) if update_value else {}
-            if update_policy:
-                out.update(self.trust_region_update(exp))
-            return out
-        return self.gradient_update(exp, ctx, update_policy, update_value)
+        # The policy's update kind, as its loss declares it; other kinds step the value model first.
+        by_gradient = self.policy_loss.update == "gradient"
+        out = {}
+        if update_value or (update_policy and by_gradient):
+            out = self.gradient_update(exp, ctx, update_policy and by_gradient, update_value)
+        if update_policy and not by_gradient:
+            out.update({"trust_region": self.trust_region_update}[self.policy_loss.update](exp))
+        return out
+
+    def policy_objective(self, logprobs: torch.Tensor, exp: Experience, idx: torch.Tensor):
+        """The per-token policy objective of rows `idx` at `logprobs` (len(idx), R): the registered
+        loss, plus beta * KL_t to the reference when algo.kl_in=loss. Every update kind minimises
+        this one function. Returns (token losses, the loss's output, the KL term or None)."""
+        cfg = self.cfg
+        loss_mask = exp.loss_mask[idx]
+        out = self.policy_loss.fn(logprobs, exp.logprobs[idx], exp.advantages[idx], loss_mask, self.loss_params)
+        if cfg.algo.kl_in != "loss":
+            return out.losses, out, None
+        kl = torch.where(loss_mask, kl_penalty(logprobs, exp.ref_logprobs[idx], cfg.reward.kl_estimator), 0.0)
+        return out.losses + self.kl_ctl.value * kl, out, kl
 
     def gradient_update(self, exp: Experience, ctx: StepContext, update_policy: bool, update_value: bool
                         ) -> dict[str, float]:
@@ -597,11 +625,8 @@ class RLTrainer:
             logprobs, entropy = response_logprobs(self.policy_ddp, seq, mask, P, temperature=cfg.rollout.temperature,
                                                   top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
                                                   with_entropy=cfg.loss.entropy_coef > 0)
-            out = self.policy_loss.fn(logprobs, exp.logprobs[idx], exp.advantages[idx], loss_mask, self.loss_params)
-            token_losses = out.losses
-            if cfg.algo.kl_in == "loss":
-                kl = torch.where(loss_mask, kl_penalty(logprobs, exp.ref_logprobs[idx], cfg.reward.kl_estimator), 0.0)
-                token_losses = token_losses + self.kl_ctl.value * kl
+            token_losses, out, kl = self.policy_objective(logprobs, exp, idx)
+            if kl is not None:
                 kl_term = (policy_w * kl).sum()
             policy = (policy_w * out.losses).sum()
             total = (policy_w * token_losses).sum()
@@ -644,24 +669,23 @@ class RLTrainer:
         (cfg.loss.ptx_coef * lm * share * dist.world_size()).backward()
         return lm.detach().double() * share
 
-    # -- TRPO -------------------------------------------------------------------------------------
+    # -- the trust-region update -----------------------------------------------------------------
     def trust_region_update(self, exp: Experience) -> dict[str, float]:
-        """One TRPO step on the whole rollout (see algo/trpo.py): CG on Fisher-vector products of the
-        mean per-token KL(pi_old || pi_theta), the step scaled to algo.trpo.max_kl, a backtracking
-        line search. Logs the accepted step fraction and the KL reached."""
+        """One trust-region step of the policy on the whole rollout (algo/trpo.py's
+        `trust_region_step`) on the policy objective: CG on Fisher-vector products of the mean
+        per-token KL(pi_old || pi_theta), the step scaled to algo.trpo.max_kl, a backtracking line
+        search. This supplies the closures: the objective and the KL over the vocabulary at the
+        loss tokens, per micro-batch of this rank's rows. Logs the accepted fraction and the KL."""
         cfg, tr = self.cfg, self.cfg.algo.trpo
-        params = self.policy_params
-        B = exp.sequences.size(0)
-        all_rows = torch.arange(B, device=exp.sequences.device)
+        all_rows = torch.arange(exp.sequences.size(0), device=exp.sequences.device)
         policy_w = AGGREGATIONS[cfg.algo.aggregation](exp.loss_mask, self.max_new_tokens)
         token_w = token_mean_weights(exp.loss_mask, self.max_new_tokens)
-        flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
 
         def shares(rows):  # this rank's rows of `rows`, in grad_accum micro-batches
             return [m for m in rows[dist.rank()::dist.world_size()].tensor_split(cfg.train.grad_accum) if m.numel()]
 
         def log_softmax(idx):
-            """(N, V) log pi_theta over the vocabulary at the real response tokens of rows idx."""
+            """(N, V) log pi_theta over the vocabulary at the loss tokens of rows idx."""
             seq, mask = exp.sequences[idx], exp.attention_mask[idx]
             with common.autocast(self.device, self.dtype):
                 logits = self.policy(input_ids=seq, attention_mask=mask,
@@ -672,79 +696,43 @@ class RLTrainer:
                                    keep=targets)
             return kept.log_softmax(-1)
 
-        def surrogate_and_kl(idx, old_lp, kl_weights):
-            """The surrogate of rows idx (their share of the rollout's) and their KL(old || new)
-            weighted by `kl_weights` (len(idx), R)."""
+        def kl_old_new(idx, old_lp, lp_all, weights):
+            # KL(old || new) per loss token; tokens outside a top-k/top-p cut have probability 0
+            kl_tok = torch.where(old_lp > float("-inf"), old_lp.exp() * (old_lp - lp_all), 0.0).sum(-1)
+            return (weights[idx][exp.loss_mask[idx]] * kl_tok).sum()
+
+        def surrogate_and_kl(batch):
+            idx, old_lp = batch
             lp_all = log_softmax(idx)
             targets = exp.sequences[idx][:, exp.prompt_len:][exp.loss_mask[idx]]
             taken = lp_all.gather(-1, targets[:, None]).squeeze(-1)
             lp = torch.zeros_like(exp.logprobs[idx]).masked_scatter(exp.loss_mask[idx], taken)
-            out = self.policy_loss.fn(lp, exp.logprobs[idx], exp.advantages[idx], exp.loss_mask[idx], self.loss_params)
-            surrogate = (policy_w[idx] * out.losses).sum()
-            # KL(old || new) per real token; tokens outside a top-k/top-p cut have probability 0
-            kl_tok = torch.where(old_lp > float("-inf"), old_lp.exp() * (old_lp - lp_all), 0.0).sum(-1)
-            kl = (kl_weights[exp.loss_mask[idx]] * kl_tok).sum()
-            return surrogate, kl
+            token_losses, _, _ = self.policy_objective(lp, exp, idx)
+            return (policy_w[idx] * token_losses).sum(), kl_old_new(idx, old_lp, lp_all, token_w)
 
-        mine = shares(all_rows)
-        old = [log_softmax(idx).detach() for idx in mine]
-
-        # 1. the surrogate's gradient at theta_old
-        g = torch.zeros(sum(p.numel() for p in params), device=self.device)
-        for idx, old_lp in zip(mine, old):
-            s, _ = surrogate_and_kl(idx, old_lp, token_w[idx])
-            g += flat(torch.autograd.grad(s, params))
-        g = dist.all_reduce_sum(g)
-
-        # 2. F v: the Hessian-vector product of the mean KL at theta_old, by double backward, which
-        # the fused attention and oneDNN kernels do not have: these products use the plain ones.
         # The Fisher matrix is estimated on every k-th row (TRPO's usual subsampling: CG's cost).
-        every = max(1, round(1 / tr.fisher_fraction))
-        fisher_rows = all_rows[::every]
+        fisher_rows = all_rows[::max(1, round(1 / tr.fisher_fraction))]
         fisher_w = torch.zeros_like(token_w)
         fisher_w[fisher_rows] = token_mean_weights(exp.loss_mask[fisher_rows], self.max_new_tokens)
-        fisher = [(idx, log_softmax(idx).detach()) for idx in shares(fisher_rows)]
-
-        def fvp(v: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros_like(v)
-            with sdpa_kernel([SDPBackend.MATH]), onednn.disabled():
-                for idx, old_lp in fisher:
-                    _, kl = surrogate_and_kl(idx, old_lp, fisher_w[idx])
-                    grads = flat(torch.autograd.grad(kl, params, create_graph=True))
-                    out += flat(torch.autograd.grad(grads @ v, params))
-            return dist.all_reduce_sum(out)
-
-        direction = conjugate_gradient(fvp, -g, tr.cg_iters, tr.damping)
-        beta = max_step_size(direction, fvp(direction), tr.max_kl)
-        full_step = beta * direction
-        theta_old = torch.nn.utils.parameters_to_vector(params).detach().clone()
-
-        @torch.no_grad()
-        def assign(vector: torch.Tensor) -> None:
-            # In place: torch's vector_to_parameters would make every parameter a view of one
-            # vector, which breaks tied weights (and safetensors refuses to save them).
-            start = 0
-            for p in params:
-                p.copy_(vector[start:start + p.numel()].view_as(p))
-                start += p.numel()
-
-        @torch.no_grad()
-        def evaluate(fraction: float) -> tuple[float, float]:
-            assign(theta_old + fraction * full_step)
-            sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-            for idx, old_lp in zip(mine, old):
-                s, kl = surrogate_and_kl(idx, old_lp, token_w[idx])
-                sums += torch.stack([s.double(), kl.double()])
-            s, kl = dist.all_reduce_sum(sums).tolist()
-            return s, kl
-
-        old_surrogate, _ = evaluate(0.0)
-        result = backtracking_line_search(evaluate, old_surrogate, tr.max_kl, tr.backtrack, tr.line_search_steps)
         with torch.no_grad():
-            assign(theta_old + result.fraction * full_step)
-        return {"trpo/step_fraction": result.fraction, "trpo/kl": result.kl, "trpo/line_search_tries": result.tries,
-                "trpo/surrogate_improvement": old_surrogate - result.surrogate, "trpo/step_size": beta,
-                "loss/policy": result.surrogate}
+            batches = [(idx, log_softmax(idx)) for idx in shares(all_rows)]
+            fisher = [(idx, log_softmax(idx)) for idx in shares(fisher_rows)]
+
+        def double_backward():  # the fused attention and oneDNN kernels have no double backward
+            stack = contextlib.ExitStack()
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            stack.enter_context(onednn.disabled())
+            return stack
+
+        res = trust_region_step(
+            self.policy_params, batches, surrogate_and_kl, fisher,
+            lambda b: kl_old_new(b[0], b[1], log_softmax(b[0]), fisher_w),
+            tr.max_kl, tr.cg_iters, tr.damping, tr.backtrack, tr.line_search_steps,
+            all_reduce=dist.all_reduce_sum, double_backward=double_backward)
+        return {"trpo/step_fraction": res.search.fraction, "trpo/kl": res.search.kl,
+                "trpo/line_search_tries": res.search.tries, "trpo/step_size": res.step_size,
+                "trpo/surrogate_improvement": res.old_surrogate - res.search.surrogate,
+                "loss/policy": res.search.surrogate}
 
     # -- critic ------------------------------------------------------------------------------------
     @torch.no_grad()
