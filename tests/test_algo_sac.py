@@ -43,6 +43,33 @@ def test_soft_q_target_is_reward_plus_next_soft_value_and_zero_after_the_last_to
     assert torch.equal(y, torch.tensor([[3.0, 3.5, 1.0], [4.5, 2.0, 0.0]]))
 
 
+def test_soft_value_and_targets_match_plain_loops_on_random_masked_batches():
+    g = torch.Generator().manual_seed(0)
+    B, R, V, beta, gamma = 5, 6, 7, 0.3, 0.9
+    lengths = torch.randint(0, R + 1, (B,), generator=g)
+    mask = torch.arange(R)[None, :] < lengths[:, None]
+    logits = torch.randn(B * R, V, generator=g)
+    logits[torch.rand(B * R, V, generator=g) < 0.3] = -INF  # top-k style cuts
+    logits[:, 0] = 0.0  # at least one kept token per state
+    logp, ref = torch.log_softmax(logits, -1), torch.log_softmax(torch.randn(B * R, V, generator=g), -1)
+    q = torch.randn(B * R, V, generator=g)
+    v = soft_value(q, logp, ref, beta)
+    for n in range(B * R):
+        expected = sum(math.exp(logp[n, a]) * (q[n, a] - beta * (logp[n, a] - ref[n, a]))
+                       for a in range(V) if logp[n, a] > -INF)
+        assert abs(float(v[n]) - float(expected)) < 1e-5
+    rewards = torch.where(mask, torch.randn(B, R, generator=g), NAN)
+    state_values = torch.where(mask, v.view(B, R), NAN)
+    y = soft_q_targets(rewards, state_values, mask, gamma)
+    for b in range(B):
+        for t in range(R):
+            if t >= lengths[b]:
+                assert y[b, t] == 0
+                continue
+            expected = rewards[b, t] + (gamma * state_values[b, t + 1] if t + 1 < lengths[b] else 0.0)
+            assert abs(float(y[b, t] - expected)) < 1e-6
+
+
 def test_critic_loss_by_hand():
     mask = torch.tensor([[True, True, True], [True, True, False]])
     targets = torch.tensor([[3.0, 3.5, 1.0], [4.5, 2.0, 0.0]])

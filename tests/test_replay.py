@@ -7,7 +7,8 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from ppo_rlhf.replay import ReplayBuffer, merge_shards, replay_plan
+from ppo_rlhf.replay import RESPONSE_FIELDS, SEQUENCE_FIELDS, ReplayBuffer, merge_shards, replay_plan
+from ppo_rlhf.rollout import Experience
 
 PAD = 0
 
@@ -175,7 +176,47 @@ def test_shards_partition_the_rows_and_merge_back_at_any_world_size():
     assert sorted(k for s in three for k in s.state_dict()["key"].tolist()) == whole.state_dict()["key"].tolist()
 
 
+def test_the_trainers_experience_rows_round_trip():
+    def experience(seed, P, R):
+        g = torch.Generator().manual_seed(seed)
+        B = 4
+        lengths = torch.tensor([R, R - 1, 1, R])
+        response_mask = torch.arange(R)[None, :] < lengths[:, None]
+        attention_mask = torch.cat([torch.ones(B, P, dtype=torch.bool), response_mask], 1)
+        fields = {}
+        for name in Experience._fields:
+            if name in SEQUENCE_FIELDS:
+                fields[name] = attention_mask.clone() if name == "attention_mask" else torch.where(
+                    attention_mask, torch.randint(4, 40, (B, P + R), generator=g), PAD)
+            elif name in RESPONSE_FIELDS:
+                fields[name] = response_mask.clone() if name.endswith("mask") else torch.randn(B, R, generator=g)
+            elif name == "groups":
+                fields[name] = torch.tensor([0, 0, 1, 1])
+            elif name == "truncated":
+                fields[name] = torch.tensor([False, False, True, False])
+            elif name == "function_scores":
+                fields[name] = torch.randn(B, 2, generator=g)
+            else:
+                fields[name] = torch.randn(B, generator=g)
+        return Experience(**fields)
+
+    a, b = experience(0, 3, 4), experience(1, 5, 2)
+    buf = ReplayBuffer(100, pad_id=PAD, row_type=Experience)
+    buf.add(a, version=0)
+    buf.add(b, version=1)
+    got = buf.sample(4, torch.Generator()).rows
+    assert isinstance(got, Experience) and got.prompt_len == 5 and got.response_mask.size(1) == 4
+    first = Experience(*(t[:4] for t in got))
+    for name, x, y in zip(Experience._fields, first, a):
+        if name in SEQUENCE_FIELDS:
+            x = x[:, 2:]  # a's rows padded by two prompt columns on the left
+        if name != "groups":
+            assert torch.equal(x, y), name
+
+
 def test_misuse_is_reported():
+    with pytest.raises(ValueError, match="does not fit"):
+        buffer(capacity=3).add(rollout(0, 1, 4, P=2, R=2), version=0)
     buf = buffer()
     buf.add(rollout(0, 2, 2, P=2, R=3), version=0)
     with pytest.raises(ValueError, match="cannot sample 3 groups"):

@@ -197,6 +197,10 @@ class ReplayBuffer:
         starts = torch.ones(B, dtype=torch.bool, device=groups.device)
         starts[1:] = groups[1:] != groups[:-1]
         key = self._next_key + starts.long().cumsum(0) - 1
+        largest = int(torch.unique_consecutive(key, return_counts=True)[1].max()) if B else 0
+        if largest > self.capacity:
+            raise ValueError(f"a group of {largest} rows does not fit in a replay buffer of capacity "
+                             f"{self.capacity} rows: raise the capacity")
         self._next_key += int(starts.sum())
         versions = torch.as_tensor(version, dtype=torch.long).expand(B).to(key.device)
         mine = key % self.world_size == self.rank
