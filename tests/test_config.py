@@ -44,6 +44,36 @@ def test_unknown_key_gets_did_you_mean():
         build_config(SFTConfig, overrides=["lr=1"])
 
 
+@pytest.mark.parametrize("stage, key", [
+    ("rl", key) for key in ("model.path=x", "model.tokenizer=x", "model.arch=llama", "model.layers=8",
+                            "model.hidden=64", "model.heads=2")
+] + [("reward", key) for key in ("model.arch=llama", "model.layers=8", "model.hidden=64", "model.heads=2")])
+def test_a_stage_refuses_the_model_options_it_does_not_use(stage, key):
+    with pytest.raises(UserError, match=rf"unknown config key '{key.split('=')[0]}'.*This stage does not use it"):
+        build_config(STAGE_CONFIGS[stage], overrides=[key])
+
+
+def test_refused_model_options_say_what_the_stage_does_instead():
+    with pytest.raises(UserError, match=r"policy is `policy=DIR`.*model\.\* holds only the LoRA options"):
+        build_config(PPOConfig, overrides=["model.layers=8"])
+    with pytest.raises(UserError, match=r"ppo.model.path.*policy is `policy=DIR`"):
+        build_config(STAGE_CONFIGS["pipeline"], overrides=["ppo.model.path=x"])
+    with pytest.raises(UserError, match=r"reward model's trunk is the SFT model at model.path"):
+        build_config(RewardConfig, overrides=["model.layers=8"])
+    with pytest.raises(UserError, match=r"reward.model.heads.*reward model's trunk"):
+        build_config(STAGE_CONFIGS["pipeline"], overrides=["reward.model.heads=2"])
+
+
+def test_each_stage_keeps_the_model_options_it_reads():
+    rl = build_config(PPOConfig, overrides=["model.lora_r=8", "model.lora_alpha=32", "model.lora_dropout=0.1"])
+    assert (rl.model.lora_r, rl.model.lora_alpha, rl.model.lora_dropout) == (8, 32.0, 0.1)
+    rm = build_config(RewardConfig, overrides=["model.path=d", "model.tokenizer=t", "model.lora_r=4"])
+    assert (rm.model.path, rm.model.tokenizer, rm.model.lora_r) == ("d", "t", 4)
+    sft = build_config(SFTConfig, overrides=["model.arch=llama", "model.layers=3", "model.hidden=64",
+                                             "model.heads=2", "model.lora_r=2", "model.tokenizer=t"])
+    assert (sft.model.arch, sft.model.layers, sft.model.hidden, sft.model.heads) == ("llama", 3, 64, 2)
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.updates=abc", "train.updates: expected an integer"),
     ("train.updates=0", "below the minimum"),

@@ -30,9 +30,11 @@ PRESET_DIR = Path(__file__).parent / "algo" / "presets"
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
-        min: float | None = None, max: float | None = None, factory: Any = None) -> Any:
-    """A documented config field. `min`/`max` are inclusive bounds; `choices` lists legal values."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max}
+        min: float | None = None, max: float | None = None, factory: Any = None,
+        unknown: str = "") -> Any:
+    """A documented config field. `min`/`max` are inclusive bounds; `choices` lists legal values;
+    `unknown` (on a nested config) says what the stage does instead of a key the nested config lacks."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "unknown": unknown}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -42,14 +44,31 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | 
 # Shared pieces
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class ModelConfig:
-    """Which model to start from, and how to adapt it."""
+class LoRAConfig:
+    """How to adapt a model: LoRA adapters or all weights. The RL stage's `model.*` holds only these:
+    its policy is `policy=DIR`, with the tokenizer saved there."""
+
+    lora_r: int = opt(0, "LoRA rank; 0 trains all weights.", min=0)
+    lora_alpha: float = opt(16.0, "LoRA scaling alpha.", min=0)
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch. Stage outputs are saved with the "
+                              "adapters merged into the weights (plain transformers models).", min=0, max=1)
+
+
+@dataclass
+class ModelConfig(LoRAConfig):
+    """Which saved model to start from, and how to adapt it (the reward stage: the SFT model)."""
 
     path: str = opt("tiny-gpt2", "Preset name (tiny-gpt2: gpt2 2 layers d=128 4 heads; tiny-llama: llama "
                     "2 x 128 x 4; small-gpt2: gpt2 4 x 256 x 4; qwen-0.5b-like: qwen2 24 x 896 x 14), a "
                     "size spec like gpt2:layers=4,hidden=128,heads=4, or a local Hugging Face model "
                     "directory. Stages after SFT default to the previous stage's output.")
     tokenizer: str = opt("", "Tokenizer directory; empty = the tokenizer saved in the model directory.")
+
+
+@dataclass
+class SFTModelConfig(ModelConfig):
+    """Which model to start from or build from scratch, and how to adapt it."""
+
     arch: str | None = opt(None, "Build a model from scratch with this architecture (with model.layers, "
                            "model.hidden, model.heads; vocabulary size and special ids from the "
                            "tokenizer); null = as model.path.", choices=("gpt2", "llama"))
@@ -59,10 +78,6 @@ class ModelConfig:
                              "(tiny: 128).", min=1)
     heads: int | None = opt(None, "Attention heads of a model built from scratch (must divide "
                             "model.hidden); null = the preset's (tiny: 4).", min=1)
-    lora_r: int = opt(0, "LoRA rank; 0 trains all weights.", min=0)
-    lora_alpha: float = opt(16.0, "LoRA scaling alpha.", min=0)
-    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch. Stage outputs are saved with the "
-                              "adapters merged into the weights (plain transformers models).", min=0, max=1)
 
 
 @dataclass
@@ -173,7 +188,7 @@ class SFTConfig:
                               "once, but batches of similar lengths change what a step sees); 1 = off.", min=1)
     epochs: float = opt(20.0, "Passes over the training data (fractions allowed).", min=0)
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = from epochs).", min=0)
-    model: ModelConfig = opt(factory=ModelConfig, help="Model to fine-tune.")
+    model: SFTModelConfig = opt(factory=SFTModelConfig, help="Model to fine-tune.")
     optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50), help="Optimiser.")
     run: RunConfig = opt(factory=RunConfig, help="Run bookkeeping.")
 
@@ -209,7 +224,9 @@ class RewardConfig:
     head_init_std: float = opt(0.0, "Std of the scalar head's initial weights (0 = zero init).", min=0)
     model: ModelConfig = opt(factory=lambda: ModelConfig(path=""),
                              help="Trunk to start from: model.path is the SFT model directory (required; "
-                             "InstructGPT initialises the reward model from the SFT model).")
+                             "InstructGPT initialises the reward model from the SFT model).",
+                             unknown="the reward model's trunk is the SFT model at model.path, of that "
+                             "model's size; model.* holds only path, tokenizer and the LoRA options")
     optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=5e-4), help="Optimiser.")
     run: RunConfig = opt(factory=RunConfig, help="Run bookkeeping.")
 
@@ -379,8 +396,9 @@ class PPOConfig:
     eval_samples: int = opt(400, "Held-out prompt samples per evaluation (a small file is cycled).", min=1)
     sample_rows: int = opt(4, "Prompt/response rows kept in samples.jsonl per evaluation.", min=0)
     algo: AlgorithmConfig = opt(factory=AlgorithmConfig, help="The RL algorithm.")
-    model: ModelConfig = opt(factory=lambda: ModelConfig(path=""),
-                             help="LoRA options for the policy (path is ignored: see policy).")
+    model: LoRAConfig = opt(factory=LoRAConfig, help="LoRA options for the policy.",
+                            unknown="the RL stage's policy is `policy=DIR` (with the tokenizer saved "
+                            "there); model.* holds only the LoRA options")
     rollout: RolloutConfig = opt(factory=RolloutConfig, help="Sampling.")
     reward: RewardShapingConfig = opt(factory=RewardShapingConfig, help="Reward shaping.")
     loss: PPOLossConfig = opt(factory=PPOLossConfig, help="Losses.")
@@ -471,13 +489,15 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(cls: type, key: str, where: str) -> UserError:
+def _unknown_key(cls: type, key: str, where: str, instead: str = "") -> UserError:
     keys = all_keys(cls)
     close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
     if not close:  # match on the last component too: `lr` -> `optim.lr`
         last = key.split(".")[-1]
         close = [k for k in keys if k.split(".")[-1] == last][:3]
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    if instead:  # a key that exists in another stage: say what this stage does instead
+        hint = f" This stage does not use it: {instead}.{hint}"
     return UserError(f"{where}unknown config key '{key}'.{hint} "
                      f"(`ppo-rlhf <stage> --help` lists the options.)")
 
@@ -586,11 +606,13 @@ def set_key(cfg: Any, key: str, value: Any, where: str = "") -> None:
     """Set a dotted `key` on a config instance, coercing and range-checking `value`."""
     parts = key.split(".")
     obj = cfg
+    instead = ""  # the enclosing field's note on keys it lacks
     for i, part in enumerate(parts):
         fmap = {f.name: f for f in fields(obj)}
         if part not in fmap:
-            raise _unknown_key(type(cfg), key, where)
+            raise _unknown_key(type(cfg), key, where, instead)
         f = fmap[part]
+        instead = f.metadata.get("unknown", "")
         typ = _hints(type(obj))[part]
         if i < len(parts) - 1:
             if not is_dataclass(typ):

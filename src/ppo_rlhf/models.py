@@ -284,7 +284,7 @@ def parse_size_spec(spec: str) -> dict[str, Any] | None:
 
 
 def model_spec(cfg) -> str:
-    """What to load for a `ModelConfig`: model.path, or, when model.arch/layers/hidden/heads are
+    """What to load for an `SFTModelConfig`: model.path, or, when model.arch/layers/hidden/heads are
     set, the size spec `ARCH:layers=L,hidden=H,heads=N` of a model built from scratch.
 
     Unset sizes come from the preset model.path names (e.g. tiny-llama + model.layers=4), else from
