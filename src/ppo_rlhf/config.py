@@ -71,7 +71,7 @@ class SFTModelConfig(ModelConfig):
 
     arch: str | None = opt(None, "Build a model from scratch with this architecture (with model.layers, "
                            "model.hidden, model.heads; vocabulary size and special ids from the "
-                           "tokenizer); null = as model.path.", choices=("gpt2", "llama"))
+                           "tokenizer); null = as model.path.", choices=("gpt2", "llama", "qwen2"))
     layers: int | None = opt(None, "Transformer blocks of a model built from scratch; null = the "
                              "preset's (tiny: 2).", min=1)
     hidden: int | None = opt(None, "Hidden size of a model built from scratch; null = the preset's "
