@@ -425,7 +425,8 @@ class EvalConfig:
                  "cycled (each prompt sampled several times; the result reports "
                  "distinct_prompts and samples_per_prompt).", min=1)
     max_new_tokens: int | None = opt(None, "Response tokens; null = the task's default (or 32).", min=1)
-    temperature: float = opt(0.7, "Sampling temperature (0 = greedy).", min=0)
+    temperature: float = opt(0.7, "Sampling temperature of the sampled evaluation; the greedy gold "
+                             "reward (gold_reward_greedy) is reported beside it. 0 = greedy only.", min=0)
     batch_size: int = opt(64, "Prompts per generation batch.", min=1)
     max_prompt_len: int = opt(64, "Prompt tokens kept.", min=1)
     seed: int = opt(1234, "Sampling seed.")

@@ -242,9 +242,10 @@ def load_guard_state(guard, values: dict) -> None:
 
 
 def resume_command(stage: str) -> str:
-    """The command that continues this run: the command line it was started with, plus --resume."""
+    """The command that continues this run: the command line it was started with, plus --resume.
+    `stage` is the stage's subcommand (`sft`, `reward`, `rl`)."""
     args = sys.argv[1:]
-    names = {stage, "rl"} if stage == "ppo" else {stage}  # `ppo-rlhf rl` is the ppo stage too
+    names = {"ppo", "rl"} if stage in ("ppo", "rl") else {stage}  # `ppo-rlhf ppo` is the RL stage too
     if not args or args[0] not in names:  # started by the pipeline or from Python
         return f"ppo-rlhf {stage} <this stage's options> --resume"
     return shlex.join(["ppo-rlhf", *args, *([] if "--resume" in args else ["--resume"])])
