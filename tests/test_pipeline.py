@@ -28,7 +28,7 @@ def test_tiny_pipeline_writes_summary_and_skips_done_stages(tmp_path):
                 "final_kl", "rm_accuracy", "stage_seconds"):
         assert key in summary, key
     assert summary["algo"] == "ppo" and summary["eval_temperature"] == 0.7
-    assert 0 <= summary["ppo_gold_reward_greedy"] <= 1
+    assert isinstance(summary["ppo_gold_reward_greedy"], float) and isinstance(summary["sft_gold_reward_greedy"], float)
     assert set(summary["stage_seconds"]) == {"tokenizer", "data", "sft", "reward", "ppo", "eval"}
     assert (tmp_path / "run" / "report.html").stat().st_size > 10_000
     again = pipeline(tmp_path / "run", "--task", "sentiment", *TINY)
