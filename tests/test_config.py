@@ -223,3 +223,12 @@ def test_unset_is_null_not_a_sentinel(cls, key, old_sentinel):
     assert getattr(build_config(cls, overrides=[f"{key}=null"]), key) is None
     with pytest.raises(UserError, match=rf"{key}: {old_sentinel}(\.0)? is below the minimum .*; null = unset"):
         build_config(cls, overrides=[f"{key}={old_sentinel}"])
+
+
+def test_pipeline_help_says_which_stage_options_the_pipeline_fills_in():
+    rows = {key: doc for key, _typ, _default, doc in describe(STAGE_CONFIGS["pipeline"])}
+    for stage in ("tokenizer", "data", "sft", "reward", "ppo"):
+        assert rows[f"{stage}.out_dir"].startswith(f"Set by the pipeline to out_dir/{stage} unless given."), stage
+        assert "required" not in rows[f"{stage}.out_dir"]
+    assert "(required)" in dict((k, d) for k, _t, _v, d in describe(STAGE_CONFIGS["tokenizer"]))["out_dir"]
+    assert "Set by the pipeline" in help_text(STAGE_CONFIGS["pipeline"])

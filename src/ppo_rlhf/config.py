@@ -31,10 +31,11 @@ PRESET_DIR = Path(__file__).parent / "algo" / "presets"
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
         min: float | None = None, max: float | None = None, factory: Any = None,
-        unknown: str = "") -> Any:
+        unknown: str = "", sets: dict[str, str] | None = None) -> Any:
     """A documented config field. `min`/`max` are inclusive bounds; `choices` lists legal values;
-    `unknown` (on a nested config) says what the stage does instead of a key the nested config lacks."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "unknown": unknown}
+    `unknown` (on a nested config) says what the stage does instead of a key the nested config lacks;
+    `sets` (on a stage nested in the pipeline) maps its keys that the pipeline fills in to the value."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "unknown": unknown, "sets": sets or {}}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -456,11 +457,14 @@ class PipelineConfig:
     model: str = opt("tiny-gpt2", "Model to start from: a preset, a size spec "
                      "(gpt2:layers=4,hidden=128,heads=4) or a local HF directory; sft.model.arch / "
                      "layers / hidden / heads set the size too.")
-    tokenizer: TokenizerConfig = opt(factory=TokenizerConfig, help="Tokenizer stage.")
-    data: DataConfig = opt(factory=DataConfig, help="Data stage.")
-    sft: SFTConfig = opt(factory=SFTConfig, help="SFT stage.")
-    reward: RewardConfig = opt(factory=RewardConfig, help="Reward-model stage.")
-    ppo: PPOConfig = opt(factory=PPOConfig, help="PPO stage.")
+    tokenizer: TokenizerConfig = opt(factory=TokenizerConfig, help="Tokenizer stage.",
+                                     sets={"out_dir": "out_dir/tokenizer"})
+    data: DataConfig = opt(factory=DataConfig, help="Data stage.", sets={"out_dir": "out_dir/data"})
+    sft: SFTConfig = opt(factory=SFTConfig, help="SFT stage.", sets={"out_dir": "out_dir/sft"})
+    reward: RewardConfig = opt(factory=RewardConfig, help="Reward-model stage.",
+                               sets={"out_dir": "out_dir/reward", "model.path": "sft.out_dir/model"})
+    ppo: PPOConfig = opt(factory=PPOConfig, help="RL stage (the algorithm: algo or ppo.algo).",
+                         sets={"out_dir": "out_dir/ppo"})
     eval: EvalConfig = opt(factory=EvalConfig, help="Final evaluation.")
 
 
@@ -744,7 +748,11 @@ def describe_instance(obj: Any, prefix: str) -> list[tuple[str, str, Any, str]]:
     for f in fields(obj):
         t = hints[f.name]
         if is_dataclass(t):
-            rows.extend(describe_instance(getattr(obj, f.name), f"{prefix}{f.name}."))
+            nested = describe_instance(getattr(obj, f.name), f"{prefix}{f.name}.")
+            sets = {f"{prefix}{f.name}.{k}": v for k, v in f.metadata.get("sets", {}).items()}
+            rows.extend((key, typ, default, f"Set by the pipeline to {sets[key]} unless given. "
+                         + doc.replace(" (required).", ".")) if key in sets else (key, typ, default, doc)
+                        for key, typ, default, doc in nested)
         else:
             rows.append(_row(f, t, getattr(obj, f.name), prefix))
     return rows
