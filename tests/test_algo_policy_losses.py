@@ -15,8 +15,7 @@ def lp_from_ratios(ratios, old=-1.0):
     return (old_lp + T([ratios], dtype=torch.float64).log()).requires_grad_(), old_lp
 
 
-def test_registry_names_and_update_kinds():
-    assert set(POLICY_LOSSES) == {"ppo_clip", "dual_clip", "gspo", "trpo"}
+def test_update_kinds():
     assert POLICY_LOSSES["trpo"].update == "trust_region"
     assert {POLICY_LOSSES[n].update for n in ("ppo_clip", "dual_clip", "gspo")} == {"gradient"}
 

@@ -124,7 +124,8 @@ def test_yaml_presets_load():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         name = path.stem.split("-")[-1]
         cls = STAGE_CONFIGS.get(name, STAGE_CONFIGS["pipeline"])
-        build_config(cls, path)
+        cfg = build_config(cls, path)
+        assert to_dict(cfg) != to_dict(cls()), f"{path.name} changes nothing"
 
 
 @settings(max_examples=200, deadline=None)
@@ -132,9 +133,11 @@ def test_yaml_presets_load():
        value=st.one_of(st.text(max_size=20), st.integers(), st.floats(allow_nan=True), st.booleans()))
 def test_random_overrides_never_crash(key, value):
     try:
-        build_config(PPOConfig, overrides=[f"{key}={value}"])
-    except UserError:
-        pass
+        cfg = build_config(PPOConfig, overrides=[f"{key}={value}"])
+    except UserError as e:
+        assert str(e).strip()
+        return
+    assert build_config(PPOConfig, base=to_dict(cfg)) == cfg  # what is accepted round-trips
 
 
 @settings(max_examples=100, deadline=None)
@@ -143,9 +146,11 @@ def test_random_yaml_bytes_never_crash(tmp_path_factory, data):
     p = tmp_path_factory.mktemp("y") / "c.yaml"
     p.write_bytes(data)
     try:
-        build_config(SFTConfig, p)
-    except UserError:
-        pass
+        cfg = build_config(SFTConfig, p)
+    except UserError as e:
+        assert str(p) in str(e), e  # every error names the file
+        return
+    assert build_config(SFTConfig, base=to_dict(cfg)) == cfg
 
 
 def test_parse_override_types():

@@ -35,16 +35,6 @@ from ppo_rlhf.models import (
 PAD, EOS, BOS = 0, 1, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread. With two on a shared 2-core machine, every small op
-    waits for the other core whenever another process holds it (seconds per test instead of ms)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok() -> PreTrainedTokenizerFast:
     return make_tokenizer()

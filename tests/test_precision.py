@@ -21,14 +21,6 @@ SAPPHIRE_RAPIDS = frozenset("avx2 avx512f avx512_bf16 amx_tile amx_bf16 amx_int8
 ZEN3 = frozenset("fpu sse avx avx2 fma".split())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("flags, expected, named", [
     (ZEN5, "bfloat16", "avx512_bf16"),
     (SAPPHIRE_RAPIDS, "bfloat16", "amx_bf16+avx512_bf16"),
