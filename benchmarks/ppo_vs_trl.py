@@ -223,7 +223,7 @@ def ours_default_precision(device: str) -> str:
     import torch
 
     from ppo_rlhf.config import RunConfig
-    from ppo_rlhf.stages.common import resolve_dtype
+    from ppo_rlhf.precision import resolve_dtype
 
     return {"float32": "fp32", "bfloat16": "bf16"}[resolve_dtype(RunConfig(), torch.device(device))]
 

@@ -28,7 +28,6 @@ def inputs(rewards, mask=None, scores=None, groups=None, values=None, baselines=
 
 
 def test_every_estimator_is_registered_with_its_needs():
-    assert set(ADVANTAGES) == {"gae", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline", "remax"}
     assert ADVANTAGES["gae"].needs_values and not ADVANTAGES["grpo"].needs_values
     assert ADVANTAGES["grpo"].needs_groups and ADVANTAGES["rloo"].needs_groups
     assert ADVANTAGES["remax"].baseline == "greedy" and not ADVANTAGES["reinforce++"].needs_groups

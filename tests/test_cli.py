@@ -67,13 +67,21 @@ def test_ppo_and_eval(run):
                 "objective/entropy", "rollout/response_length", "perf/tokens_per_s", "time/generate",
                 "time/score", "time/train", "loss/ptx"):
         assert key in train[-1], key
-    assert any("eval/gold_reward" in x for x in lines)
+    assert any("eval/gold_reward" in x and "eval/gold_reward_greedy" in x for x in lines)
+    assert {x["stage"] for x in lines} == {"ppo"}  # the algorithm's name
+    summary = json.loads((run / "ppo" / "summary.json").read_text())
+    assert summary["stage"] == "rl" and summary["algo"] == "ppo" and "gold_reward_greedy" in summary
     out = run / "eval.json"
     cli("eval", f"policy={run / 'ppo' / 'model'}", f"reference={run / 'sft' / 'model'}",
         f"reward_model={run / 'reward' / 'model'}", f"prompts_file={d / 'prompts_eval.jsonl'}",
         "task=arithmetic", "n=8", f"out={out}")
     res = json.loads(out.read_text())
-    assert {"gold_reward", "rm_score", "kl"} <= set(res)
+    assert {"gold_reward", "gold_reward_greedy", "rm_score", "kl"} <= set(res) and res["temperature"] == 0.7
+    greedy = run / "greedy.json"
+    cli("eval", f"policy={run / 'ppo' / 'model'}", f"prompts_file={d / 'prompts_eval.jsonl'}",
+        "task=arithmetic", "n=8", "temperature=0", f"out={greedy}")
+    res = json.loads(greedy.read_text())
+    assert res["gold_reward"] == res["gold_reward_greedy"] == json.loads(out.read_text())["gold_reward_greedy"]
 
 
 def test_generate(run):

@@ -44,6 +44,36 @@ def test_unknown_key_gets_did_you_mean():
         build_config(SFTConfig, overrides=["lr=1"])
 
 
+@pytest.mark.parametrize("stage, key", [
+    ("rl", key) for key in ("model.path=x", "model.tokenizer=x", "model.arch=llama", "model.layers=8",
+                            "model.hidden=64", "model.heads=2")
+] + [("reward", key) for key in ("model.arch=llama", "model.layers=8", "model.hidden=64", "model.heads=2")])
+def test_a_stage_refuses_the_model_options_it_does_not_use(stage, key):
+    with pytest.raises(UserError, match=rf"unknown config key '{key.split('=')[0]}'.*This stage does not use it"):
+        build_config(STAGE_CONFIGS[stage], overrides=[key])
+
+
+def test_refused_model_options_say_what_the_stage_does_instead():
+    with pytest.raises(UserError, match=r"policy is `policy=DIR`.*model\.\* holds only the LoRA options"):
+        build_config(PPOConfig, overrides=["model.layers=8"])
+    with pytest.raises(UserError, match=r"ppo.model.path.*policy is `policy=DIR`"):
+        build_config(STAGE_CONFIGS["pipeline"], overrides=["ppo.model.path=x"])
+    with pytest.raises(UserError, match=r"reward model's trunk is the SFT model at model.path"):
+        build_config(RewardConfig, overrides=["model.layers=8"])
+    with pytest.raises(UserError, match=r"reward.model.heads.*reward model's trunk"):
+        build_config(STAGE_CONFIGS["pipeline"], overrides=["reward.model.heads=2"])
+
+
+def test_each_stage_keeps_the_model_options_it_reads():
+    rl = build_config(PPOConfig, overrides=["model.lora_r=8", "model.lora_alpha=32", "model.lora_dropout=0.1"])
+    assert (rl.model.lora_r, rl.model.lora_alpha, rl.model.lora_dropout) == (8, 32.0, 0.1)
+    rm = build_config(RewardConfig, overrides=["model.path=d", "model.tokenizer=t", "model.lora_r=4"])
+    assert (rm.model.path, rm.model.tokenizer, rm.model.lora_r) == ("d", "t", 4)
+    sft = build_config(SFTConfig, overrides=["model.arch=llama", "model.layers=3", "model.hidden=64",
+                                             "model.heads=2", "model.lora_r=2", "model.tokenizer=t"])
+    assert (sft.model.arch, sft.model.layers, sft.model.hidden, sft.model.heads) == ("llama", 3, 64, 2)
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.updates=abc", "train.updates: expected an integer"),
     ("train.updates=0", "below the minimum"),
@@ -94,7 +124,8 @@ def test_yaml_presets_load():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         name = path.stem.split("-")[-1]
         cls = STAGE_CONFIGS.get(name, STAGE_CONFIGS["pipeline"])
-        build_config(cls, path)
+        cfg = build_config(cls, path)
+        assert to_dict(cfg) != to_dict(cls()), f"{path.name} changes nothing"
 
 
 @settings(max_examples=200, deadline=None)
@@ -102,9 +133,11 @@ def test_yaml_presets_load():
        value=st.one_of(st.text(max_size=20), st.integers(), st.floats(allow_nan=True), st.booleans()))
 def test_random_overrides_never_crash(key, value):
     try:
-        build_config(PPOConfig, overrides=[f"{key}={value}"])
-    except UserError:
-        pass
+        cfg = build_config(PPOConfig, overrides=[f"{key}={value}"])
+    except UserError as e:
+        assert str(e).strip()
+        return
+    assert build_config(PPOConfig, base=to_dict(cfg)) == cfg  # what is accepted round-trips
 
 
 @settings(max_examples=100, deadline=None)
@@ -113,9 +146,11 @@ def test_random_yaml_bytes_never_crash(tmp_path_factory, data):
     p = tmp_path_factory.mktemp("y") / "c.yaml"
     p.write_bytes(data)
     try:
-        build_config(SFTConfig, p)
-    except UserError:
-        pass
+        cfg = build_config(SFTConfig, p)
+    except UserError as e:
+        assert str(p) in str(e), e  # every error names the file
+        return
+    assert build_config(SFTConfig, base=to_dict(cfg)) == cfg
 
 
 def test_parse_override_types():
@@ -193,3 +228,12 @@ def test_unset_is_null_not_a_sentinel(cls, key, old_sentinel):
     assert getattr(build_config(cls, overrides=[f"{key}=null"]), key) is None
     with pytest.raises(UserError, match=rf"{key}: {old_sentinel}(\.0)? is below the minimum .*; null = unset"):
         build_config(cls, overrides=[f"{key}={old_sentinel}"])
+
+
+def test_pipeline_help_says_which_stage_options_the_pipeline_fills_in():
+    rows = {key: doc for key, _typ, _default, doc in describe(STAGE_CONFIGS["pipeline"])}
+    for stage in ("tokenizer", "data", "sft", "reward", "ppo"):
+        assert rows[f"{stage}.out_dir"].startswith(f"Set by the pipeline to out_dir/{stage} unless given."), stage
+        assert "required" not in rows[f"{stage}.out_dir"]
+    assert "(required)" in dict((k, d) for k, _t, _v, d in describe(STAGE_CONFIGS["tokenizer"]))["out_dir"]
+    assert "Set by the pipeline" in help_text(STAGE_CONFIGS["pipeline"])

@@ -41,16 +41,6 @@ PAD, EOS = 0, 1
 TOK = make_tokenizer()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread. With two on a shared 2-core machine, every small op
-    waits for the other core whenever another process holds it (seconds per test instead of ms)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # Families decoded through the model's own forward (`_HFDecoder`), built locally with random weights:
 # Mistral (sliding-window cache layers), Qwen3 (q/k norms), Gemma (scaled embeddings, GeGLU),
 # Phi (LayerNorm, partial rotary, biased projections), Phi-3 (fused QKV).

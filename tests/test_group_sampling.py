@@ -15,14 +15,6 @@ TOK = make_tokenizer()
 PAD, EOS = TOK.pad_token_id, TOK.eos_token_id
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def build(name: str):
     """Presets take the GPT-2 / Llama fast decoders; qwen3 (q/k norms) the model's own forward."""
     if name != "qwen3":

@@ -300,3 +300,56 @@ def test_pairs_from_model(tmp_path: Path) -> None:
     assert pairs == pairs_from_model(model_dir, prompts_path, 5, max_new_tokens=8, temperature=1.0, seed=0)
     with pytest.raises(UserError, match="temperature"):
         pairs_from_model(model_dir, prompts_path, 5, max_new_tokens=8, temperature=0.0, seed=0)
+
+
+def test_pairs_with_identical_responses_are_skipped_and_counted(tmp_path: Path) -> None:
+    pairs = [*PAIRS, {"prompt": "2 + 6 =", "a": "8", "b": "8"}, {"prompt": "1 + 1 =", "a": "2", "b": "2"}]
+    with running(pairs, tmp_path / "prefs.jsonl") as url:
+        _, state = request(url, "/api/state")
+        assert state["total"] == len(PAIRS) and state["identical_skipped"] == 2
+        for _ in PAIRS:
+            assert state["next"]["a"] != state["next"]["b"]
+            _, state = request(url, "/api/label", {"index": state["next"]["index"], "choice": 1})
+        assert state["next"] is None
+    page = Path(__file__).resolve().parents[1] / "src" / "ppo_rlhf" / "label" / "static"
+    assert 'id="identical"' in (page / "index.html").read_text()
+    assert "identical_skipped" in (page / "app.js").read_text()
+
+
+def test_pairs_from_model_redraws_identical_responses(tmp_path: Path, monkeypatch) -> None:
+    """Prompt 0's two responses come out identical on the first two draws, prompt 2's on every
+    draw: prompt 0 is sampled again until they differ; prompt 2 stays identical (the page skips it)."""
+    import torch
+
+    import ppo_rlhf.generation
+    from ppo_rlhf.models import load_causal_lm, save_model
+    from ppo_rlhf.tokenizer import train_tokenizer
+
+    prompts = ["2 + 3 =", "7 + 1 =", "4 + 4 ="]
+    tokenizer = train_tokenizer([p + " 5 8 9 10" for p in prompts] * 5, vocab_size=300)
+    model_dir = save_model(load_causal_lm("tiny-gpt2", tokenizer, seed=0), tokenizer, tmp_path / "model")
+    prompts_path = tmp_path / "prompts.jsonl"
+    prompts_path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    calls: list[int] = []
+
+    def fake_generate(model, input_ids, attention_mask, **_):
+        """Rows come in pairs (one prompt twice): "4 + 4 =" always answers 8 twice, "2 + 3 ="
+        answers 5 twice on the first two draws; otherwise the two rows differ."""
+        calls.append(input_ids.size(0))
+        out = []
+        for row in range(input_ids.size(0)):
+            text = tokenizer.decode(input_ids[row][attention_mask[row].bool()].tolist(), skip_special_tokens=True)
+            if text == "4 + 4 =" or (text == "2 + 3 =" and len(calls) <= 2):
+                out.append(digits[int(text[0]) + int(text[4])])
+            else:
+                out.append(digits[row % 2])
+        ids = torch.tensor(out).unsqueeze(1)
+        return ids, torch.ones_like(ids, dtype=torch.bool)
+
+    monkeypatch.setattr(ppo_rlhf.generation, "generate", fake_generate)
+    pairs = pairs_from_model(model_dir, prompts_path, 3, max_new_tokens=1, temperature=1.0, seed=0)
+    assert calls == [6, 4, 4, 2]  # all; prompts 0 and 2 twice; then prompt 2 alone: 3 redraws in all
+    assert pairs[0]["a"] != pairs[0]["b"] and pairs[1]["a"] != pairs[1]["b"]
+    assert pairs[2]["a"] == pairs[2]["b"] == "8"
+    assert (pairs[0]["a"], pairs[0]["b"]) == ("0", "1")  # the third draw

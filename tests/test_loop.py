@@ -18,7 +18,7 @@ class ToyStage(common.Training):
     """Least squares on 16 fixed points, 4 per step in the order common.global_batch gives.
     `stop_at` sends this process SIGTERM during that step; `nan_at` poisons those steps' loss."""
 
-    name, unit = "toy", "step"
+    name, command, unit = "toy", "toy", "step"
 
     def __init__(self, total_steps=7, lr=0.1, stop_at=None, nan_at=()):
         torch.manual_seed(0)

@@ -224,3 +224,15 @@ def test_phase_timer_accumulates():
     assert totals["time/generate"] >= 0.02
     timer.reset()
     assert timer.totals() == {}
+
+
+def test_a_long_console_line_shows_the_headline_metrics_and_counts_the_rest(tmp_path, capsys):
+    values = {f"time/phase{i}": 0.5 for i in range(20)}
+    values.update({"objective/kl": 1.5, "objective/score": 0.25, "train/skipped_steps": 0,
+                   "sft/skipped_steps": 2})
+    with MetricsLogger(tmp_path, tensorboard=False, console_every=1) as logger:
+        logger.log(1, values, stage="grpo")
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line == ("grpo step 1 | objective/score 0.25 | objective/kl 1.5 | sft/skipped_steps 2 | "
+                    "+21 more in metrics.jsonl")
+    assert len(read_metrics(tmp_path / "metrics.jsonl")[0]) == 3 + len(values)  # step, time, stage + all

@@ -35,16 +35,6 @@ from ppo_rlhf.models import (
 PAD, EOS, BOS = 0, 1, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread. With two on a shared 2-core machine, every small op
-    waits for the other core whenever another process holds it (seconds per test instead of ms)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok() -> PreTrainedTokenizerFast:
     return make_tokenizer()
@@ -421,3 +411,46 @@ def test_fold_after_lora_wrapping_is_refused(tok):
                        dropout=0.0)
     with pytest.raises(TypeError, match="fold before wrapping the model with LoRA"):
         fold_reward_normalisation(model)
+
+
+# Each preset at a size that runs in seconds; the presets' own architecture (qwen2 for qwen-0.5b-like).
+_TINY_SIZES = {"tiny-gpt2": [], "tiny-llama": [], "small-gpt2": ["model.layers=1", "model.hidden=64"],
+               "qwen-0.5b-like": ["model.layers=1", "model.hidden=32", "model.heads=2"]}
+
+
+@pytest.fixture(scope="module")
+def arithmetic_run(tmp_path_factory):
+    from ppo_rlhf import api
+
+    root = tmp_path_factory.mktemp("presets")
+    api.tokenizer(out_dir=str(root / "tok"), task="arithmetic", vocab_size=320)
+    api.data(out_dir=str(root / "data"), task="arithmetic", n_sft=16, n_prefs=16, n_prompts=16, n_eval=8)
+    return root
+
+
+@pytest.mark.parametrize("preset", list(MODEL_PRESETS))
+def test_every_model_preset_goes_sft_reward_rl_eval(arithmetic_run, tmp_path, preset):
+    """A model built from each preset is usable by the next stage: its saved tokenizer reloads with
+    exactly the model's vocabulary (a qwen2 model once got Qwen2Tokenizer, one token longer)."""
+    from ppo_rlhf import api
+    from ppo_rlhf.tokenizer import load_tokenizer
+
+    assert set(_TINY_SIZES) == set(MODEL_PRESETS), "give the new preset a tiny size above"
+    root, data = arithmetic_run, arithmetic_run / "data"
+    run = ["run.tensorboard=false", "run.eval_every=0", "run.save_every=0"]
+    api.sft(out_dir=str(tmp_path / "sft"), train_file=str(data / "sft_train.jsonl"), max_steps=2,
+            batch_size=4, overrides=[f"model.path={preset}", f"model.tokenizer={root / 'tok'}",
+                                     *_TINY_SIZES[preset], *run])
+    sft = tmp_path / "sft" / "model"
+    model = AutoModelForCausalLM.from_pretrained(sft)
+    assert model.config.model_type == MODEL_PRESETS[preset]["model_type"]
+    assert len(load_tokenizer(sft)) == model.get_input_embeddings().num_embeddings
+    api.reward(out_dir=str(tmp_path / "rm"), train_file=str(data / "prefs_train.jsonl"), max_steps=2,
+               batch_size=4, norm_samples=4, max_new_tokens=4, overrides=[f"model.path={sft}", *run])
+    api.rl(out_dir=str(tmp_path / "rl"), policy=str(sft), reward_model=str(tmp_path / "rm" / "model"),
+           prompts_file=str(data / "prompts_train.jsonl"), overrides=[
+               "train.updates=1", "rollout.batch_size=4", "rollout.max_new_tokens=4", *run])
+    result = api.evaluate(policy=str(tmp_path / "rl" / "model"), reference=str(sft),
+                          reward_model=str(tmp_path / "rm" / "model"), task="arithmetic",
+                          prompts_file=str(data / "prompts_eval.jsonl"), n=4, max_new_tokens=4)
+    assert result["n"] == 4 and 0 <= result["gold_reward"] <= 1

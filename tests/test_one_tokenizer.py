@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from tiny_tokenizer import make_tokenizer
 
 from ppo_rlhf.config import EvalConfig, RewardConfig, build_config
@@ -16,14 +15,6 @@ from ppo_rlhf.errors import UserError
 from ppo_rlhf.models import load_causal_lm, load_scalar_model, save_model
 from ppo_rlhf.stages.evaluate import run_eval
 from ppo_rlhf.stages.reward import run_reward
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

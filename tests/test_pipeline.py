@@ -24,8 +24,11 @@ def test_tiny_pipeline_writes_summary_and_skips_done_stages(tmp_path):
     p = pipeline(tmp_path / "run", "--task", "sentiment", *TINY)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    for key in ("sft_gold_reward", "ppo_gold_reward", "final_kl", "rm_accuracy", "stage_seconds"):
+    for key in ("sft_gold_reward", "ppo_gold_reward", "sft_gold_reward_greedy", "ppo_gold_reward_greedy",
+                "final_kl", "rm_accuracy", "stage_seconds"):
         assert key in summary, key
+    assert summary["algo"] == "ppo" and summary["eval_temperature"] == 0.7
+    assert isinstance(summary["ppo_gold_reward_greedy"], float) and isinstance(summary["sft_gold_reward_greedy"], float)
     assert set(summary["stage_seconds"]) == {"tokenizer", "data", "sft", "reward", "ppo", "eval"}
     assert (tmp_path / "run" / "report.html").stat().st_size > 10_000
     again = pipeline(tmp_path / "run", "--task", "sentiment", *TINY)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from tiny_tokenizer import make_tokenizer
 
-from ppo_rlhf import generation
+from ppo_rlhf import generation, precision
 from ppo_rlhf.config import OptimConfig, RunConfig
 from ppo_rlhf.generation import fp32_logits, generate, response_logprobs
 from ppo_rlhf.models import capture_output, load_causal_lm
@@ -21,14 +21,6 @@ SAPPHIRE_RAPIDS = frozenset("avx2 avx512f avx512_bf16 amx_tile amx_bf16 amx_int8
 ZEN3 = frozenset("fpu sse avx avx2 fma".split())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("flags, expected, named", [
     (ZEN5, "bfloat16", "avx512_bf16"),
     (SAPPHIRE_RAPIDS, "bfloat16", "amx_bf16+avx512_bf16"),
@@ -37,27 +29,43 @@ def one_thread():
     (frozenset(), "float32", "no native bf16"),
 ])
 def test_auto_picks_bf16_only_on_cpus_with_native_bf16_products(flags, expected, named):
-    dtype, reason = common.cpu_dtype_choice("Test CPU 9000", flags)
+    dtype, reason = precision.cpu_dtype_choice("Test CPU 9000", flags)
     assert dtype == expected
     assert "Test CPU 9000" in reason and named in reason
 
 
 def test_avx512_without_bf16_is_float32():
-    assert common.cpu_dtype_choice("Xeon Skylake", {"avx512f", "avx512bw", "avx512vl"})[0] == "float32"
+    assert precision.cpu_dtype_choice("Xeon Skylake", {"avx512f", "avx512bw", "avx512vl"})[0] == "float32"
 
 
 def test_explicit_dtype_is_kept_and_auto_reads_the_cpu(monkeypatch):
-    monkeypatch.setattr(common, "_cpu_info_cached", lambda: ("Old CPU", ZEN3))
-    assert common.resolve_dtype(RunConfig(dtype="bfloat16"), CPU) == "bfloat16"
-    assert common.resolve_dtype(RunConfig(dtype="float32"), CPU) == "float32"
-    assert common.resolve_dtype(RunConfig(dtype="auto"), CPU) == "float32"
-    monkeypatch.setattr(common, "_cpu_info_cached", lambda: ("New CPU", ZEN5))
-    assert common.resolve_dtype(RunConfig(dtype="auto"), CPU) == "bfloat16"
-    assert common.dtype_choice("auto", torch.device("meta"))[0] == "float32"
+    monkeypatch.setattr(precision, "_cpu_info_cached", lambda: ("Old CPU", ZEN3))
+    assert precision.resolve_dtype(RunConfig(dtype="bfloat16"), CPU) == "bfloat16"
+    assert precision.resolve_dtype(RunConfig(dtype="float32"), CPU) == "float32"
+    assert precision.resolve_dtype(RunConfig(dtype="auto"), CPU) == "float32"
+    monkeypatch.setattr(precision, "_cpu_info_cached", lambda: ("New CPU", ZEN5))
+    assert precision.resolve_dtype(RunConfig(dtype="auto"), CPU) == "bfloat16"
+    assert precision.dtype_choice("auto", torch.device("meta"))[0] == "float32"
+
+
+def test_precision_is_a_leaf_module_that_distributed_and_the_stages_share():
+    """distributed.py and stages/common.py import precision.py, not each other."""
+    import ast
+    from pathlib import Path
+
+    src = Path(precision.__file__).parent
+
+    def imports(path):
+        tree = ast.parse(path.read_text())
+        return {("." * n.level) + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+
+    assert imports(src / "precision.py") <= {"__future__", "pathlib", "typing", ".config"}  # .config: types only
+    assert not any("stages" in m for m in imports(src / "distributed.py"))
+    assert ".precision" in imports(src / "distributed.py") and "..precision" in imports(src / "stages" / "common.py")
 
 
 def test_cpu_info_reads_model_and_flags():
-    model, flags = common.cpu_info()
+    model, flags = precision.cpu_info()
     assert isinstance(model, str) and isinstance(flags, frozenset)
     try:
         text = open("/proc/cpuinfo").read()
@@ -68,7 +76,7 @@ def test_cpu_info_reads_model_and_flags():
 
 
 def test_setup_prints_the_stage_and_its_precision(monkeypatch, capsys):
-    monkeypatch.setattr(common, "_cpu_info_cached", lambda: ("New CPU", ZEN5))
+    monkeypatch.setattr(precision, "_cpu_info_cached", lambda: ("New CPU", ZEN5))
     threads = torch.get_num_threads()
     try:
         common.setup(RunConfig(dtype="auto", device="cpu", threads=1), stage="sft")
@@ -81,9 +89,9 @@ def test_setup_prints_the_stage_and_its_precision(monkeypatch, capsys):
 @pytest.mark.parametrize("dtype, expected", [("bfloat16", torch.bfloat16), ("float32", torch.float32),
                                              ("auto", torch.bfloat16)])
 def test_autocast_runs_cpu_matmuls_in_bf16_when_asked(dtype, expected, monkeypatch):
-    monkeypatch.setattr(common, "_cpu_info_cached", lambda: ("New CPU", ZEN5))
+    monkeypatch.setattr(precision, "_cpu_info_cached", lambda: ("New CPU", ZEN5))
     layer = torch.nn.Linear(8, 4)
-    with common.autocast(CPU, dtype):
+    with precision.autocast(CPU, dtype):
         out = layer(torch.randn(2, 8))
     assert out.dtype == expected
     assert layer.weight.dtype == torch.float32
@@ -163,7 +171,7 @@ def test_training_under_bf16_autocast_keeps_float32_weights_grads_and_adam_state
     model = load_causal_lm("tiny-gpt2", TOK, seed=0)
     opt = common.make_optimizer(model.parameters(), OptimConfig(lr=1e-3))
     ids, mask = batch(model)
-    with common.autocast(CPU, "bfloat16"):
+    with precision.autocast(CPU, "bfloat16"):
         logits = model(input_ids=ids, attention_mask=mask).logits
     assert logits.dtype == torch.bfloat16  # the trunk and head really ran in bf16
     loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
@@ -252,6 +260,6 @@ def test_auto_on_cuda_follows_the_devices_bf16_support(supported, expected, monk
     """The CUDA branch of the choice, without a GPU: the device's name and bf16 support decide."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
-    dtype, reason = common.dtype_choice("auto", torch.device("cuda", 0))
+    dtype, reason = precision.dtype_choice("auto", torch.device("cuda", 0))
     assert dtype == expected and "Test GPU" in reason
-    assert common.dtype_choice("float32", torch.device("cuda", 0))[0] == "float32"
+    assert precision.dtype_choice("float32", torch.device("cuda", 0))[0] == "float32"

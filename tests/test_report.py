@@ -157,7 +157,7 @@ def test_full_run_report(tmp_path: Path) -> None:
     # 7 PPO curves + 7 diagnostics (no loss/ptx) + 3 SFT + 2 RM + 1 over-optimisation plot.
     assert text.count(IMG) == 20
     for title in (
-        "RLHF reward",
+        "Reward: RM score − β·KL",
         "Reward-model score",
         "Gold reward",
         "KL coefficient β",
@@ -217,8 +217,8 @@ def test_missing_metrics_are_notes_not_errors(tmp_path: Path) -> None:
     assert 'alt="KL(policy' in text
     assert "<code>objective/gold_reward</code>" in text and "<code>kl_ctl/beta</code>" in text
     assert (
-        "Not plotted: needs objective/kl with objective/gold_reward or objective/rm_score" in text
-    )
+        "Not plotted: needs objective/kl with objective/gold_reward." in text
+    )  # no RM score logged: a run without a reward model
 
 
 def test_no_metrics_is_a_user_error(tmp_path: Path) -> None:
@@ -322,3 +322,44 @@ def test_a_stage_summary_explains_its_duplicates_count(tmp_path: Path) -> None:
     (stage / "summary.json").write_text(json.dumps({"stage": "sft", "duplicates": 144}))
     text = write_report(stage).read_text(encoding="utf-8")
     assert "exact duplicate records in the training file (kept: repetition is the data" in text
+
+
+def test_rl_section_is_named_for_its_algorithm_and_plots_the_reward_it_had(tmp_path: Path) -> None:
+    """A GRPO run with reward functions and no RM: "RL: GRPO", the reward titled by its source with
+    the KL where the preset puts it (the reward), and no RM-score curve (nor a note that it is missing)."""
+    rl = tmp_path / "rl-run"
+    records = [{"step": s, "time": float(s), "stage": "grpo", "objective/rlhf_reward": 0.1 * s,
+                "reward_fn/length_bonus": 0.1 * s, "objective/kl": 0.01 * s, "objective/score": 0.1 * s}
+               for s in range(1, 6)]
+    _write_lines(rl / "metrics.jsonl", records)
+    text = write_report(rl).read_text(encoding="utf-8")
+    assert "<h2>RL: GRPO</h2>" in text and "GRPO diagnostics" in text
+    assert 'alt="Reward: length_bonus − β·KL"' in text  # from the grpo preset's kl_in
+    assert "Reward-model score" not in text and "objective/rm_score" not in text
+    # the summary's config wins over the preset: KL in the loss, with an RM
+    (rl / "summary.json").write_text(json.dumps({"stage": "rl", "algo": "grpo", "config": {
+        "reward_model": "rm", "algo": {"kl_in": "loss"}}}))
+    text = write_report(rl).read_text(encoding="utf-8")
+    assert 'alt="Reward: (RM score + length_bonus) (KL in the loss)"' in text
+
+
+def test_old_ppo_runs_still_read_as_the_rl_stage(tmp_path: Path) -> None:
+    make_ppo_dir(tmp_path / "run" / "ppo")
+    (tmp_path / "run" / "ppo" / "summary.json").write_text(json.dumps({"stage": "ppo", "gold_reward": 0.5}))
+    text = write_report(tmp_path / "run").read_text(encoding="utf-8")
+    assert "<h2>RL: PPO</h2>" in text and 'alt="Reward: RM score − β·KL"' in text
+
+
+def test_summary_cards_show_greedy_beside_sampled_gold_and_config_as_tables(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run")
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update(sft_gold_reward_greedy=0.1, ppo_gold_reward_greedy=0.8, eval_temperature=0.7, algo="grpo",
+                   config={"task": "arithmetic", "sft": {"optim": {"lr": 0.001}, "max_steps": 0},
+                           "ppo": {"algo": {"name": "grpo"}}})
+    (run / "summary.json").write_text(json.dumps(summary))
+    text = write_report(run).read_text(encoding="utf-8")
+    assert "Gold reward (sampled, T=0.7)" in text and "0.02 → 0.69" in text and "+0.67 from GRPO" in text
+    assert "Gold reward (greedy)" in text and "0.1 → 0.8" in text
+    assert "<summary>config: sft (2 options)</summary>" in text and "<th>optim.lr</th>" in text
+    assert "<summary>config: run (1 options)</summary>" in text
+    assert '{&quot;' not in text and '{"optim"' not in text  # no config dumped as one line of JSON

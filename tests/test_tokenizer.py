@@ -144,3 +144,16 @@ def test_load_requires_eos(tmp_path):
     path = _variant(tmp_path, "noeos")
     with pytest.raises(UserError, match="no EOS token"):
         load_tokenizer(path)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "qwen2"])
+def test_a_saved_tokenizer_reloads_as_saved_beside_any_model_config(tmp_path, task_and_tokenizer, model_type):
+    """Beside a model's config.json, AutoTokenizer would take the tokenizer class of the model type
+    (qwen2: Qwen2Tokenizer, which adds `<|endoftext|>`): ours reloads with its own vocabulary."""
+    _task, tok = task_and_tokenizer
+    out = tmp_path / "model"
+    save_tokenizer(tok, out)
+    (out / "config.json").write_text(f'{{"model_type": "{model_type}"}}')
+    loaded = load_tokenizer(out)
+    assert loaded.get_vocab() == tok.get_vocab() and len(loaded) == len(tok)
+    assert tokenizer_summary(loaded) == tokenizer_summary(tok)

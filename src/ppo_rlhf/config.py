@@ -34,27 +34,40 @@ PRESET_DIR = Path(__file__).parent / "algo" / "presets"
 # Shared pieces
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class ModelConfig:
-    """Which model to start from, and how to adapt it."""
+class LoRAConfig:
+    """How to adapt a model: LoRA adapters or all weights. The RL stage's `model.*` holds only these:
+    its policy is `policy=DIR`, with the tokenizer saved there."""
+
+    lora_r: int = opt(0, "LoRA rank; 0 trains all weights.", min=0)
+    lora_alpha: float = opt(16.0, "LoRA scaling alpha.", min=0)
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch. Stage outputs are saved with the "
+                              "adapters merged into the weights (plain transformers models).", min=0, max=1)
+
+
+@dataclass
+class ModelConfig(LoRAConfig):
+    """Which saved model to start from, and how to adapt it (the reward stage: the SFT model)."""
 
     path: str = opt("tiny-gpt2", "Preset name (tiny-gpt2: gpt2 2 layers d=128 4 heads; tiny-llama: llama "
                     "2 x 128 x 4; small-gpt2: gpt2 4 x 256 x 4; qwen-0.5b-like: qwen2 24 x 896 x 14), a "
                     "size spec like gpt2:layers=4,hidden=128,heads=4, or a local Hugging Face model "
                     "directory. Stages after SFT default to the previous stage's output.")
     tokenizer: str = opt("", "Tokenizer directory; empty = the tokenizer saved in the model directory.")
+
+
+@dataclass
+class SFTModelConfig(ModelConfig):
+    """Which model to start from or build from scratch, and how to adapt it."""
+
     arch: str | None = opt(None, "Build a model from scratch with this architecture (with model.layers, "
                            "model.hidden, model.heads; vocabulary size and special ids from the "
-                           "tokenizer); null = as model.path.", choices=("gpt2", "llama"))
+                           "tokenizer); null = as model.path.", choices=("gpt2", "llama", "qwen2"))
     layers: int | None = opt(None, "Transformer blocks of a model built from scratch; null = the "
                              "preset's (tiny: 2).", min=1)
     hidden: int | None = opt(None, "Hidden size of a model built from scratch; null = the preset's "
                              "(tiny: 128).", min=1)
     heads: int | None = opt(None, "Attention heads of a model built from scratch (must divide "
                             "model.hidden); null = the preset's (tiny: 4).", min=1)
-    lora_r: int = opt(0, "LoRA rank; 0 trains all weights.", min=0)
-    lora_alpha: float = opt(16.0, "LoRA scaling alpha.", min=0)
-    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch. Stage outputs are saved with the "
-                              "adapters merged into the weights (plain transformers models).", min=0, max=1)
 
 
 @dataclass
@@ -165,7 +178,7 @@ class SFTConfig:
                               "once, but batches of similar lengths change what a step sees); 1 = off.", min=1)
     epochs: float = opt(20.0, "Passes over the training data (fractions allowed).", min=0)
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = from epochs).", min=0)
-    model: ModelConfig = opt(factory=ModelConfig, help="Model to fine-tune.")
+    model: SFTModelConfig = opt(factory=SFTModelConfig, help="Model to fine-tune.")
     optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50), help="Optimiser.")
     run: RunConfig = opt(factory=RunConfig, help="Run bookkeeping.")
 
@@ -201,7 +214,9 @@ class RewardConfig:
     head_init_std: float = opt(0.0, "Std of the scalar head's initial weights (0 = zero init).", min=0)
     model: ModelConfig = opt(factory=lambda: ModelConfig(path=""),
                              help="Trunk to start from: model.path is the SFT model directory (required; "
-                             "InstructGPT initialises the reward model from the SFT model).")
+                             "InstructGPT initialises the reward model from the SFT model).",
+                             unknown="the reward model's trunk is the SFT model at model.path, of that "
+                             "model's size; model.* holds only path, tokenizer and the LoRA options")
     optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=5e-4), help="Optimiser.")
     run: RunConfig = opt(factory=RunConfig, help="Run bookkeeping.")
 
@@ -382,8 +397,9 @@ class PPOConfig:
     eval_samples: int = opt(400, "Held-out prompt samples per evaluation (a small file is cycled).", min=1)
     sample_rows: int = opt(4, "Prompt/response rows kept in samples.jsonl per evaluation.", min=0)
     algo: AlgorithmConfig = opt(factory=AlgorithmConfig, help="The RL algorithm.")
-    model: ModelConfig = opt(factory=lambda: ModelConfig(path=""),
-                             help="LoRA options for the policy (path is ignored: see policy).")
+    model: LoRAConfig = opt(factory=LoRAConfig, help="LoRA options for the policy.",
+                            unknown="the RL stage's policy is `policy=DIR` (with the tokenizer saved "
+                            "there); model.* holds only the LoRA options")
     rollout: RolloutConfig = opt(factory=RolloutConfig, help="Sampling.")
     reward: RewardShapingConfig = opt(factory=RewardShapingConfig, help="Reward shaping.")
     loss: PPOLossConfig = opt(factory=PPOLossConfig, help="Losses.")
@@ -410,7 +426,8 @@ class EvalConfig:
                  "cycled (each prompt sampled several times; the result reports "
                  "distinct_prompts and samples_per_prompt).", min=1)
     max_new_tokens: int | None = opt(None, "Response tokens; null = the task's default (or 32).", min=1)
-    temperature: float = opt(0.7, "Sampling temperature (0 = greedy).", min=0)
+    temperature: float = opt(0.7, "Sampling temperature of the sampled evaluation; the greedy gold "
+                             "reward (gold_reward_greedy) is reported beside it. 0 = greedy only.", min=0)
     batch_size: int = opt(64, "Prompts per generation batch.", min=1)
     max_prompt_len: int = opt(64, "Prompt tokens kept.", min=1)
     seed: int = opt(1234, "Sampling seed.")
@@ -440,11 +457,14 @@ class PipelineConfig:
     model: str = opt("tiny-gpt2", "Model to start from: a preset, a size spec "
                      "(gpt2:layers=4,hidden=128,heads=4) or a local HF directory; sft.model.arch / "
                      "layers / hidden / heads set the size too.")
-    tokenizer: TokenizerConfig = opt(factory=TokenizerConfig, help="Tokenizer stage.")
-    data: DataConfig = opt(factory=DataConfig, help="Data stage.")
-    sft: SFTConfig = opt(factory=SFTConfig, help="SFT stage.")
-    reward: RewardConfig = opt(factory=RewardConfig, help="Reward-model stage.")
-    ppo: PPOConfig = opt(factory=PPOConfig, help="PPO stage.")
+    tokenizer: TokenizerConfig = opt(factory=TokenizerConfig, help="Tokenizer stage.",
+                                     sets={"out_dir": "out_dir/tokenizer"})
+    data: DataConfig = opt(factory=DataConfig, help="Data stage.", sets={"out_dir": "out_dir/data"})
+    sft: SFTConfig = opt(factory=SFTConfig, help="SFT stage.", sets={"out_dir": "out_dir/sft"})
+    reward: RewardConfig = opt(factory=RewardConfig, help="Reward-model stage.",
+                               sets={"out_dir": "out_dir/reward", "model.path": "sft.out_dir/model"})
+    ppo: PPOConfig = opt(factory=PPOConfig, help="RL stage (the algorithm: algo or ppo.algo).",
+                         sets={"out_dir": "out_dir/ppo"})
     eval: EvalConfig = opt(factory=EvalConfig, help="Final evaluation.")
 
 
@@ -474,13 +494,15 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(cls: type, key: str, where: str) -> UserError:
+def _unknown_key(cls: type, key: str, where: str, instead: str = "") -> UserError:
     keys = all_keys(cls)
     close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
     if not close:  # match on the last component too: `lr` -> `optim.lr`
         last = key.split(".")[-1]
         close = [k for k in keys if k.split(".")[-1] == last][:3]
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    if instead:  # a key that exists in another stage: say what this stage does instead
+        hint = f" This stage does not use it: {instead}.{hint}"
     return UserError(f"{where}unknown config key '{key}'.{hint} "
                      f"(`ppo-rlhf <stage> --help` lists the options.)")
 
@@ -589,11 +611,13 @@ def set_key(cfg: Any, key: str, value: Any, where: str = "") -> None:
     """Set a dotted `key` on a config instance, coercing and range-checking `value`."""
     parts = key.split(".")
     obj = cfg
+    instead = ""  # the enclosing field's note on keys it lacks
     for i, part in enumerate(parts):
         fmap = {f.name: f for f in fields(obj)}
         if part not in fmap:
-            raise _unknown_key(type(cfg), key, where)
+            raise _unknown_key(type(cfg), key, where, instead)
         f = fmap[part]
+        instead = f.metadata.get("unknown", "")
         typ = _hints(type(obj))[part]
         if i < len(parts) - 1:
             if not is_dataclass(typ):
@@ -724,7 +748,11 @@ def describe_instance(obj: Any, prefix: str) -> list[tuple[str, str, Any, str]]:
     for f in fields(obj):
         t = hints[f.name]
         if is_dataclass(t):
-            rows.extend(describe_instance(getattr(obj, f.name), f"{prefix}{f.name}."))
+            nested = describe_instance(getattr(obj, f.name), f"{prefix}{f.name}.")
+            sets = {f"{prefix}{f.name}.{k}": v for k, v in f.metadata.get("sets", {}).items()}
+            rows.extend((key, typ, default, f"Set by the pipeline to {sets[key]} unless given. "
+                         + doc.replace(" (required).", ".")) if key in sets else (key, typ, default, doc)
+                        for key, typ, default, doc in nested)
         else:
             rows.append(_row(f, t, getattr(obj, f.name), prefix))
     return rows

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import UserError
+from .precision import resolve_dtype
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -168,8 +169,6 @@ def wrap_model(model: nn.Module, device: torch.device, run: RunConfig) -> nn.Mod
         raise UserError("run.fsdp does not support LoRA models (model.lora_r > 0); fix: set "
                         "model.lora_r=0, or run.fsdp=false to train the adapters with DDP")
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    from .stages.common import resolve_dtype  # imported here: stages.common imports this module
 
     bf16 = device.type == "cuda" and resolve_dtype(run, device) == "bfloat16"  # run.dtype auto too
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -36,6 +36,15 @@ SUMMARY_FILE = "summary.json"
 _RESERVED = ("step", "time", "stage")
 EVAL_PREFIX = "eval/"
 """Metrics of an evaluation: always printed to the console."""
+CONSOLE_METRICS = (
+    "sft/train_loss", "rm/train_loss", "rm/train_acc",
+    "objective/score", "objective/rm_score", "objective/gold_reward", "objective/kl", "kl_ctl/beta",
+    "policy/approx_kl", "policy/clipfrac", "value/explained_variance", "perf/seconds_per_update",
+)
+"""What a long console line shows (in this order), beside evaluations, the data report (`data/`)
+and skipped steps when there are any; the rest is counted and left to metrics.jsonl."""
+CONSOLE_MAX = 6
+"""A line with at most this many metrics is printed whole."""
 _FSYNC_EVERY_S = 1.0
 _warned_no_wandb = False
 
@@ -231,8 +240,17 @@ def _json_line(record: dict[str, Any]) -> str:
 
 
 def _console_line(step: int, stage: str | None, values: dict[str, float | int | None]) -> str:
+    """`stage step N | key value | ...`: every metric of a short line; of a long one the
+    `CONSOLE_METRICS` and the count of the others, which are in metrics.jsonl."""
+    shown = values
+    if len(values) > CONSOLE_MAX:
+        shown = {k: values[k] for k in CONSOLE_METRICS if k in values}
+        shown.update({k: v for k, v in values.items() if k.startswith((EVAL_PREFIX, "data/"))
+                      or (k.endswith("skipped_steps") and v)})
     parts = [f"{stage} step {step}" if stage else f"step {step}"]
-    parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()]
+    parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()]
+    if len(shown) < len(values):
+        parts.append(f"+{len(values) - len(shown)} more in {METRICS_FILE}")
     return " | ".join(parts)
 
 

@@ -227,7 +227,7 @@ def fuse_gelu(model: nn.Module) -> int:
     return swapped
 
 
-ARCHS = ("gpt2", "llama")
+ARCHS = ("gpt2", "llama", "qwen2")
 """Architectures that `model.arch` (or a size spec `ARCH:layers=..`) builds from scratch."""
 
 _SIZE_KEYS = ("layers", "hidden", "heads")
@@ -239,7 +239,8 @@ def size_preset(arch: str, layers: int, hidden: int, heads: int) -> dict[str, An
     """A preset dict (as in `MODEL_PRESETS`) for `arch` at the given size.
 
     GPT-2: learned positions over a 512-token context. Llama: as tiny-llama, MLP width 2 x hidden,
-    half as many key/value heads as heads (grouped-query attention) when heads is even.
+    half as many key/value heads as heads (grouped-query attention) when heads is even. Qwen2: the
+    Llama shape with qwen-0.5b-like's biased q/k/v projections, rope theta and norm epsilon.
     """
     if arch not in ARCHS:
         raise UserError(f"model.arch: {arch!r} is not one of {', '.join(ARCHS)}")
@@ -253,9 +254,12 @@ def size_preset(arch: str, layers: int, hidden: int, heads: int) -> dict[str, An
         return {"model_type": "gpt2", "n_layer": layers, "n_embd": hidden, "n_head": heads,
                 "n_positions": _SPEC_CONTEXT, "activation_function": "gelu_pytorch_tanh"}
     kv = heads // 2 if heads % 2 == 0 else heads
-    return {"model_type": "llama", "num_hidden_layers": layers, "hidden_size": hidden,
-            "num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": 2 * hidden,
-            "max_position_embeddings": _SPEC_CONTEXT, "tie_word_embeddings": True}
+    preset = {"model_type": arch, "num_hidden_layers": layers, "hidden_size": hidden,
+              "num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": 2 * hidden,
+              "max_position_embeddings": _SPEC_CONTEXT, "tie_word_embeddings": True}
+    if arch == "qwen2":
+        preset.update(rope_theta=1_000_000.0, rms_norm_eps=1e-6)
+    return preset
 
 
 def _divisor_near(n: int, k: int) -> int:
@@ -284,7 +288,7 @@ def parse_size_spec(spec: str) -> dict[str, Any] | None:
 
 
 def model_spec(cfg) -> str:
-    """What to load for a `ModelConfig`: model.path, or, when model.arch/layers/hidden/heads are
+    """What to load for an `SFTModelConfig`: model.path, or, when model.arch/layers/hidden/heads are
     set, the size spec `ARCH:layers=L,hidden=H,heads=N` of a model built from scratch.
 
     Unset sizes come from the preset model.path names (e.g. tiny-llama + model.layers=4), else from
@@ -299,7 +303,7 @@ def model_spec(cfg) -> str:
                         f"{cfg.path} is a saved model directory (whose size is in its config.json); "
                         "drop the size options or model.path")
     base = MODEL_PRESETS.get(cfg.path) or parse_size_spec(cfg.path) or {}
-    base_arch = {"gpt2": "gpt2", "llama": "llama"}.get(base.get("model_type", ""), "gpt2")
+    base_arch = base.get("model_type", "") if base.get("model_type") in ARCHS else "gpt2"
     sizes = {
         "layers": base.get("n_layer", base.get("num_hidden_layers", _SIZE_DEFAULTS["layers"])),
         "hidden": base.get("n_embd", base.get("hidden_size", _SIZE_DEFAULTS["hidden"])),

@@ -3,7 +3,7 @@
     ppo-rlhf report runs/demo            # writes runs/demo/report.html
 
 `write_report` reads what the stages left in a run directory -- `metrics.jsonl`, `samples.jsonl`
-and `summary.json` in `RUN/sft`, `RUN/reward`, `RUN/ppo` (or a single stage directory) -- and
+and `summary.json` in `RUN/sft`, `RUN/reward`, `RUN/ppo` (the RL stage; or a single stage directory) -- and
 writes one HTML file with inline CSS and PNG plots embedded as base64 data URIs, so it can be
 mailed, attached to a ticket or opened from disk with no network. Metrics files are read
 leniently: a run may still be writing (torn last line) and a stage logs different keys on
@@ -32,12 +32,14 @@ from matplotlib.figure import Figure
 from ppo_rlhf.errors import UserError
 from ppo_rlhf.fileio import atomic_write_text
 
-STAGE_ORDER = ("sft", "reward", "ppo")
-STAGE_TITLES = {"sft": "Supervised fine-tuning", "reward": "Reward model", "ppo": "PPO"}
-_STAGE_ALIASES = {"rm": "reward", "reward_model": "reward", "rlhf": "ppo", "rl": "ppo"}
+STAGE_ORDER = ("sft", "reward", "rl")
+STAGE_TITLES = {"sft": "Supervised fine-tuning", "reward": "Reward model", "rl": "RL"}
+_STAGE_ALIASES = {"rm": "reward", "reward_model": "reward", "rlhf": "rl", "ppo": "rl"}
 REWARD_FN_PREFIX = "reward_fn/"
-"""Metric namespace of the reward functions' means (one curve each in the PPO section)."""
-_STAGE_PREFIXES = {"sft/": "sft", "rm/": "reward", "objective/": "ppo"}
+"""Metric namespace of the reward functions' means (one curve each in the RL section)."""
+_STAGE_PREFIXES = {"sft/": "sft", "rm/": "reward", "objective/": "rl"}
+_PRESET_DIR = Path(__file__).parent / "algo" / "presets"
+"""The RL algorithm presets: the RL stage logs under its algorithm's name (`"stage": "grpo"`)."""
 
 class PlotSpec(NamedTuple):
     """One small figure: its curves are (metric key, legend label); `chance` draws a dashed line."""
@@ -48,18 +50,18 @@ class PlotSpec(NamedTuple):
     chance: float | None = None
 
 
-PPO_PLOTS = [
-    PlotSpec("RLHF reward (RM score − β·KL)", "reward", [("objective/rlhf_reward", "rollout")]),
+RL_PLOTS = [
     PlotSpec("Reward-model score", "RM score",
              [("objective/rm_score", "rollout"), ("eval/rm_score", "held-out eval")]),
     PlotSpec("Gold reward", "gold reward",
-             [("objective/gold_reward", "rollout"), ("eval/gold_reward", "held-out eval")]),
+             [("objective/gold_reward", "rollout"), ("eval/gold_reward", "held-out eval, sampled"),
+              ("eval/gold_reward_greedy", "held-out eval, greedy")]),
     PlotSpec("KL(policy ‖ reference)", "nats", [("objective/kl", "rollout"), ("eval/kl", "held-out eval")]),
     PlotSpec("KL coefficient β", "β", [("kl_ctl/beta", "β")]),
     PlotSpec("Policy entropy", "nats / token", [("objective/entropy", "entropy")]),
     PlotSpec("Response length", "tokens", [("rollout/response_length", "length")]),
 ]
-PPO_DIAGNOSTICS = [
+RL_DIAGNOSTICS = [
     PlotSpec("Approximate KL per update (k3)", "nats", [("policy/approx_kl", "approx KL")]),
     PlotSpec("Clip fraction", "fraction", [("policy/clipfrac", "policy"), ("value/clipfrac", "value")]),
     PlotSpec("Value explained variance", "explained variance", [("value/explained_variance", "EV")]),
@@ -82,12 +84,14 @@ REWARD_PLOTS = [
     PlotSpec("Reward-model accuracy", "pairwise accuracy",
              [("rm/train_acc", "train"), ("rm/eval_acc", "held-out")], chance=0.5),
 ]
-STAGE_PLOTS = {"sft": SFT_PLOTS, "reward": REWARD_PLOTS, "ppo": PPO_PLOTS}
-STEP_LABELS = {"sft": "SFT step", "reward": "RM step", "ppo": "PPO step"}
+STAGE_PLOTS = {"sft": SFT_PLOTS, "reward": REWARD_PLOTS, "rl": RL_PLOTS}
+STEP_LABELS = {"sft": "SFT step", "reward": "RM step", "rl": "RL update"}
 
 SUMMARY_LABELS = {
-    "sft_gold_reward": "Gold reward after SFT",
-    "ppo_gold_reward": "Gold reward after PPO",
+    "sft_gold_reward": "Gold reward after SFT (sampled)",
+    "sft_gold_reward_greedy": "Gold reward after SFT (greedy)",
+    "ppo_gold_reward": "Gold reward after RL (sampled)",
+    "ppo_gold_reward_greedy": "Gold reward after RL (greedy)",
     "final_kl": "Final KL to reference (nats)",
     "rm_accuracy": "Reward-model held-out accuracy",
     "summary_source": "Summary",
@@ -124,6 +128,50 @@ class Stage:
     samples: list[dict] = field(default_factory=list)
     summary: dict | None = None
 
+    @property
+    def algo(self) -> str:
+        """The RL algorithm: the summary's `algo`, else the metrics' stage name ("ppo" for old runs)."""
+        if self.summary and isinstance(self.summary.get("algo"), str):
+            return self.summary["algo"]
+        names = {r.get("stage") for r in self.records} & set(algorithm_presets())
+        return min(names) if names else "ppo"
+
+    @property
+    def title(self) -> str:
+        """The section title: "RL: GRPO" for the RL stage, else the stage's name."""
+        if self.kind == "rl":
+            return f"{STAGE_TITLES['rl']}: {self.algo.upper()}"
+        return STAGE_TITLES.get(self.kind, self.kind)
+
+    def has_reward_model(self) -> bool:
+        """Whether the RL run had a reward model: its config, else an RM score in its metrics."""
+        config = (self.summary or {}).get("config")
+        if isinstance(config, dict) and "reward_model" in config:
+            return bool(config["reward_model"])
+        return any("objective/rm_score" in r for r in self.records)
+
+    def kl_in(self) -> str:
+        """Where the run put the KL ('reward' or 'loss'): its config in summary.json, else its
+        algorithm preset's (a run still going has no summary; an algo.kl_in override then shows
+        only once it is done)."""
+        config = (self.summary or {}).get("config")
+        kl_in = config.get("algo", {}).get("kl_in") if isinstance(config, dict) else None
+        if kl_in in ("reward", "loss"):
+            return kl_in
+        preset = _PRESET_DIR / f"{self.algo}.yaml"
+        if preset.is_file():
+            import yaml
+
+            algo = (yaml.safe_load(preset.read_text(encoding="utf-8")) or {}).get("algo") or {}
+            if algo.get("kl_in") in ("reward", "loss"):
+                return algo["kl_in"]
+        return "reward"
+
+
+def algorithm_presets() -> list[str]:
+    """Names of the RL algorithm presets (without importing the trainer's modules)."""
+    return sorted(p.stem for p in _PRESET_DIR.glob("*.yaml"))
+
 
 def write_report(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
     """Write the HTML report of a pipeline run dir (or a single stage dir); return its path.
@@ -152,7 +200,7 @@ def write_report(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
 
 def summary_from_stages(stages: Sequence[Stage]) -> dict | None:
     """The run summary's headline figures from each stage's summary.json, for a run whose stages
-    were run one by one (no pipeline summary.json): gold reward after SFT and after PPO, RM
+    were run one by one (no pipeline summary.json): gold reward after SFT and after RL, RM
     accuracy, final KL, wall time per stage."""
     out: dict[str, Any] = {}
     seconds: dict[str, float] = {}
@@ -160,12 +208,16 @@ def summary_from_stages(stages: Sequence[Stage]) -> dict | None:
         s = stage.summary or {}
         if stage.kind == "sft" and _as_float(s.get("gold_reward")) is not None:
             out["sft_gold_reward"] = s["gold_reward"]
+            if _as_float(s.get("gold_reward_greedy")) is not None:
+                out["sft_gold_reward_greedy"] = s["gold_reward_greedy"]
         elif stage.kind == "reward" and _as_float(s.get("eval_accuracy")) is not None:
             out["rm_accuracy"] = s["eval_accuracy"]
-        elif stage.kind == "ppo":
-            for key, name in (("gold_reward", "ppo_gold_reward"), ("kl", "final_kl"), ("rm_score", "ppo_rm_score")):
+        elif stage.kind == "rl":
+            for key, name in (("gold_reward", "ppo_gold_reward"), ("gold_reward_greedy", "ppo_gold_reward_greedy"),
+                              ("kl", "final_kl"), ("rm_score", "ppo_rm_score")):
                 if _as_float(s.get(key)) is not None:
                     out[name] = s[key]
+            out["algo"] = stage.algo
         if _as_float(s.get("seconds")) is not None:
             seconds[stage.path.name] = s["seconds"]
     if seconds:
@@ -204,12 +256,16 @@ def read_stage(stage_dir: Path) -> Stage:
 
 
 def stage_kind(stage_dir: Path, records: Sequence[dict]) -> str:
-    """'sft', 'reward', 'ppo' or the directory name: from the dir name, the `stage` field or the keys."""
+    """'sft', 'reward', 'rl' or the directory name: from the dir name, the `stage` field (the RL
+    stage logs its algorithm's name) or the keys."""
     name = _STAGE_ALIASES.get(stage_dir.name, stage_dir.name)
     if name in STAGE_ORDER:
         return name
+    presets = set(algorithm_presets())
     for record in records:
         stage = record.get("stage")
+        if isinstance(stage, str) and stage in presets:
+            return "rl"
         if isinstance(stage, str) and _STAGE_ALIASES.get(stage, stage) in STAGE_ORDER:
             return _STAGE_ALIASES.get(stage, stage)
     for record in records:
@@ -329,8 +385,9 @@ def line_plot(spec: PlotSpec, curves: list[tuple[str, list[int], list[float]]], 
         return figure_data_uri(fig)
 
 
-def overoptimisation_plot(records: Sequence[dict]) -> tuple[str | None, str]:
-    """Gold reward and RM score against √KL (Gao et al. 2022), as a data URI, plus a caption.
+def overoptimisation_plot(records: Sequence[dict], rm: bool = True) -> tuple[str | None, str]:
+    """Gold reward and RM score (`rm`: the run had a reward model) against √KL (Gao et al. 2022),
+    as a data URI, plus a caption.
 
     Uses the held-out eval/* metrics when they were logged, else the per-rollout objective/*
     ones. k1 KL estimates of a batch can be slightly negative; they are clipped at 0 for the √.
@@ -338,12 +395,13 @@ def overoptimisation_plot(records: Sequence[dict]) -> tuple[str | None, str]:
     """
     source = "eval" if paired_by_step(records, "eval/kl", "eval/gold_reward")[0] else "objective"
     curves = []
-    for name, label in (("gold_reward", "gold reward"), ("rm_score", "RM score")):
+    rewards = (("gold_reward", "gold reward"), ("rm_score", "RM score")) if rm else (("gold_reward", "gold reward"),)
+    for name, label in rewards:
         kls, rewards = paired_by_step(records, f"{source}/kl", f"{source}/{name}")
         if kls:
             curves.append((label, [math.sqrt(max(kl, 0.0)) for kl in kls], rewards))
     if not curves:
-        return None, f"needs {source}/kl with {source}/gold_reward or {source}/rm_score"
+        return None, f"needs {source}/kl with {source}/gold_reward" + (f" or {source}/rm_score" if rm else "")
     with matplotlib.rc_context(_RC):
         fig = Figure(figsize=(6.4, 3.6), dpi=140, layout="constrained")
         FigureCanvasAgg(fig)
@@ -371,7 +429,7 @@ def overoptimisation_plot(records: Sequence[dict]) -> tuple[str | None, str]:
             f"From {source}/kl, {source}/gold_reward and {source}/rm_score ({origin}). Gold reward rising "
             "with the RM score means the policy really improves; gold reward falling while the RM score "
             "still rises is reward over-optimisation."
-        )
+        ) if rm else f"From {source}/kl and {source}/gold_reward ({origin}); the run had no reward model."
         return figure_data_uri(fig), caption
 
 
@@ -389,22 +447,22 @@ def figure_data_uri(fig: Figure) -> str:
 def render_html(run_dir: Path, stages: list[Stage], summary: dict | None) -> str:
     """The whole report page as one string.
 
-    After the summary comes PPO -- what the run is for -- with its over-optimisation plot and the
-    samples, then the earlier stages in pipeline order.
+    After the summary comes the RL stage -- what the run is for -- with its over-optimisation plot
+    and the samples, then the earlier stages in pipeline order.
     """
     sections = [_summary_section(run_dir, stages, summary)]
     nav = [("summary", "Summary")]
     with_metrics = [s for s in stages if s.records]
-    for stage in [s for s in with_metrics if s.kind == "ppo"]:
-        nav += [("stage-ppo", STAGE_TITLES["ppo"]), ("overopt", "Over-optimisation")]
-        sections += [_stage_section(stage, "stage-ppo"), _overopt_section(stage)]
+    for stage in [s for s in with_metrics if s.kind == "rl"]:
+        nav += [("stage-rl", stage.title), ("overopt", "Over-optimisation")]
+        sections += [_stage_section(stage, "stage-rl"), _overopt_section(stage)]
     sample_stages = [s for s in stages if s.samples]
     if sample_stages:
         nav.append(("samples", "Samples"))
         sections.append(_samples_section(sample_stages))
-    for stage in [s for s in with_metrics if s.kind != "ppo"]:
+    for stage in [s for s in with_metrics if s.kind != "rl"]:
         anchor = f"stage-{stage.kind}"
-        nav.append((anchor, STAGE_TITLES.get(stage.kind, stage.kind)))
+        nav.append((anchor, stage.title))
         sections.append(_stage_section(stage, anchor))
     nav_html = " ".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t in nav)
     title = f"ppo-rlhf report — {run_dir.resolve().name}"
@@ -439,9 +497,11 @@ def _summary_section(run_dir: Path, stages: list[Stage], summary: dict | None) -
     parts = ['<section id="summary"><h2>Summary</h2>']
     if summary:
         parts.append(_summary_cards(summary))
-        rest = {k: v for k, v in summary.items() if k not in _CARD_KEYS}
+        rest = {k: v for k, v in summary.items() if k not in _CARD_KEYS and k != "config"}
         if rest:
             parts.append(_kv_table(_flatten_summary(rest)))
+        if isinstance(summary.get("config"), dict):
+            parts.append(_config_tables(summary["config"]))
     else:
         parts.append(f'<p class="note">No summary.json in <code>{_esc(str(run_dir))}</code>; '
                      "the figures below come from the metrics files.</p>")
@@ -451,7 +511,7 @@ def _summary_section(run_dir: Path, stages: list[Stage], summary: dict | None) -
         span = f"{min(steps)} – {max(steps)}" if steps else "—"
         where = stage.path.relative_to(run_dir) if stage.path != run_dir else Path(".")
         rows.append(
-            f"<tr><td>{_esc(STAGE_TITLES.get(stage.kind, stage.kind))}</td>"
+            f"<tr><td>{_esc(stage.title)}</td>"
             f"<td><code>{_esc(str(where))}/</code></td><td class=num>{len(stage.records)}</td>"
             f"<td class=num>{span}</td><td class=num>{len(stage.samples)}</td></tr>"
         )
@@ -463,17 +523,23 @@ def _summary_section(run_dir: Path, stages: list[Stage], summary: dict | None) -
     return "".join(parts)
 
 
-_CARD_KEYS = ("sft_gold_reward", "ppo_gold_reward", "rm_accuracy", "final_kl", "stage_seconds")
+_CARD_KEYS = ("sft_gold_reward", "ppo_gold_reward", "sft_gold_reward_greedy", "ppo_gold_reward_greedy",
+              "rm_accuracy", "final_kl", "stage_seconds")
 
 
 def _summary_cards(summary: dict) -> str:
-    """Headline figures as cards: gold reward SFT → PPO, RM accuracy, final KL, wall time."""
+    """Headline figures as cards: gold reward SFT → RL (sampled and greedy), RM accuracy, final
+    KL, wall time."""
     cards = []
-    sft, ppo = _as_float(summary.get("sft_gold_reward")), _as_float(summary.get("ppo_gold_reward"))
-    if ppo is not None:
-        value = f"{_fmt(sft)} → {_fmt(ppo)}" if sft is not None else _fmt(ppo)
-        delta = f"{ppo - sft:+.4g} from PPO" if sft is not None else "after PPO"
-        cards.append(("Gold reward", value, delta))
+    algo = str(summary.get("algo") or "RL").upper()
+    temperature = _as_float(summary.get("eval_temperature"))
+    sampled = f"sampled, T={temperature:g}" if temperature is not None else "sampled"
+    for kind, how in (("", sampled), ("_greedy", "greedy")):
+        sft, rl = _as_float(summary.get(f"sft_gold_reward{kind}")), _as_float(summary.get(f"ppo_gold_reward{kind}"))
+        if rl is not None:
+            value = f"{_fmt(sft)} → {_fmt(rl)}" if sft is not None else _fmt(rl)
+            delta = f"{rl - sft:+.4g} from {algo}" if sft is not None else f"after {algo}"
+            cards.append((f"Gold reward ({how})", value, delta))
     acc = _as_float(summary.get("rm_accuracy"))
     if acc is not None:
         cards.append(("RM held-out accuracy", f"{acc:.1%}", "pairwise, chance = 50%"))
@@ -494,10 +560,38 @@ def _summary_cards(summary: dict) -> str:
     ) + "</div>"
 
 
+def _config_tables(config: dict) -> str:
+    """A config (a pipeline's: one mapping per stage) as collapsible tables of dotted keys."""
+    groups = {k: v for k, v in config.items() if isinstance(v, dict) and k in _PIPELINE_STAGES}
+    top = {k: v for k, v in config.items() if k not in groups}
+    parts = []
+    for name, values in ([("run", top)] if top else []) + list(groups.items()):
+        rows = [(key, _fmt_value(value)) for key, value in _dotted(values)]
+        parts.append(f"<details><summary>config: {_esc(name)} ({len(rows)} options)</summary>"
+                     + _kv_table(rows) + "</details>")
+    return "".join(parts)
+
+
+_PIPELINE_STAGES = ("tokenizer", "data", "sft", "reward", "ppo", "eval")
+
+
+def _dotted(values: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out += _dotted(value, f"{prefix}{key}.")
+        else:
+            out.append((prefix + key, value))
+    return out
+
+
 def _flatten_summary(summary: dict) -> list[tuple[str, str]]:
-    """(label, formatted value) rows; one level of nesting flattened, durations humanised."""
+    """(label, formatted value) rows; one level of nesting flattened, durations humanised; a
+    config is left to `_config_tables`."""
     rows = []
     for key, value in summary.items():
+        if key == "config":
+            continue
         if isinstance(value, dict):
             for sub, sub_value in value.items():
                 if key == "stage_seconds" and _as_float(sub_value) is not None:
@@ -510,7 +604,7 @@ def _flatten_summary(summary: dict) -> list[tuple[str, str]]:
 
 
 def _stage_section(stage: Stage, anchor: str) -> str:
-    title = STAGE_TITLES.get(stage.kind, stage.kind)
+    title = stage.title
     parts = [f'<section id="{anchor}"><h2>{_esc(title)}</h2>']
     if stage.bad_lines:
         shown = ", ".join(str(n) for n in stage.bad_lines[:10]) + (" …" if len(stage.bad_lines) > 10 else "")
@@ -525,14 +619,18 @@ def _stage_section(stage: Stage, anchor: str) -> str:
     if stage.summary and stage.kind in STAGE_ORDER:
         parts.append("<details><summary>stage summary.json</summary>"
                      + _kv_table(_flatten_summary(stage.summary)) + "</details>")
+        if isinstance(stage.summary.get("config"), dict):
+            parts.append(_config_tables(stage.summary["config"]))
     xlabel = STEP_LABELS.get(stage.kind, "step")
     plots = STAGE_PLOTS.get(stage.kind) or _generic_plots(stage.records)
-    if stage.kind == "ppo":
-        plots = plots + _reward_function_plots(stage.records)
+    if stage.kind == "rl":
+        if not stage.has_reward_model():
+            plots = [p for p in plots if not p.curves[0][0].endswith("rm_score")]
+        plots = [_reward_plot(stage)] + plots + _reward_function_plots(stage.records)
     parts.append(_plot_grid(stage.records, plots, xlabel))
-    if stage.kind == "ppo":
-        parts.append("<h3>PPO diagnostics</h3>")
-        parts.append(_plot_grid(stage.records, PPO_DIAGNOSTICS, xlabel))
+    if stage.kind == "rl":
+        parts.append(f"<h3>{_esc(stage.algo.upper())} diagnostics</h3>")
+        parts.append(_plot_grid(stage.records, RL_DIAGNOSTICS, xlabel))
     parts.append("</section>")
     return "".join(parts)
 
@@ -563,6 +661,20 @@ def _plot_grid(records: list[dict], plots: list[PlotSpec], xlabel: str) -> str:
     return "".join(parts)
 
 
+def _reward_plot(stage: Stage) -> PlotSpec:
+    """The per-rollout reward the policy was trained on (`objective/rlhf_reward`), titled by its
+    sources -- the RM score (logged only with a reward model) and the reward functions -- and by
+    where the KL went: in the reward (score − β·KL) or in the loss (the reward is the score)."""
+    sources = ["RM score"] if stage.has_reward_model() else []
+    sources += sorted({k[len(REWARD_FN_PREFIX):] for r in stage.records for k in r if k.startswith(REWARD_FN_PREFIX)})
+    score = " + ".join(sources) or "score"
+    if len(sources) > 1:
+        score = f"({score})"
+    if stage.kl_in() == "reward":
+        return PlotSpec(f"Reward: {score} − β·KL", "reward per sequence", [("objective/rlhf_reward", "rollout")])
+    return PlotSpec(f"Reward: {score} (KL in the loss)", "reward per sequence", [("objective/rlhf_reward", "rollout")])
+
+
 def _reward_function_plots(records: list[dict]) -> list[PlotSpec]:
     """One plot of every reward function's mean (`reward_fn/<name>`), when the run had any."""
     keys = sorted({k for r in records for k in r if k.startswith(REWARD_FN_PREFIX)})
@@ -580,7 +692,7 @@ def _generic_plots(records: list[dict]) -> list[PlotSpec]:
 
 
 def _overopt_section(stage: Stage) -> str:
-    uri, caption = overoptimisation_plot(stage.records)
+    uri, caption = overoptimisation_plot(stage.records, rm=stage.has_reward_model())
     parts = ['<section id="overopt"><h2>Over-optimisation</h2>']
     if uri is None:
         parts.append(f'<p class="note">Not plotted: {_esc(caption)}.</p>')
@@ -603,8 +715,7 @@ def pick_sample_steps(samples: Sequence[dict]) -> list[int]:
 def _samples_section(stages: list[Stage]) -> str:
     parts = ['<section id="samples"><h2>Samples</h2>']
     for stage in stages:
-        title = STAGE_TITLES.get(stage.kind, stage.kind)
-        parts.append(f"<h3>{_esc(title)} — first, middle and last logged steps</h3>")
+        parts.append(f"<h3>{_esc(stage.title)} — first, middle and last logged steps</h3>")
         rows = []
         for step in pick_sample_steps(stage.samples):
             at_step = [s for s in stage.samples if _as_step(s["step"]) == step][:_SAMPLES_PER_STEP]

@@ -11,6 +11,7 @@ append EOS to responses and pad batches as they need, prompts on the left).
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Iterable
@@ -26,6 +27,10 @@ SPECIAL_TOKENS = {"pad": "<|pad|>", "eos": "<|eos|>", "bos": "<|bos|>"}
 """Special tokens by role; they get ids 0, 1, 2 in a trained tokenizer."""
 
 _HOW_TO_MAKE = "make one with `ppo-rlhf tokenizer --task arithmetic --out DIR`"
+
+_GENERIC_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+"""`tokenizer_class` values of a plain tokenizer.json (ours): loaded as saved, never as the class
+that the model's config.json suggests."""
 
 
 def train_tokenizer(
@@ -94,7 +99,10 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
             f"{_HOW_TO_MAKE}"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if _is_generic(path):
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"cannot load the tokenizer in {path}: {err}; {_HOW_TO_MAKE}") from err
     if tokenizer.eos_token_id is None:
@@ -118,6 +126,23 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
             f"save_pretrained, resize the model's embeddings), or {_HOW_TO_MAKE}"
         )
     return tokenizer
+
+
+def _is_generic(path: Path) -> bool:
+    """Whether `path` holds a plain tokenizer.json whose config names no model-specific class.
+
+    AutoTokenizer picks the class from the model's config.json when the tokenizer's config names
+    the generic one: beside a qwen2 model that is Qwen2Tokenizer, which adds `<|endoftext|>` as
+    its unknown token, so the tokenizer would reload one token longer than the model's embedding.
+    """
+    if not (path / "tokenizer.json").is_file():
+        return False
+    config_file = path / "tokenizer_config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {config_file}: {err}; {_HOW_TO_MAKE}") from err
+    return config.get("tokenizer_class") in (None, *_GENERIC_CLASSES)
 
 
 def tokenizer_summary(tokenizer: PreTrainedTokenizerBase) -> dict:

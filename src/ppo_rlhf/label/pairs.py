@@ -73,14 +73,20 @@ def _hash_bit(*texts: str) -> int:
     return hashlib.sha256("\x00".join(texts).encode("utf-8")).digest()[0] & 1
 
 
+REDRAWS = 3
+"""How many times a pair whose two responses came out identical is sampled again."""
+
+
 def pairs_from_model(model_dir: str | Path, prompts_path: str | Path, n_pairs: int, *,
                      max_new_tokens: int = 32, temperature: float = 1.0, seed: int = 0,
-                     batch_size: int = 32) -> list[dict]:
+                     batch_size: int = 32, redraws: int = REDRAWS) -> list[dict]:
     """`n_pairs` pairs of two sampled responses each, from a model saved by a stage.
 
-    Pair i uses prompt i of the file (cycling when the file has fewer prompts). Sampling is
-    seeded, so the same arguments give the same pairs -- and a restarted session skips the pairs
-    it has already labelled.
+    Pair i uses prompt i of the file (cycling when the file has fewer prompts). A pair whose two
+    responses are identical (a confident model: "8" and "8") is sampled again, up to `redraws`
+    times; one still identical stays in the list, and the labelling page skips it and says so.
+    Sampling is seeded, so the same arguments give the same pairs -- and a restarted session
+    skips the pairs it has already labelled.
     """
     import torch
 
@@ -111,19 +117,30 @@ def pairs_from_model(model_dir: str | Path, prompts_path: str | Path, n_pairs: i
     prompts = [examples[i % len(examples)].prompt for i in range(n_pairs)]
     ids, _ = encode_prompts(tokenizer, prompts, _max_prompt_len(model.config, max_new_tokens))
     generator = torch.Generator().manual_seed(seed)
-    responses: list[str] = []
-    with torch.no_grad():
-        for start in range(0, len(ids), batch_size):
-            rows = [p for p in ids[start:start + batch_size] for _ in range(2)]  # each prompt twice
-            batch = collate_prompts(rows, tokenizer.pad_token_id)
-            response_ids, response_mask = generate(
-                model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                temperature=temperature, generator=generator,
-            )
-            responses += [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
-                          for r, m in zip(response_ids, response_mask)]
-    return [{"prompt": p, "a": responses[2 * i], "b": responses[2 * i + 1]} for i, p in enumerate(prompts)]
+
+    def sample_twice(prompt_ids: list[list[int]]) -> list[tuple[str, str]]:
+        responses: list[str] = []
+        with torch.no_grad():
+            for start in range(0, len(prompt_ids), batch_size):
+                rows = [p for p in prompt_ids[start:start + batch_size] for _ in range(2)]  # each prompt twice
+                batch = collate_prompts(rows, tokenizer.pad_token_id)
+                response_ids, response_mask = generate(
+                    model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                    temperature=temperature, generator=generator,
+                )
+                responses += [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
+                              for r, m in zip(response_ids, response_mask)]
+        return list(zip(responses[0::2], responses[1::2]))
+
+    drawn = sample_twice(ids)
+    for _ in range(redraws):  # identical responses compare nothing: sample those pairs again
+        same = [i for i, (a, b) in enumerate(drawn) if a == b]
+        if not same:
+            break
+        for i, pair in zip(same, sample_twice([ids[i] for i in same])):
+            drawn[i] = pair
+    return [{"prompt": p, "a": a, "b": b} for p, (a, b) in zip(prompts, drawn)]
 
 
 def _max_prompt_len(config, max_new_tokens: int, cap: int = 512) -> int:

@@ -80,6 +80,9 @@ class LabelStore:
 
     def __init__(self, pairs: list[dict], out_path: str | Path) -> None:
         self.pairs = _unique_pairs(pairs)
+        # Two identical responses compare nothing (pairs_from_model has already re-drawn them).
+        self.identical = sum(p["a"] == p["b"] for p in self.pairs)
+        self.pairs = [p for p in self.pairs if p["a"] != p["b"]]
         self._keys = [pair_key(p["prompt"], p["a"], p["b"]) for p in self.pairs]
         self.out_path = Path(out_path)
         self.skipped_path = skipped_path(out_path)
@@ -148,6 +151,7 @@ class LabelStore:
             "next": None if index is None else {"index": index, **self.pairs[index]},
             "can_undo": bool(self._undo),
             "out_path": str(self.out_path),
+            "identical_skipped": self.identical,
         }
 
 
@@ -331,6 +335,9 @@ def serve(pairs: list[dict], out_path: str | Path, *, host: str = "127.0.0.1", p
     if not server.loopback_only:
         print(f"warning: listening on {host}: anyone who can reach this machine can read the pairs "
               "and add labels", file=sys.stderr)
+    if state["identical_skipped"]:
+        print(f"Skipped {state['identical_skipped']} pair(s) whose two responses are identical "
+              "(nothing to compare)", flush=True)
     print(f"Labelling {state['total']} pairs ({state['done']} already done) at {url}\n"
           f"Preferences -> {server.store.out_path}; ties and skips -> {server.store.skipped_path}\n"
           "Press Ctrl-C to stop.", flush=True)

@@ -1,4 +1,5 @@
 """Evaluation: sample a policy on held-out prompts and measure gold reward, RM score and KL.
+With a gold reward, the greedy responses' gold reward is reported beside the sampled one.
 
     ppo-rlhf eval policy=run/ppo/model reference=run/sft/model reward_model=run/reward/model \
         prompts_file=run/data/prompts_eval.jsonl task=arithmetic --out eval.json
@@ -142,6 +143,27 @@ def evaluate_policy(policy, tokenizer, prompts: PromptSet, *, task: str = "", go
     return out
 
 
+def evaluate_sampled_and_greedy(policy, tokenizer, prompts: PromptSet, *, temperature: float = 0.7,
+                                **kwargs) -> dict:
+    """`evaluate_policy` at `temperature`, with the greedy gold reward beside it
+    (`gold_reward_greedy`, `gold_reward_greedy_std`) when there is a gold reward.
+
+    Sampled gold is what the policy does at the RL stage's temperature; greedy gold what its most
+    likely answer is worth (SFT reports both). The greedy pass scores only the gold reward; at
+    temperature 0 the one pass is the greedy one, and both keys hold it.
+    """
+    res = evaluate_policy(policy, tokenizer, prompts, temperature=temperature, **kwargs)
+    if "gold_reward" not in res:
+        return res
+    if temperature == 0:
+        greedy = res
+    else:
+        greedy = evaluate_policy(policy, tokenizer, prompts, temperature=0.0,
+                                 **{**kwargs, "reward_model": None, "reference": None, "sample_rows": 0})
+    res["gold_reward_greedy"], res["gold_reward_greedy_std"] = greedy["gold_reward"], greedy["gold_reward_std"]
+    return res
+
+
 def _mean(values: list[float]) -> float:
     return _mean_std(values)[0]
 
@@ -175,10 +197,11 @@ def run_eval(cfg: EvalConfig) -> dict:
     if prompts.distinct < cfg.n and dist.is_main():
         print(f"[eval] {cfg.prompts_file} has {prompts.distinct} prompts: n={cfg.n} samples are "
               f"{prompts.samples_per_prompt:.3g} per prompt (the file is cycled)", file=sys.stderr)
-    res = evaluate_policy(policy, tokenizer, prompts, task=cfg.task, gold=cfg.gold, device=device, reward_model=rm,
-                          reference=reference, max_new_tokens=cfg.max_new_tokens,
-                          temperature=cfg.temperature, batch_size=cfg.batch_size, seed=cfg.seed,
-                          sample_rows=5)
+    res = evaluate_sampled_and_greedy(policy, tokenizer, prompts, task=cfg.task, gold=cfg.gold, device=device,
+                                      reward_model=rm, reference=reference, max_new_tokens=cfg.max_new_tokens,
+                                      temperature=cfg.temperature, batch_size=cfg.batch_size, seed=cfg.seed,
+                                      sample_rows=5)
+    res["temperature"] = cfg.temperature
     if cfg.out and dist.is_main():
         atomic_write_json(Path(cfg.out), res)
     return res

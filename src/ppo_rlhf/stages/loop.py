@@ -30,7 +30,8 @@ steps, logs exactly the metrics and writes exactly the model of the run left alo
 
 How the RL stage plugs in: its trainer is the stage. `step(ctx)` is one iteration -- draw the
 prompt batch of iteration `ctx.step`, roll out, score, update -- and returns the rollout and update
-statistics as `metrics` and a few figures (KL, RM score, gold) as `progress`; `unit = "update"`.
+statistics as `metrics` and a few figures (KL, RM score, gold) as `progress`; `unit = "update"`,
+`name` is the algorithm (cfg.algo.name) and `command = "rl"`.
 `state()` adds the policy, value model, both optimizers and schedulers, the KL controller, the
 reward normaliser and the sampling generators; `load()` restores the generators and the
 normaliser; `schedules` lists both optimizers with their configured learning rates.
@@ -83,7 +84,8 @@ class StepContext:
 class Stage(Protocol):
     """What a training stage gives the loop."""
 
-    name: str  # "sft", "reward", "ppo": the metrics' stage, the messages, the resume command
+    name: str  # "sft", "reward", the RL algorithm ("ppo", "grpo"): the metrics' stage, the messages
+    command: str  # the `ppo-rlhf` subcommand that runs it ("sft", "reward", "rl"): the resume command
     unit: str  # "step" or "update", in the messages
     total_steps: int
     schedules: list[Schedule]
@@ -161,7 +163,7 @@ class StageLoop:
                     self.close(barrier=False)
                     if dist.is_main():
                         print(f"[{stage.name}] stopped at {stage.unit} {self.step}; "
-                              f"resume with: {common.resume_command(stage.name)}")
+                              f"resume with: {common.resume_command(stage.command)}")
                     return False
         if self.last_checkpoint != self.ckpt.path_for(self.step):  # not saved by the loop (or resumed from)
             self.save()

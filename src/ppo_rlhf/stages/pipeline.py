@@ -311,8 +311,12 @@ def run_pipeline(cfg: PipelineConfig, explicit: Iterable[str] = (),
     rm = _read_summary(Path(cfg.reward.out_dir)) if cfg.ppo.reward_model else {}
     summary.update({
         "task": cfg.task or cfg.gold or None, "data": cfg.data_dir or "generated",
+        "algo": cfg.ppo.algo.name, "eval_temperature": cfg.eval.temperature,
+        # sampled at eval.temperature (the RL stage's), and greedy
         "sft_gold_reward": ev["sft"].get("gold_reward"), "sft_gold_reward_std": ev["sft"].get("gold_reward_std"),
+        "sft_gold_reward_greedy": ev["sft"].get("gold_reward_greedy"),
         "ppo_gold_reward": ev["ppo"].get("gold_reward"), "ppo_gold_reward_std": ev["ppo"].get("gold_reward_std"),
+        "ppo_gold_reward_greedy": ev["ppo"].get("gold_reward_greedy"),
         "sft_rm_score": ev["sft"].get("rm_score"), "ppo_rm_score": ev["ppo"].get("rm_score"),
         "final_kl": ev["ppo"].get("kl"), "rm_accuracy": rm.get("eval_accuracy"),
         "eval_prompts": ev["ppo"].get("n"), "eval_distinct_prompts": ev["ppo"].get("distinct_prompts"),

@@ -96,7 +96,7 @@ class RewardStage(common.Training):
     """Reward-model training for the stage loop (loop.py): a step is one optimizer step on a
     global batch of pairs; the loss is the mean over the batch's pairs."""
 
-    name, unit = "reward", "step"
+    name, command, unit = "reward", "reward", "step"
 
     def __init__(self, cfg: RewardConfig, model, train: PaddedSet, evalset: PaddedSet | None, device,
                  total_steps: int):

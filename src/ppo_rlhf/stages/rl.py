@@ -78,7 +78,7 @@ from ..rollout import (
 from ..tasks import get_task
 from ..tokenizer import load_tokenizer
 from . import common
-from .evaluate import decode_responses, evaluate_policy, load_eval_prompts
+from .evaluate import decode_responses, evaluate_sampled_and_greedy, load_eval_prompts
 from .loop import StageLoop, StepContext, StepResult
 
 
@@ -165,9 +165,10 @@ class RLTrainer:
     """The policy, reference, reward model / functions and value model with their optimisers and
     controllers; `step()` is one iteration (the `Stage` of loop.py)."""
 
-    name, unit = "ppo", "update"
+    command, unit = "rl", "update"
 
     def __init__(self, cfg: PPOConfig, device: torch.device, reward_functions: Sequence[Callable] | None = None):
+        self.name = cfg.algo.name  # what runs: the console prefix and the metrics' stage
         self.cfg, self.device = cfg, device
         algo = cfg.algo
         self.estimator = ADVANTAGES[algo.advantage]
@@ -340,10 +341,11 @@ class RLTrainer:
             return StepResult({})
         cfg = self.cfg
         with dist.full_params(self.policy, self.reward_model, self.reference.model):
-            res = evaluate_policy(self.policy, self.tokenizer, self.eval_prompts, task=cfg.task, device=self.device,
-                                  reward_model=self.reward_model, reference=self.reference,
-                                  max_new_tokens=self.max_new_tokens, temperature=cfg.rollout.temperature,
-                                  seed=cfg.run.seed + 99, sample_rows=cfg.sample_rows)
+            res = evaluate_sampled_and_greedy(self.policy, self.tokenizer, self.eval_prompts, task=cfg.task,
+                                              device=self.device, reward_model=self.reward_model,
+                                              reference=self.reference, max_new_tokens=self.max_new_tokens,
+                                              temperature=cfg.rollout.temperature, seed=cfg.run.seed + 99,
+                                              sample_rows=cfg.sample_rows)
         return StepResult({f"eval/{k}": v for k, v in res.items() if isinstance(v, float)}, samples=res["samples"])
 
     def step(self, ctx: StepContext) -> StepResult:
@@ -496,7 +498,7 @@ class RLTrainer:
         prompt_rows = exp.prompt_index.tolist()
         m = {"objective/kl_estimator_mean": (exp.kl * mask).sum(1).mean().item(),
              "objective/rlhf_reward": exp.rewards.sum(1).mean().item(),
-             "objective/rm_score": exp.rm_scores.mean().item(),
+             **({"objective/rm_score": exp.rm_scores.mean().item()} if self.reward_model is not None else {}),
              "objective/score": exp.scores.mean().item(),
              "objective/non_score_reward": (-beta * exp.kl * mask).sum(1).mean().item(),
              "objective/entropy": masked_mean(exp.entropy, mask).item(),
@@ -788,7 +790,7 @@ def run_rl(cfg: PPOConfig, resume: bool = False, reward_functions: Sequence[Call
     if not loop.run():
         return {"stopped_at": loop.step}
     final = loop.evaluate()
-    summary = {"stage": "ppo", "algo": cfg.algo.name, "updates": cfg.train.updates,
+    summary = {"stage": "rl", "algo": cfg.algo.name, "updates": cfg.train.updates,
                "final_beta": trainer.kl_ctl.value, "skipped_steps": loop.guard.skipped_total,
                **{k.split("/", 1)[1]: v for k, v in final.items()}}
     # on every rank: FSDP gathers the shards to rank 0

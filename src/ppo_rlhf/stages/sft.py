@@ -75,7 +75,7 @@ def eval_loss(model, evalset: PaddedSet, batch_size: int, device) -> float:
 class SFTStage(common.Training):
     """SFT for the stage loop (loop.py): a step is one optimizer step on a global batch."""
 
-    name, unit = "sft", "step"
+    name, command, unit = "sft", "sft", "step"
 
     def __init__(self, cfg: SFTConfig, model, train: PaddedSet, evalset: PaddedSet | None, device,
                  total_steps: int):

@@ -29,6 +29,10 @@ function render(next, message) {
   $("pair").hidden = !pair;
   $("finished").hidden = Boolean(pair);
   $("out-path").textContent = state.out_path;
+  const identical = state.identical_skipped || 0;
+  $("identical").hidden = identical === 0;
+  $("identical").textContent =
+    `${identical} pair${identical === 1 ? "" : "s"} with two identical responses skipped (nothing to compare).`;
   if (pair) {
     $("pair-index").textContent = `pair #${pair.index + 1}`;
     $("prompt").textContent = pair.prompt;
