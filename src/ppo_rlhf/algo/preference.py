@@ -56,27 +56,33 @@ class PreferenceLossOutput(NamedTuple):
 
 
 class PreferenceLoss(NamedTuple):
-    """A registered preference loss: the function, what it needs, and its usual beta."""
+    """A registered preference loss: the function, what it needs, its usual beta, and the
+    `PreferenceParams` fields it reads (a stage refuses settings of the others)."""
 
     fn: Callable[[PreferenceBatch, PreferenceParams], PreferenceLossOutput]
     needs_reference: bool
     needs_mismatched: bool
     default_beta: float
+    params: tuple[str, ...]
 
 
 PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {}
 
 
 def register_preference_loss(name: str, *, needs_reference: bool, needs_mismatched: bool = False,
-                             default_beta: float = 0.1):
-    """Decorator: register `fn(batch, params) -> PreferenceLossOutput` under `name`."""
+                             default_beta: float = 0.1, params: tuple[str, ...] = ("beta",)):
+    """Decorator: register `fn(batch, params) -> PreferenceLossOutput` under `name`; `params`
+    names the `PreferenceParams` fields it reads."""
 
     def wrap(fn):
         if name in PREFERENCE_LOSSES:
             raise ValueError(f"preference loss {name!r} is registered twice")
         if needs_mismatched and not needs_reference:
             raise ValueError(f"preference loss {name!r}: mismatched log-probs are compared with the reference's")
-        PREFERENCE_LOSSES[name] = PreferenceLoss(fn, needs_reference, needs_mismatched, default_beta)
+        unknown = set(params) - set(PreferenceParams._fields)
+        if unknown:
+            raise ValueError(f"preference loss {name!r} reads unknown params {sorted(unknown)}")
+        PREFERENCE_LOSSES[name] = PreferenceLoss(fn, needs_reference, needs_mismatched, default_beta, tuple(params))
         return fn
 
     return wrap
@@ -94,7 +100,7 @@ def _smoothed_sigmoid_loss(logits: Tensor, label_smoothing: float) -> Tensor:
     return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
 
 
-@register_preference_loss("dpo", needs_reference=True, default_beta=0.1)
+@register_preference_loss("dpo", needs_reference=True, default_beta=0.1, params=("beta", "label_smoothing"))
 def dpo_loss(b: PreferenceBatch, p: PreferenceParams) -> PreferenceLossOutput:
     """DPO (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7), with conservative
     label smoothing eps (cDPO, Mitchell 2023):
@@ -130,7 +136,8 @@ def ipo_loss(b: PreferenceBatch, p: PreferenceParams) -> PreferenceLossOutput:
     return PreferenceLossOutput(losses, (p.beta * h_w).detach(), (p.beta * h_l).detach())
 
 
-@register_preference_loss("simpo", needs_reference=False, default_beta=2.0)
+@register_preference_loss("simpo", needs_reference=False, default_beta=2.0,
+                          params=("beta", "label_smoothing", "gamma"))
 def simpo_loss(b: PreferenceBatch, p: PreferenceParams) -> PreferenceLossOutput:
     """SimPO (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free
     Reward", eq. 6): the length-normalised log-likelihood is the reward, no reference model, a
@@ -156,7 +163,8 @@ def kto_reference_point(b: PreferenceBatch) -> Tensor:
     return (b.mismatched_logps - b.ref_mismatched_logps).mean().clamp(min=0).detach()
 
 
-@register_preference_loss("kto", needs_reference=True, needs_mismatched=True, default_beta=0.1)
+@register_preference_loss("kto", needs_reference=True, needs_mismatched=True, default_beta=0.1,
+                          params=("beta", "desirable_weight", "undesirable_weight"))
 def kto_loss(b: PreferenceBatch, p: PreferenceParams) -> PreferenceLossOutput:
     """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization",
     eq. 8) on unpaired examples: each pair is split into a desirable (x, y_w) and an undesirable
