@@ -32,8 +32,9 @@ from matplotlib.figure import Figure
 from ppo_rlhf.errors import UserError
 from ppo_rlhf.fileio import atomic_write_text
 
-STAGE_ORDER = ("sft", "reward", "ppo")
-STAGE_TITLES = {"sft": "Supervised fine-tuning", "reward": "Reward model", "ppo": "PPO"}
+STAGE_ORDER = ("sft", "reward", "ppo", "dpo")
+STAGE_TITLES = {"sft": "Supervised fine-tuning", "reward": "Reward model", "ppo": "PPO",
+                "dpo": "Preference optimisation"}
 _STAGE_ALIASES = {"rm": "reward", "reward_model": "reward", "rlhf": "ppo", "rl": "ppo"}
 REWARD_FN_PREFIX = "reward_fn/"
 """Metric namespace of the reward functions' means (one curve each in the PPO section)."""
@@ -82,8 +83,23 @@ REWARD_PLOTS = [
     PlotSpec("Reward-model accuracy", "pairwise accuracy",
              [("rm/train_acc", "train"), ("rm/eval_acc", "held-out")], chance=0.5),
 ]
-STAGE_PLOTS = {"sft": SFT_PLOTS, "reward": REWARD_PLOTS, "ppo": PPO_PLOTS}
-STEP_LABELS = {"sft": "SFT step", "reward": "RM step", "ppo": "PPO step"}
+DPO_PLOTS = [
+    PlotSpec("Preference loss", "loss", [("train/loss", "train"), ("eval/loss", "held-out pairs")]),
+    PlotSpec("Implicit rewards", "reward",
+             [("train/chosen_reward", "chosen (train)"), ("train/rejected_reward", "rejected (train)"),
+              ("eval/chosen_reward", "chosen (held-out)"), ("eval/rejected_reward", "rejected (held-out)")]),
+    PlotSpec("Implicit-reward margin", "chosen − rejected", [("train/margin", "train"), ("eval/margin", "held-out")]),
+    PlotSpec("Implicit-reward accuracy", "pairwise accuracy",
+             [("train/accuracy", "train"), ("eval/accuracy", "held-out")], chance=0.5),
+    PlotSpec("Gold reward (held-out prompts)", "gold reward",
+             [("eval/gold_reward", "sampled"), ("eval/gold_reward_greedy", "greedy")]),
+    PlotSpec("KL(policy ‖ reference)", "nats", [("eval/kl", "sampled")]),
+    PlotSpec("Reward-model score (held-out prompts)", "RM score",
+             [("eval/rm_score", "sampled"), ("eval/rm_score_greedy", "greedy"), ("online/score", "online samples")]),
+    PlotSpec("Online pairs per round", "pairs", [("online/pairs", "labelled"), ("online/ties", "ties skipped")]),
+]
+STAGE_PLOTS = {"sft": SFT_PLOTS, "reward": REWARD_PLOTS, "ppo": PPO_PLOTS, "dpo": DPO_PLOTS}
+STEP_LABELS = {"sft": "SFT step", "reward": "RM step", "ppo": "PPO step", "dpo": "DPO step (online: round)"}
 
 SUMMARY_LABELS = {
     "sft_gold_reward": "Gold reward after SFT",
@@ -394,6 +410,10 @@ def render_html(run_dir: Path, stages: list[Stage], summary: dict | None) -> str
     """
     sections = [_summary_section(run_dir, stages, summary)]
     nav = [("summary", "Summary")]
+    compare = _read_json(run_dir / "compare.json")
+    if compare and isinstance(compare.get("results"), dict):
+        nav.append(("compare", "Comparison"))
+        sections.append(_compare_section(compare))
     with_metrics = [s for s in stages if s.records]
     for stage in [s for s in with_metrics if s.kind == "ppo"]:
         nav += [("stage-ppo", STAGE_TITLES["ppo"]), ("overopt", "Over-optimisation")]
@@ -403,8 +423,8 @@ def render_html(run_dir: Path, stages: list[Stage], summary: dict | None) -> str
         nav.append(("samples", "Samples"))
         sections.append(_samples_section(sample_stages))
     for stage in [s for s in with_metrics if s.kind != "ppo"]:
-        anchor = f"stage-{stage.kind}"
-        nav.append((anchor, STAGE_TITLES.get(stage.kind, stage.kind)))
+        anchor = f"stage-{stage.path.name}" if stage.kind == "dpo" else f"stage-{stage.kind}"
+        nav.append((anchor, _stage_title(stage)))
         sections.append(_stage_section(stage, anchor))
     nav_html = " ".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t in nav)
     title = f"ppo-rlhf report — {run_dir.resolve().name}"
@@ -509,8 +529,32 @@ def _flatten_summary(summary: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def _stage_section(stage: Stage, anchor: str) -> str:
+def _stage_title(stage: Stage) -> str:
+    """The stage's title; a preference stage says its directory (one per compared method)."""
     title = STAGE_TITLES.get(stage.kind, stage.kind)
+    return f"{title}: {stage.path.name}" if stage.kind == "dpo" else title
+
+
+def _compare_section(compare: dict) -> str:
+    """RUN/compare.json as a table: each method's held-out gold reward (greedy and sampled), RM
+    score, KL to the SFT model and wall time."""
+    head = ("method", "gold (greedy)", "gold (sampled)", "RM score (sampled)", "KL (sampled, nats)", "wall time")
+    rows = []
+    for name, r in compare["results"].items():
+        secs = _as_float(r.get("seconds"))
+        cells = [_fmt(_as_float(r.get(k))) for k in ("gold_reward_greedy", "gold_reward", "rm_score", "kl")]
+        rows.append(f"<tr><td>{_esc(name)}</td>" + "".join(f"<td class=num>{c}</td>" for c in cells)
+                    + f"<td class=num>{_esc(_fmt_duration(secs)) if secs is not None else '—'}</td></tr>")
+    note = (f"{_esc(str(compare.get('eval_prompts', '')))} held-out prompt samples; sampled at T = "
+            f"{_esc(str(compare.get('temperature', '')))}; KL to the SFT model; every method from the same "
+            "SFT model and reward model.")
+    return ('<section id="compare"><h2>Comparison</h2><table class="grid"><thead><tr>'
+            + "".join(f"<th>{h}</th>" for h in head) + f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+            f'<p class="note">{note}</p></section>')
+
+
+def _stage_section(stage: Stage, anchor: str) -> str:
+    title = _stage_title(stage)
     parts = [f'<section id="{anchor}"><h2>{_esc(title)}</h2>']
     if stage.bad_lines:
         shown = ", ".join(str(n) for n in stage.bad_lines[:10]) + (" …" if len(stage.bad_lines) > 10 else "")
