@@ -252,3 +252,52 @@ def _cli_args(fx, out, extra):
             f"eval_prompts_file={fx / 'prompts_eval.jsonl'}", "eval_samples=6", "task=arithmetic",
             "batch_size=8", "optim.lr=1e-3", "run.tensorboard=false", "run.save_every=2", "run.device=cpu",
             f"train_file={fx / 'prefs.jsonl'}", *extra]
+
+
+TINY_PIPELINE = ["data.n_sft=64", "data.n_prefs=64", "data.n_prompts=32", "data.n_eval=16", "sft.max_steps=3",
+                 "sft.batch_size=8", "reward.max_steps=3", "reward.batch_size=8", "reward.norm_samples=8",
+                 "ppo.train.updates=2", "ppo.rollout.batch_size=8", "ppo.eval_samples=8", "eval.n=8",
+                 "dpo.max_steps=2", "dpo.batch_size=8", "dpo.eval_samples=8", "dpo.online.rounds=2",
+                 "dpo.online.prompts_per_round=8", "sft.run.tensorboard=false", "reward.run.tensorboard=false",
+                 "ppo.run.tensorboard=false", "dpo.run.tensorboard=false"]
+
+
+def pipeline(out, *extra):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "ppo_rlhf.cli", "pipeline", "--out", str(out), *extra],
+                          capture_output=True, text=True, env=env, timeout=900)
+
+
+def test_pipeline_compare_runs_each_method_from_one_sft_and_rm_and_reports_them(tmp_path):
+    run = tmp_path / "cmp"
+    p = pipeline(run, "--task", "arithmetic", "--compare", "ppo,dpo,online_dpo", *TINY_PIPELINE)
+    assert p.returncode == 0, p.stderr[-3000:]
+    compare = json.loads((run / "compare.json").read_text())
+    assert compare["methods"] == ["sft", "ppo", "dpo", "online_dpo"] == sorted(compare["results"], key=compare[
+        "methods"].index)
+    for name, row in compare["results"].items():
+        for key in ("gold_reward", "gold_reward_greedy", "rm_score", "kl", "seconds"):
+            assert row[key] is not None and math.isfinite(row[key]), (name, key)
+    assert compare["results"]["sft"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    for method in ("ppo", "dpo", "online_dpo"):
+        assert (run / method / "model" / "model.safetensors").is_file()
+    assert json.loads((run / "online_dpo" / "summary.json").read_text())["online"] is True
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["compare"] == compare["results"]
+    html = (run / "report.html").read_text()
+    assert 'id="compare"' in html and "online_dpo" in html and "Preference optimisation: dpo" in html
+    again = pipeline(run, "--task", "arithmetic", "--compare", "ppo,dpo,online_dpo", *TINY_PIPELINE)
+    assert again.returncode == 0 and again.stdout.count("skipped") == 8  # 4 shared, 3 methods, compare
+
+    data = pipeline(tmp_path / "mine", "--data", str(run / "data"), "--task", "arithmetic",
+                    "--compare", "dpo,kto", *TINY_PIPELINE)
+    assert data.returncode == 0, data.stderr[-3000:]
+    assert json.loads((tmp_path / "mine" / "compare.json").read_text())["methods"] == ["sft", "dpo", "kto"]
+
+
+def test_pipeline_compare_refuses_an_unknown_method(tmp_path):
+    p = pipeline(tmp_path / "x", "--task", "arithmetic", "--compare", "ppo,dpoo", *TINY_PIPELINE)
+    assert p.returncode == 2 and "unknown method(s) dpoo" in p.stderr

@@ -540,7 +540,9 @@ def _compare_section(compare: dict) -> str:
     score, KL to the SFT model and wall time."""
     head = ("method", "gold (greedy)", "gold (sampled)", "RM score (sampled)", "KL (sampled, nats)", "wall time")
     rows = []
-    for name, r in compare["results"].items():
+    results = compare["results"]
+    for name in [m for m in compare.get("methods", []) if m in results] or sorted(results):
+        r = results[name]
         secs = _as_float(r.get("seconds"))
         cells = [_fmt(_as_float(r.get(k))) for k in ("gold_reward_greedy", "gold_reward", "rm_score", "kl")]
         rows.append(f"<tr><td>{_esc(name)}</td>" + "".join(f"<td class=num>{c}</td>" for c in cells)

@@ -287,6 +287,8 @@ def run_pipeline(cfg: PipelineConfig, explicit: Iterable[str] = (),
     """Run (or continue) every stage; returns the run summary. `explicit`: see `configure`;
     `reward_functions`: Python callables added to the RL stage's reward (see `ppo_rlhf.rewards`)."""
     cfg = configure(cfg, explicit, reward_functions)
+    if cfg.compare:
+        compare_methods(cfg.compare)  # a misspelt method is an error before any stage runs
     run = Path(cfg.out_dir)
     run.mkdir(parents=True, exist_ok=True)
     summary_path = run / "summary.json"
