@@ -841,7 +841,7 @@ def markdown_reference() -> str:
     out += ["## `ppo-rlhf pipeline`", "",
             (PipelineConfig.__doc__ or "").strip(),
             "", "Top-level keys: `task`, `data_dir`, `gold`, `eval_fraction`, `algo`, `out_dir`, `seed`, "
-            "`model`; each stage's options nest under its name (`sft.optim.lr=1e-3`, "
+            "`model`, `compare`; each stage's options nest under its name (`sft.optim.lr=1e-3`, "
             "`ppo.train.updates=40`). Settings you give are kept; the pipeline fills in only those "
             "left at their defaults (paths, seeds, the task).", ""]
     return "\n".join(out)
