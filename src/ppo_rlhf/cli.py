@@ -31,6 +31,8 @@ DESCRIPTIONS = {
     "ppo": "RL (PPO by default; algo=grpo|rloo|reinforce++|remax|trpo|...) against the reward model "
            "and/or reward functions with a KL penalty to the SFT model",
     "rl": "the same stage as ppo (its algorithm-neutral name): ppo-rlhf rl algo=grpo ...",
+    "dpo": "direct preference optimisation of the SFT model (loss=dpo|ipo|simpo|kto|orpo; "
+           "online.enabled=true: iterative DPO on its own labelled samples)",
     "eval": "gold reward / RM score / KL of a policy on held-out prompts",
     "pipeline": "tokenizer -> data -> sft -> reward -> ppo -> eval on a built-in task or your own data",
     "report": "write the HTML report of a run directory",
@@ -84,7 +86,10 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--data", help="directory of your own JSONL files (sft_train.jsonl, "
                             "prefs_train.jsonl, prompts_train.jsonl, ...) or a YAML listing them; "
                             "shortcut for data_dir=DIR")
-        if name in ("sft", "reward", "ppo", "rl"):
+        if name == "pipeline":
+            sp.add_argument("--compare", help="methods to compare from one SFT and reward model, e.g. "
+                            "ppo,dpo,online_dpo; shortcut for compare=LIST")
+        if name in ("sft", "reward", "ppo", "rl", "dpo"):
             sp.add_argument("--resume", action="store_true",
                             help="continue from the newest complete checkpoint in out_dir")
         sp.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides")
@@ -132,6 +137,8 @@ def _stage_overrides(name: str, args: argparse.Namespace) -> list[str]:
             overrides.append(f"{key}={value}")
     if getattr(args, "data", None) is not None:
         overrides.append(f"data_dir={args.data}")
+    if getattr(args, "compare", None) is not None:
+        overrides.append(f"compare={args.compare}")
     return overrides
 
 
@@ -159,6 +166,9 @@ def _run(args: argparse.Namespace) -> int:
         elif cmd in ("ppo", "rl"):
             from .stages.rl import run_rl
             result = run_rl(cfg, resume=resume)
+        elif cmd == "dpo":
+            from .stages.dpo import run_dpo
+            result = run_dpo(cfg, resume=resume)
         elif cmd == "eval":
             from .stages.evaluate import run_eval
             result = run_eval(cfg)

@@ -22,11 +22,13 @@ import yaml
 from .algo.advantages import ADVANTAGES
 from .algo.losses import AGGREGATIONS, POLICY_LOSSES
 from .algo.options import opt
+from .algo.preference import PREFERENCE_LOSSES
 from .errors import UserError
 
 ADVANTAGE_NAMES = tuple(ADVANTAGES)
 POLICY_LOSS_NAMES = tuple(POLICY_LOSSES)
 AGGREGATION_NAMES = tuple(AGGREGATIONS)
+PREFERENCE_LOSS_NAMES = tuple(PREFERENCE_LOSSES)
 PRESET_DIR = Path(__file__).parent / "algo" / "presets"
 
 
@@ -410,6 +412,79 @@ class PPOConfig:
 
 
 @dataclass
+class OnlineDPOConfig:
+    """Online (iterative) DPO: each round samples two responses per prompt from the current
+    policy, labels them with the reward model and/or reward functions (the better-scored one is
+    chosen; ties are skipped and counted), then takes DPO steps on the new pairs."""
+
+    enabled: bool = opt(False, "Learn from the policy's own labelled samples (prompts_file) instead of "
+                        "the fixed pairs of train_file.")
+    rounds: int = opt(20, "Sample-label-train rounds (the stage's steps when online).", min=1)
+    prompts_per_round: int = opt(64, "Prompts sampled per round (across all ranks), two responses each.",
+                                 min=1)
+    epochs: int = opt(1, "Passes over a round's new pairs (batch_size pairs per optimizer step).", min=1)
+    temperature: float = opt(1.0, "Sampling temperature of the two responses.", min=1e-3)
+    max_new_tokens: int | None = opt(None, "Response tokens sampled; null = the task's default (or 32).",
+                                     min=1)
+    functions: str = opt("", "Reward functions that label the pairs, comma-separated (`pkg.module:fn` "
+                         "or `path/to/file.py:fn`), with or instead of reward_model; their sum, and "
+                         "the RM score, is the label score.")
+    weights: str = opt("", "Weights of the reward functions, comma-separated (empty = 1 each).")
+    truncated: str = opt("penalty", "Responses that hit max_new_tokens without EOS: 'penalty' = their label "
+                         "score is missing_eos_penalty (two such responses tie); 'keep' = scored as any other.",
+                         choices=("penalty", "keep"))
+    missing_eos_penalty: float = opt(-1.0, "Label score of a truncated response when truncated=penalty "
+                                     "(the RL stage's default).")
+
+
+@dataclass
+class DPOConfig:
+    """`ppo-rlhf dpo`: direct preference optimisation of the SFT policy (DPO, IPO, SimPO, KTO or
+    ORPO) on the preference pairs the reward stage reads, or online on its own labelled samples."""
+
+    out_dir: str = opt("", "Output directory.")
+    policy: str = opt("", "SFT model directory (policy init and frozen reference).")
+    train_file: str = opt("", "Preference JSONL: {\"prompt\",\"chosen\",\"rejected\"} or rankings "
+                          "{\"prompt\",\"responses\"} (all C(K,2) pairs); not read when online.")
+    eval_file: str = opt("", "Held-out preference JSONL: implicit-reward margin and accuracy (optional).")
+    prompts_file: str = opt("", "Prompts JSONL sampled by online DPO (online.enabled).")
+    eval_prompts_file: str = opt("", "Held-out prompts for the gold reward, RM score and KL of greedy "
+                                 "and sampled responses (optional).")
+    reward_model: str = opt("", "Reward model directory: labels online pairs; scores the evaluation "
+                            "responses (optional offline).")
+    task: str = opt("", "Task for the gold reward (metrics only): a built-in name or path/to/task.py:Class.")
+    loss: str = opt("dpo", "Preference loss (src/ppo_rlhf/algo/preference.py).", choices=PREFERENCE_LOSS_NAMES)
+    beta: float | None = opt(None, "beta of the loss (IPO's tau, ORPO's lambda); null = the loss's "
+                             "usual value (dpo, ipo, kto, orpo 0.1; simpo 2.0).", min=1e-8)
+    label_smoothing: float = opt(0.0, "dpo (cDPO) and simpo: probability that a label is flipped.",
+                                 min=0, max=0.5)
+    gamma: float = opt(0.5, "simpo: target reward margin.", min=0)
+    desirable_weight: float = opt(1.0, "kto: weight lambda_D of the desirable (chosen) examples.", min=0)
+    undesirable_weight: float = opt(1.0, "kto: weight lambda_U of the undesirable (rejected) examples.", min=0)
+    precompute_ref: bool = opt(True, "Compute the reference log-probs of every training pair once before "
+                               "training (false: in every step, one more forward per micro-batch).")
+    max_prompt_len: int = opt(64, "Prompt tokens kept (truncated from the left).", min=1)
+    max_len: int = opt(128, "Prompt + response tokens kept.", min=2)
+    batch_size: int = opt(32, "Pairs per optimizer step (across all ranks).", min=1)
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.", min=1)
+    bucket_batches: int = opt(1, "Length bucketing of the training pairs, as in the reward stage; 1 = off.",
+                              min=1)
+    epochs: float = opt(1.0, "Passes over the training pairs (offline).", min=0)
+    max_steps: int = opt(0, "Stop after this many optimizer steps (offline; 0 = from epochs).", min=0)
+    eval_samples: int = opt(400, "Held-out prompt samples per evaluation (a small file is cycled).", min=1)
+    eval_temperature: float = opt(0.7, "Temperature of the sampled evaluation (the greedy one is "
+                                  "reported beside it); also the temperature of its KL.", min=1e-3)
+    sample_rows: int = opt(4, "Prompt/response rows kept in samples.jsonl per evaluation.", min=0)
+    model: ModelConfig = opt(factory=lambda: ModelConfig(path=""),
+                             help="LoRA options for the policy (path is ignored: see policy); with LoRA "
+                             "the reference is the base model with the adapters disabled.")
+    online: OnlineDPOConfig = opt(factory=OnlineDPOConfig, help="Online (iterative) DPO.")
+    optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"),
+                             help="Optimiser.")
+    run: RunConfig = opt(factory=lambda: RunConfig(eval_every=50, save_every=50), help="Run bookkeeping.")
+
+
+@dataclass
 class EvalConfig:
     """`ppo-rlhf eval`: gold reward, RM score and KL of a policy on held-out prompts."""
 
@@ -465,12 +540,18 @@ class PipelineConfig:
                                sets={"out_dir": "out_dir/reward", "model.path": "sft.out_dir/model"})
     ppo: PPOConfig = opt(factory=PPOConfig, help="RL stage (the algorithm: algo or ppo.algo).",
                          sets={"out_dir": "out_dir/ppo"})
+    dpo: DPOConfig = opt(factory=DPOConfig, help="DPO stage (the methods dpo, ipo, simpo, kto, orpo and "
+                         "online_dpo of `compare`).")
+    compare: str = opt("", "Methods to compare from the same SFT model and reward model, comma-separated: "
+                       "ppo, online_dpo and the preference losses (dpo, ipo, simpo, kto, orpo); each runs "
+                       "into RUN/<method>/ and RUN/compare.json holds their evaluations; empty = the "
+                       "plain pipeline.")
     eval: EvalConfig = opt(factory=EvalConfig, help="Final evaluation.")
 
 
 STAGE_CONFIGS: dict[str, type] = {
     "tokenizer": TokenizerConfig, "data": DataConfig, "sft": SFTConfig, "reward": RewardConfig,
-    "ppo": PPOConfig, "rl": PPOConfig, "eval": EvalConfig, "pipeline": PipelineConfig,
+    "ppo": PPOConfig, "rl": PPOConfig, "dpo": DPOConfig, "eval": EvalConfig, "pipeline": PipelineConfig,
 }
 
 
@@ -791,7 +872,7 @@ def markdown_reference() -> str:
     out += ["## `ppo-rlhf pipeline`", "",
             (PipelineConfig.__doc__ or "").strip(),
             "", "Top-level keys: `task`, `data_dir`, `gold`, `eval_fraction`, `algo`, `out_dir`, `seed`, "
-            "`model`; each stage's options nest under its name (`sft.optim.lr=1e-3`, "
+            "`model`, `compare`; each stage's options nest under its name (`sft.optim.lr=1e-3`, "
             "`ppo.train.updates=40`). Settings you give are kept; the pipeline fills in only those "
             "left at their defaults (paths, seeds, the task).", ""]
     return "\n".join(out)

@@ -32,8 +32,9 @@ from matplotlib.figure import Figure
 from ppo_rlhf.errors import UserError
 from ppo_rlhf.fileio import atomic_write_text
 
-STAGE_ORDER = ("sft", "reward", "rl")
-STAGE_TITLES = {"sft": "Supervised fine-tuning", "reward": "Reward model", "rl": "RL"}
+STAGE_ORDER = ("sft", "reward", "rl", "dpo")
+STAGE_TITLES = {"sft": "Supervised fine-tuning", "reward": "Reward model", "rl": "RL",
+                "dpo": "Preference optimisation"}
 _STAGE_ALIASES = {"rm": "reward", "reward_model": "reward", "rlhf": "rl", "ppo": "rl"}
 REWARD_FN_PREFIX = "reward_fn/"
 """Metric namespace of the reward functions' means (one curve each in the RL section)."""
@@ -84,8 +85,23 @@ REWARD_PLOTS = [
     PlotSpec("Reward-model accuracy", "pairwise accuracy",
              [("rm/train_acc", "train"), ("rm/eval_acc", "held-out")], chance=0.5),
 ]
-STAGE_PLOTS = {"sft": SFT_PLOTS, "reward": REWARD_PLOTS, "rl": RL_PLOTS}
-STEP_LABELS = {"sft": "SFT step", "reward": "RM step", "rl": "RL update"}
+DPO_PLOTS = [
+    PlotSpec("Preference loss", "loss", [("train/loss", "train"), ("eval/loss", "held-out pairs")]),
+    PlotSpec("Implicit rewards", "reward",
+             [("train/chosen_reward", "chosen (train)"), ("train/rejected_reward", "rejected (train)"),
+              ("eval/chosen_reward", "chosen (held-out)"), ("eval/rejected_reward", "rejected (held-out)")]),
+    PlotSpec("Implicit-reward margin", "chosen − rejected", [("train/margin", "train"), ("eval/margin", "held-out")]),
+    PlotSpec("Implicit-reward accuracy", "pairwise accuracy",
+             [("train/accuracy", "train"), ("eval/accuracy", "held-out")], chance=0.5),
+    PlotSpec("Gold reward (held-out prompts)", "gold reward",
+             [("eval/gold_reward", "sampled"), ("eval/gold_reward_greedy", "greedy")]),
+    PlotSpec("KL(policy ‖ reference)", "nats", [("eval/kl", "sampled")]),
+    PlotSpec("Reward-model score (held-out prompts)", "RM score",
+             [("eval/rm_score", "sampled"), ("eval/rm_score_greedy", "greedy"), ("online/score", "online samples")]),
+    PlotSpec("Online pairs per round", "pairs", [("online/pairs", "labelled"), ("online/ties", "ties skipped")]),
+]
+STAGE_PLOTS = {"sft": SFT_PLOTS, "reward": REWARD_PLOTS, "rl": RL_PLOTS, "dpo": DPO_PLOTS}
+STEP_LABELS = {"sft": "SFT step", "reward": "RM step", "rl": "RL update", "dpo": "DPO step (online: round)"}
 
 SUMMARY_LABELS = {
     "sft_gold_reward": "Gold reward after SFT (sampled)",
@@ -138,9 +154,12 @@ class Stage:
 
     @property
     def title(self) -> str:
-        """The section title: "RL: GRPO" for the RL stage, else the stage's name."""
+        """The section title: "RL: GRPO" for the RL stage, the method's directory for a preference
+        stage, else the stage's name."""
         if self.kind == "rl":
             return f"{STAGE_TITLES['rl']}: {self.algo.upper()}"
+        if self.kind == "dpo":  # one directory per compared method
+            return f"{STAGE_TITLES['dpo']}: {self.path.name}"
         return STAGE_TITLES.get(self.kind, self.kind)
 
     def has_reward_model(self) -> bool:
@@ -452,6 +471,10 @@ def render_html(run_dir: Path, stages: list[Stage], summary: dict | None) -> str
     """
     sections = [_summary_section(run_dir, stages, summary)]
     nav = [("summary", "Summary")]
+    compare = _read_json(run_dir / "compare.json")
+    if compare and isinstance(compare.get("results"), dict):
+        nav.append(("compare", "Comparison"))
+        sections.append(_compare_section(compare))
     with_metrics = [s for s in stages if s.records]
     for stage in [s for s in with_metrics if s.kind == "rl"]:
         nav += [("stage-rl", stage.title), ("overopt", "Over-optimisation")]
@@ -461,7 +484,7 @@ def render_html(run_dir: Path, stages: list[Stage], summary: dict | None) -> str
         nav.append(("samples", "Samples"))
         sections.append(_samples_section(sample_stages))
     for stage in [s for s in with_metrics if s.kind != "rl"]:
-        anchor = f"stage-{stage.kind}"
+        anchor = f"stage-{stage.path.name}" if stage.kind == "dpo" else f"stage-{stage.kind}"
         nav.append((anchor, stage.title))
         sections.append(_stage_section(stage, anchor))
     nav_html = " ".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t in nav)
@@ -601,6 +624,26 @@ def _flatten_summary(summary: dict) -> list[tuple[str, str]]:
         else:
             rows.append((SUMMARY_LABELS.get(key, key), _fmt_value(value)))
     return rows
+
+
+def _compare_section(compare: dict) -> str:
+    """RUN/compare.json as a table: each method's held-out gold reward (greedy and sampled), RM
+    score, KL to the SFT model and wall time."""
+    head = ("method", "gold (greedy)", "gold (sampled)", "RM score (sampled)", "KL (sampled, nats)", "wall time")
+    rows = []
+    results = compare["results"]
+    for name in [m for m in compare.get("methods", []) if m in results] or sorted(results):
+        r = results[name]
+        secs = _as_float(r.get("seconds"))
+        cells = [_fmt(_as_float(r.get(k))) for k in ("gold_reward_greedy", "gold_reward", "rm_score", "kl")]
+        rows.append(f"<tr><td>{_esc(name)}</td>" + "".join(f"<td class=num>{c}</td>" for c in cells)
+                    + f"<td class=num>{_esc(_fmt_duration(secs)) if secs is not None else '—'}</td></tr>")
+    note = (f"{_esc(str(compare.get('eval_prompts', '')))} held-out prompt samples; sampled at T = "
+            f"{_esc(str(compare.get('temperature', '')))}; KL to the SFT model; every method from the same "
+            "SFT model and reward model.")
+    return ('<section id="compare"><h2>Comparison</h2><table class="grid"><thead><tr>'
+            + "".join(f"<th>{h}</th>" for h in head) + f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+            f'<p class="note">{note}</p></section>')
 
 
 def _stage_section(stage: Stage, anchor: str) -> str:

@@ -4,6 +4,7 @@
 
     ppo-rlhf pipeline --task arithmetic --out runs/demo      # a built-in task's generated data
     ppo-rlhf pipeline --data my_data/ --out runs/mine        # your own JSONL files
+    ppo-rlhf pipeline --task arithmetic --out runs/cmp --compare ppo,dpo,online_dpo
 
 With `--data DIR` (or `data_dir=files.yaml`, a YAML mapping the names below to paths), the files are
 
@@ -21,10 +22,18 @@ Every stage writes into RUN/<stage>/ and is skipped when its output already exis
 interrupted pipeline continues where it stopped. RUN/summary.json gathers the figures and
 RUN/report.html shows them. A setting you give (command line, YAML, keyword) is kept; only the
 ones you leave at their defaults are filled in from the run directory and the task.
+
+`--compare M1,M2,...` (`compare=`) runs, after the shared tokenizer, data, SFT and reward model,
+each method into RUN/<method>/ -- `ppo` (the RL stage, `ppo.*`), a preference loss `dpo`, `ipo`,
+`simpo`, `kto`, `orpo` (the DPO stage on the preference pairs, `dpo.*`), `online_dpo` (the DPO
+stage with online.enabled, labelled by the reward model) -- then evaluates SFT and every method on
+the held-out prompts, greedy and sampled at `eval.temperature`, into RUN/compare.json: gold
+reward, RM score, KL to the SFT model and the method's wall time.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import time
@@ -33,11 +42,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed as dist
-from ..config import PipelineConfig, _flatten, load_yaml, parse_override, set_key, to_dict
+from ..algo.preference import PREFERENCE_LOSSES
+from ..config import OnlineDPOConfig, PipelineConfig, _flatten, load_yaml, parse_override, set_key, to_dict
 from ..data.jsonl import load_records
 from ..errors import UserError
 from ..fileio import atomic_write_json, atomic_write_text
 from ..tasks import gold_task
+from .dpo import run_dpo
 from .evaluate import run_eval
 from .reward import run_reward
 from .rl import run_ppo
@@ -188,6 +199,16 @@ def configure(cfg: PipelineConfig, explicit: Iterable[str] = (),
     fill("ppo.task", gold)
     fill("ppo.run.seed", cfg.seed)
 
+    fill("dpo.out_dir", str(run / "dpo"))
+    fill("dpo.policy", str(Path(cfg.sft.out_dir) / "model"))
+    fill("dpo.train_file", str(files.get("prefs_train", "")))
+    fill("dpo.eval_file", str(files.get("prefs_eval", "")))
+    fill("dpo.eval_prompts_file", str(files["prompts_eval"]))
+    fill("dpo.reward_model", str(Path(cfg.reward.out_dir) / "model") if has_rm else "")
+    fill("dpo.task", gold)
+    fill("dpo.eval_temperature", cfg.ppo.rollout.temperature)
+    fill("dpo.run.seed", cfg.seed)
+
     fill("eval.policy", str(Path(cfg.ppo.out_dir) / "model"))
     fill("eval.reference", cfg.ppo.policy)
     fill("eval.reward_model", cfg.ppo.reward_model)
@@ -266,6 +287,8 @@ def run_pipeline(cfg: PipelineConfig, explicit: Iterable[str] = (),
     """Run (or continue) every stage; returns the run summary. `explicit`: see `configure`;
     `reward_functions`: Python callables added to the RL stage's reward (see `ppo_rlhf.rewards`)."""
     cfg = configure(cfg, explicit, reward_functions)
+    if cfg.compare:
+        compare_methods(cfg.compare)  # a misspelt method is an error before any stage runs
     run = Path(cfg.out_dir)
     run.mkdir(parents=True, exist_ok=True)
     summary_path = run / "summary.json"
@@ -295,6 +318,8 @@ def run_pipeline(cfg: PipelineConfig, explicit: Iterable[str] = (),
     if cfg.ppo.reward_model:
         stage("reward", lambda: run_reward(cfg.reward, resume=True), Path(cfg.reward.out_dir))
     rl_kwargs = {"reward_functions": list(reward_functions)} if reward_functions else {}
+    if cfg.compare:
+        return run_comparison(cfg, summary, seconds, stage, lambda: run_ppo(cfg.ppo, resume=True, **rl_kwargs))
     stage("ppo", lambda: run_ppo(cfg.ppo, resume=True, **rl_kwargs), Path(cfg.ppo.out_dir))
 
     eval_dir = run / "eval"
@@ -324,6 +349,92 @@ def run_pipeline(cfg: PipelineConfig, explicit: Iterable[str] = (),
     })
     if dist.is_main():
         atomic_write_json(summary_path, summary)
+        from ..report import write_report
+
+        summary["report"] = str(write_report(run))
+    return summary
+
+
+COMPARE_METHODS = ("ppo", "online_dpo", *PREFERENCE_LOSSES)
+"""What `compare` takes: the RL stage, online DPO, and each registered preference loss."""
+
+
+def compare_methods(text: str) -> list[str]:
+    """The methods of `compare=a,b,c`, checked (unknown or repeated names are errors)."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in COMPARE_METHODS]
+    if unknown:
+        raise UserError(f"compare: unknown method(s) {', '.join(unknown)}; the methods are "
+                        f"{', '.join(COMPARE_METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise UserError(f"compare: {text!r} names a method twice")
+    return methods
+
+
+def method_config(cfg: PipelineConfig, method: str):
+    """The DPO stage's config of a compared preference method, in RUN/<method>/."""
+    dpo = copy.deepcopy(cfg.dpo)
+    dpo.out_dir = str(Path(cfg.out_dir) / method)
+    if method == "online_dpo":
+        dpo.online.enabled = True
+        dpo.train_file = ""
+        dpo.prompts_file = cfg.ppo.prompts_file
+        if not dpo.reward_model and not dpo.online.functions:
+            dpo.online.functions = cfg.ppo.reward.functions
+            dpo.online.weights = cfg.ppo.reward.weights
+    else:
+        dpo.loss = method
+        dpo.online = OnlineDPOConfig()  # the online settings are online_dpo's
+    return dpo
+
+
+def run_comparison(cfg: PipelineConfig, summary: dict, seconds: dict, stage: Callable, ppo: Callable) -> dict:
+    """`compare`: each method from the shared SFT model and reward model, then one evaluation of
+    SFT and of every method (greedy and sampled) into RUN/compare.json and the run summary."""
+    run = Path(cfg.out_dir)
+    methods = compare_methods(cfg.compare)
+    for method in methods:
+        if method == "ppo":
+            stage("ppo", ppo, Path(cfg.ppo.out_dir))
+        else:
+            mcfg = method_config(cfg, method)
+            stage(method, lambda mcfg=mcfg: run_dpo(mcfg, resume=True), Path(mcfg.out_dir))
+    dirs = {"sft": Path(cfg.sft.out_dir), **{m: Path(cfg.ppo.out_dir) if m == "ppo" else run / m for m in methods}}
+
+    def evaluate() -> None:
+        rows = {}
+        for name, out in dirs.items():
+            row = {}
+            for kind, temperature in (("", cfg.eval.temperature), ("_greedy", 0.0)):
+                ecfg = copy.deepcopy(cfg.eval)
+                ecfg.policy, ecfg.reference, ecfg.temperature = str(out / "model"), cfg.ppo.policy, temperature
+                res = run_eval(ecfg)
+                row.update({f"{k}{kind}": res.get(k) for k in ("gold_reward", "rm_score", "kl")})
+            row["seconds"] = seconds.get(name) or _read_summary(out).get("seconds")
+            rows[name] = row
+        if dist.is_main():
+            atomic_write_json(run / "compare.json", {"stage": "compare", "methods": list(dirs),
+                                                     "eval_prompts": cfg.eval.n, "temperature": cfg.eval.temperature,
+                                                     "results": rows})
+
+    if dist.is_main() and (run / "compare.json").is_file():
+        print(f"[pipeline] compare: output exists in {run / 'compare.json'}, skipped")
+    else:
+        t0 = time.time()
+        evaluate()
+        seconds["compare"] = round(time.time() - t0, 2)
+    compare = json.loads((run / "compare.json").read_text())
+    rm = _read_summary(Path(cfg.reward.out_dir)) if cfg.ppo.reward_model else {}
+    results = compare["results"]
+    summary.update({
+        "task": cfg.task or cfg.gold or None, "data": cfg.data_dir or "generated",
+        "sft_gold_reward": results["sft"]["gold_reward"], "rm_accuracy": rm.get("eval_accuracy"),
+        "compare": results, "stage_seconds": seconds, "config": to_dict(cfg),
+    })
+    if "ppo" in results:
+        summary.update(ppo_gold_reward=results["ppo"]["gold_reward"], final_kl=results["ppo"]["kl"])
+    if dist.is_main():
+        atomic_write_json(run / "summary.json", summary)
         from ..report import write_report
 
         summary["report"] = str(write_report(run))
