@@ -216,6 +216,22 @@ def test_grpo_two_ranks_match_one_process(data, reference, tmp_path):
                                                                  "policy/clipfrac", "eval/gold_reward"})
 
 
+def test_replay_two_ranks_match_one_process(data, reference, tmp_path):
+    """Experience replay under torchrun: every rank holds the gathered rollouts in its buffer and
+    draws the same minibatches from the same generator, then backpropagates its rows' share; the
+    IS-corrected trajectory is the 1-process one."""
+    from ppo_rlhf.stages.rl import run_rl
+
+    def args(out):
+        return [*ppo_args(data, out, reference / "sft" / "model", reference / "reward" / "model"),
+                "rollout.batch_size=8", "train.updates=3", "train.ppo_epochs=1", "algo.replay_ratio=1.5"]
+
+    run_rl(build_config(PPOConfig, overrides=args(tmp_path / "one")))
+    torchrun("rl", args(tmp_path / "ddp"))
+    assert_same_trajectory(tmp_path / "one", tmp_path / "ddp", {"objective/kl", "loss/policy", "is/weight_mean",
+                                                                 "replay/stale_rows_used", "eval/gold_reward"})
+
+
 def test_row_seeded_sampling_does_not_depend_on_the_batch(data):
     """A row's sample depends on its seed only: not on the rows beside it or on the padding."""
     from ppo_rlhf.data.collate import pad_left

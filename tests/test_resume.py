@@ -36,14 +36,18 @@ sys.argv[0] = "ppo-rlhf"
 sys.exit(main())
 """
 WALL_CLOCK = ("time", "time/", "perf/")
-STEPS = {"sft": 8, "sft-lora": 8, "reward": 8, "ppo": 6}
+STEPS = {"sft": 8, "sft-lora": 8, "reward": 8, "ppo": 6, "ppo-replay": 6}
 # Seconds added to each optimizer step (PPO makes 8 per update) when a signal must find it running.
-DELAY = {"sft": 0.12, "sft-lora": 0.12, "reward": 0.12, "ppo": 0.03}
+DELAY = {"sft": 0.12, "sft-lora": 0.12, "reward": 0.12, "ppo": 0.03, "ppo-replay": 0.03}
 
 
 def stage_args(stage: str, fx: Path, out: Path) -> list[str]:
-    """The command line of a tiny run of `stage`; sft-lora trains LoRA adapters with dropout."""
+    """The command line of a tiny run of `stage`; sft-lora trains LoRA adapters with dropout; ppo-replay
+    keeps a replay buffer (in the checkpoint) and draws its minibatches from it."""
     common = ["run.tensorboard=false", "run.save_every=1", "run.keep_last=2"]
+    if stage == "ppo-replay":
+        return [*stage_args("ppo", fx, out)[:-len(common)], "train.ppo_epochs=1", "algo.replay_ratio=1.5",
+                "algo.replay_capacity=12", *common]
     if stage == "sft-lora":
         return [*stage_args("sft", fx, out), "model.lora_r=4", "model.lora_dropout=0.1"]
     if stage == "sft":
@@ -157,7 +161,7 @@ def reference(fx, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "ppo-replay"])
 def test_sigkill_at_a_random_step_then_resume_is_exact(stage, fx, reference, tmp_path):
     want = reference(stage)
     out = tmp_path / "run"

@@ -426,3 +426,38 @@ def test_meaningless_algorithm_combinations_are_refused(dirs):
         make_trainer(dirs, "loss.cispo.weight_max=2")
     with pytest.raises(Exception, match="train.target_kl"):
         make_trainer(dirs, "algo=trpo", "train.target_kl=0.1")
+
+
+# -- experience replay and importance sampling ------------------------------------------------------
+def test_replay_takes_replay_ratio_steps_and_reweights_only_stale_rows(dirs):
+    t = make_trainer(dirs, "algo.replay_ratio=1.5", "train.ppo_epochs=1", "train.num_minibatches=2",
+                     "loss.is_correction=tis", "loss.is_cap=2")
+    first = iterate(t, 1)
+    # iteration 1: the buffer holds only fresh rows, so every IS weight is exactly 1
+    assert first["train/optimizer_steps"] == 3 and first["replay/stale_rows_used"] == 0
+    assert first["is/weight_mean"] == 1.0 and first["is/weight_max"] == 1.0 and first["is/clipped_frac"] == 0.0
+    second = iterate(t, 2)  # 1.5 * 2 = 3 steps an iteration
+    assert second["train/optimizer_steps"] == 3 and second["replay/rows"] == 16
+    assert second["replay/stale_rows_used"] > 0 and second["is/weight_max"] != 1.0
+    assert 0.0 < second["is/weight_mean"] <= 2.0 and second["is/weight_max"] <= 2.0
+
+
+def test_on_fresh_rows_every_is_correction_gives_the_uncorrected_update(dirs):
+    """The first update of a run sees only fresh rows: pi_prox = pi_behaviour, the weights are 1,
+    and the parameters after it are those of the run without any correction."""
+    results = []
+    for mode in ("none", "tis", "mis", "seq_mask", "is"):
+        t = make_trainer(dirs, f"loss.is_correction={mode}")
+        iterate(t)
+        results.append(torch.nn.utils.parameters_to_vector(t.policy.parameters()).detach())
+    for other in results[1:]:
+        assert torch.equal(results[0], other)
+
+
+def test_replay_refuses_what_it_cannot_do(dirs):
+    with pytest.raises(Exception, match="replay needs a gradient-step loss"):
+        make_trainer(dirs, "algo=trpo", "algo.replay_ratio=2", "train.ppo_epochs=1")
+    with pytest.raises(Exception, match="train.ppo_epochs must stay 1"):
+        make_trainer(dirs, "algo.replay_ratio=2")
+    with pytest.raises(Exception, match="replay_capacity must hold at least one rollout"):
+        make_trainer(dirs, "algo.replay_ratio=2", "train.ppo_epochs=1", "algo.replay_capacity=4")

@@ -21,6 +21,7 @@ import yaml
 
 from .algo.advantages import ADVANTAGES
 from .algo.losses import AGGREGATIONS, POLICY_LOSSES
+from .algo.off_policy import IS_CORRECTIONS
 from .algo.options import opt
 from .algo.preference import PREFERENCE_LOSSES
 from .errors import UserError
@@ -303,6 +304,14 @@ class _PPOLossOptions:
     norm_by_std: bool = opt(True, "GRPO: divide the group-centred scores by the group's std "
                             "(false = Dr. GRPO's unscaled advantages).")
     whiten_advantages: bool = opt(True, "Whiten the advantages over the global rollout batch.")
+    is_correction: str = opt("tis", "Importance-sampling correction of rows the proximal policy did not "
+                             "sample (replayed rows, algo.replay_ratio): the loss's ratio is taken against "
+                             "pi_prox (the policy at the start of the update) and each token weighed by "
+                             "w = pi_prox / pi_behaviour: 'is' plain, 'tis' min(w, is_cap), 'mis' w inside "
+                             "[1/is_cap, is_cap] else 0, 'seq_mask' 1 for rows whose geometric-mean w is in "
+                             "that band else 0, 'none' 1. Exactly 1 on fresh rows.",
+                             choices=tuple(IS_CORRECTIONS))
+    is_cap: float = opt(2.0, "The cap C of loss.is_correction (tis, mis, seq_mask); > 1.", min=1.0 + 1e-6)
 
 
 # A registered policy loss with knobs of its own (algo/losses.py, `register_policy_loss(knobs=...)`)
@@ -352,6 +361,15 @@ class AlgorithmConfig:
                                  "(no signal) and sample more prompts to refill the batch.")
     max_sampling_rounds: int = opt(3, "Rollouts tried per update to refill the batch under dynamic sampling.",
                                    min=1)
+    replay_ratio: float = opt(0.0, "Experience replay: each newly sampled row is used this many times in "
+                              "gradient steps on average (replay_ratio * train.num_minibatches optimizer steps "
+                              "per iteration, each on a minibatch of rollout rows / num_minibatches drawn "
+                              "from the buffer, this iteration's rows included; IS-corrected by "
+                              "loss.is_correction). 0 = on-policy: the rollout serves train.ppo_epochs passes "
+                              "and is dropped.", min=0)
+    replay_capacity: int | None = opt(None, "Rows the replay buffer keeps (whole groups; the oldest go first); "
+                                      "null = 4 rollouts.", min=1)
+    replay_staleness: int = opt(4, "Replayed rows at most this many policy versions (iterations) old.", min=0)
     trpo: TRPOConfig = opt(factory=TRPOConfig, help="TRPO's step.")
 
 

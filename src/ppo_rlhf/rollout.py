@@ -104,7 +104,7 @@ class Scored(NamedTuple):
 
 class Experience(NamedTuple):
     """One rollout, everything the update needs (all detached; global batch). Not tied to
-    on-policy use: a replay buffer could hold these."""
+    on-policy use: the replay buffer (replay.py) holds these, with each row's policy version."""
 
     sequences: torch.Tensor  # (B, P+R) prompt + response token ids
     attention_mask: torch.Tensor  # (B, P+R) bool
@@ -124,6 +124,10 @@ class Experience(NamedTuple):
     truncated: torch.Tensor  # (B,) bool
     groups: torch.Tensor  # (B,)
     prompt_index: torch.Tensor  # (B,)
+    # (B, R) log pi_behaviour: the policy that sampled the row. `logprobs` is the proximal policy the
+    # loss's ratio is taken against; both are the rollout's on fresh rows, and a replayed row's
+    # `logprobs` are recomputed by the policy at the start of the update (the IS correction's pi_prox).
+    behaviour_logprobs: torch.Tensor
 
     @property
     def prompt_len(self) -> int:
@@ -349,7 +353,7 @@ def make_experience(scored: Scored, cfg: PPOConfig, kl_coef: float, max_new_toke
     return Experience(scored.sequences, scored.attention_mask, mask, loss_mask, scored.logprobs,
                       scored.ref_logprobs, values, rewards, advantages, returns, scores, scored.rm_scores,
                       scored.function_scores, kl, scored.entropy, scored.truncated, scored.groups,
-                      scored.prompt_index)
+                      scored.prompt_index, scored.logprobs)
 
 
 def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

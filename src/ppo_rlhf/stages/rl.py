@@ -23,6 +23,7 @@ loop and names no algorithm.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,7 +38,16 @@ from .. import onednn
 from ..algo.advantages import ADVANTAGES, RunningMeanStd, explained_variance, group_moments, masked_mean
 from ..algo.kl import kl_penalty
 from ..algo.kl_control import make_kl_controller
-from ..algo.losses import AGGREGATIONS, POLICY_LOSSES, PolicyLossParams, lm_loss, token_mean_weights, value_loss
+from ..algo.losses import (
+    AGGREGATIONS,
+    POLICY_LOSSES,
+    PolicyLossOutput,
+    PolicyLossParams,
+    lm_loss,
+    token_mean_weights,
+    value_loss,
+)
+from ..algo.off_policy import ISOutput, importance_weights
 from ..algo.trpo import trust_region_step
 from ..config import PPOConfig, to_dict
 from ..data.collate import pad_left, pad_right, position_ids_from_mask
@@ -56,6 +66,7 @@ from ..models import (
     load_scalar_model,
     save_model,
 )
+from ..replay import ReplayBuffer, replay_plan
 from ..rewards import RewardFunctions
 from ..rollout import (
     Experience,
@@ -95,7 +106,7 @@ def minibatch_indices(n_groups: int, group_size: int, num_minibatches: int,
 class LossStats(NamedTuple):
     """One micro-batch's loss terms and diagnostics (0-d tensors), each already weighted by the
     micro-batch's share of the minibatch, so summing the micro-batches (and ranks) gives the
-    minibatch's values; `ratio_max` combines by max."""
+    minibatch's values; the last `N_MAX` fields (`ratio_max`, `is_weight_max`) combine by max."""
 
     loss: torch.Tensor
     policy: torch.Tensor
@@ -107,20 +118,39 @@ class LossStats(NamedTuple):
     approx_kl: torch.Tensor
     ratio_mean: torch.Tensor
     value_clipfrac: torch.Tensor
+    is_weight: torch.Tensor  # mean importance-sampling weight (1 on fresh rows)
+    is_clipped: torch.Tensor  # fraction of tokens whose IS weight was capped or masked
     ratio_max: torch.Tensor
+    is_weight_max: torch.Tensor
+
+    N_MAX = 2
 
     @staticmethod
     def zeros() -> LossStats:
-        z = torch.zeros((), dtype=torch.float64)
-        return LossStats(*([z] * (len(LossStats._fields) - 1)), torch.tensor(float("-inf"), dtype=torch.float64))
+        z, low = torch.zeros((), dtype=torch.float64), torch.tensor(float("-inf"), dtype=torch.float64)
+        return LossStats(*([z] * (len(LossStats._fields) - LossStats.N_MAX)), *([low] * LossStats.N_MAX))
 
     def __add__(self, other: LossStats) -> LossStats:  # type: ignore[override]
-        summed = [a.double() + b.double() for a, b in zip(self[:-1], other[:-1])]
-        return LossStats(*summed, torch.maximum(self.ratio_max.double(), other.ratio_max.double()))
+        k = self.N_MAX
+        summed = [a.double() + b.double() for a, b in zip(self[:-k], other[:-k])]
+        return LossStats(*summed, *(torch.maximum(a.double(), b.double()) for a, b in zip(self[-k:], other[-k:])))
 
     def all_reduce(self) -> LossStats:
-        summed = dist.all_reduce_sum(torch.stack([t.double() for t in self[:-1]]))
-        return LossStats(*summed.unbind(), dist.all_reduce_max(self.ratio_max.double().reshape(1))[0])
+        k = self.N_MAX
+        summed = dist.all_reduce_sum(torch.stack([t.double() for t in self[:-k]]))
+        maxed = dist.all_reduce_max(torch.stack([t.double() for t in self[-k:]]))
+        return LossStats(*summed.unbind(), *maxed.unbind())
+
+
+class PolicyTerms(NamedTuple):
+    """The policy objective of some rows, per token (B, R): `losses` (IS-weighted, with the KL term
+    when it is in the loss) carry the gradient; the loss's own output, the KL term (None when the KL
+    is in the reward) and the IS weights are for the stats."""
+
+    losses: torch.Tensor
+    loss_out: PolicyLossOutput
+    kl: torch.Tensor | None
+    is_weights: ISOutput
 
 
 class StepStats(NamedTuple):
@@ -138,14 +168,17 @@ def update_metrics(steps: Sequence[StepStats], policy: bool, value: bool) -> dic
         return {}
     n = len(steps)
     # one host sync for the whole update (each float() would be one on an accelerator)
-    mean = torch.stack([torch.stack([t.double() for t in s.losses[:-1]]) for s in steps]).mean(0).tolist()
-    loss = LossStats(*mean, max(float(s.losses.ratio_max) for s in steps))
+    k = LossStats.N_MAX
+    table = torch.stack([torch.stack([t.double() for t in s.losses]) for s in steps])
+    loss = LossStats(*table[:, :-k].mean(0).tolist(), *table[:, -k:].amax(0).tolist())
     out = {"loss/total": loss.loss}
     if policy:
         out.update({"loss/policy": loss.policy, "loss/kl": loss.kl, "loss/entropy": loss.entropy,
                     "loss/ptx": loss.ptx, "policy/clipfrac": loss.clipfrac, "policy/approx_kl": loss.approx_kl,
                     "policy/ratio_mean": loss.ratio_mean, "policy/ratio_max": loss.ratio_max,
-                    "policy/grad_norm": sum(s.policy_grad_norm for s in steps) / n})
+                    "policy/grad_norm": sum(s.policy_grad_norm for s in steps) / n,
+                    "is/weight_mean": loss.is_weight, "is/weight_max": loss.is_weight_max,
+                    "is/clipped_frac": loss.is_clipped})
     if value:
         out.update({"loss/value": loss.value, "value/clipfrac": loss.value_clipfrac,
                     "value/grad_norm": sum(s.value_grad_norm for s in steps) / n})
@@ -229,7 +262,9 @@ class RLTrainer:
             if frozen is not None:
                 dist.wrap_model(frozen, device, cfg.run)
         self.policy_params = [p for p in self.policy.parameters() if p.requires_grad]
-        steps = cfg.train.updates * cfg.train.ppo_epochs * cfg.train.num_minibatches
+        per_update = (math.ceil(algo.replay_ratio * cfg.train.num_minibatches) if algo.replay_ratio
+                      else cfg.train.ppo_epochs * cfg.train.num_minibatches)
+        steps = cfg.train.updates * per_update
         self.policy_opt = common.make_optimizer(self.policy_params, cfg.optim)
         self.policy_sched = common.make_scheduler(self.policy_opt, cfg.optim, steps)
         self.schedules = [common.Schedule(self.policy_opt, self.policy_sched, cfg.optim.lr)]
@@ -252,6 +287,14 @@ class RLTrainer:
         self.gen = torch.Generator(device=device).manual_seed(cfg.run.seed)  # seeds the global rollout
         self.shuffle_gen = torch.Generator().manual_seed(cfg.run.seed + 17)
         self.timer = PhaseTimer()
+        # Experience replay (algo.replay_ratio > 0): every rank holds the same global rows and draws
+        # the same minibatches from the same generator, as the on-policy update does.
+        self.replay = None
+        if algo.replay_ratio > 0:
+            rows = cfg.rollout.batch_size * algo.samples_per_prompt
+            self.replay = ReplayBuffer(algo.replay_capacity or 4 * rows, algo.replay_staleness,
+                                       pad_id=tok.pad_token_id, row_type=Experience)
+        self.replay_gen = torch.Generator().manual_seed(cfg.run.seed + 29)
 
     # -- construction helpers ---------------------------------------------------------------------
     def _check(self, cfg: PPOConfig, reward_functions) -> None:
@@ -291,6 +334,18 @@ class RLTrainer:
             raise UserError("train.value_model=policy_head needs one process and no LoRA; "
                             "use train.value_model=separate")
         common.check_batch(cfg.rollout.batch_size, 1, "rollout.batch_size")
+        if algo.replay_ratio > 0:
+            if self.policy_loss.update != "gradient":
+                raise UserError(f"algo.replay_ratio: algo.policy_loss={algo.policy_loss} takes one "
+                                f"{self.policy_loss.update} step on its own rollout; replay needs a gradient-step loss")
+            if (algo.replay_capacity or 4 * cfg.rollout.batch_size * algo.samples_per_prompt) < \
+                    cfg.rollout.batch_size * algo.samples_per_prompt:
+                raise UserError("algo.replay_capacity must hold at least one rollout "
+                                f"(rollout.batch_size * algo.samples_per_prompt = "
+                                f"{cfg.rollout.batch_size * algo.samples_per_prompt} rows)")
+            if cfg.train.ppo_epochs != 1:
+                raise UserError("algo.replay_ratio sets how often each row is used (replay_ratio * "
+                                "train.num_minibatches steps per iteration); train.ppo_epochs must stay 1 with it")
         rows = cfg.rollout.batch_size * algo.samples_per_prompt // dist.world_size()
         if rows < cfg.train.num_minibatches * cfg.train.grad_accum:
             raise UserError("rollout.batch_size * algo.samples_per_prompt per rank must be at least "
@@ -328,11 +383,15 @@ class RLTrainer:
              "running": self.running.state_dict() if self.running else None}
         if self.value_model is not None:
             s.update(value_model=self.value_model, value_optimizer=self.value_opt, value_scheduler=self.value_sched)
+        if self.replay is not None:
+            s.update(replay=self.replay, replay_generator=self.replay_gen.get_state())
         return s
 
     def load(self, values: dict) -> None:
         self.gen.set_state(values["generator"])
         self.shuffle_gen.set_state(values["shuffle_generator"])
+        if self.replay is not None:
+            self.replay_gen.set_state(values["replay_generator"])
         if self.running is not None and values.get("running"):
             self.running.load_state_dict(values["running"])
 
@@ -529,34 +588,79 @@ class RLTrainer:
         update_policy = ctx.step > cfg.train.critic_warmup_updates
         # The policy's update kind, as its loss declares it; other kinds step the value model first.
         by_gradient = self.policy_loss.update == "gradient"
-        out = {}
+        out, minibatches = {}, None
+        if self.replay is not None:
+            exp, minibatches, out = self.replay_minibatches(exp, ctx.step)
         if update_value or (update_policy and by_gradient):
-            out = self.gradient_update(exp, ctx, update_policy and by_gradient, update_value)
+            out.update(self.gradient_update(exp, ctx, update_policy and by_gradient, update_value, minibatches))
         if update_policy and not by_gradient:
             out.update({"trust_region": self.trust_region_update}[self.policy_loss.update](exp))
         return out
 
-    def policy_objective(self, logprobs: torch.Tensor, exp: Experience, idx: torch.Tensor):
+    def policy_objective(self, logprobs: torch.Tensor, exp: Experience, idx: torch.Tensor) -> PolicyTerms:
         """The per-token policy objective of rows `idx` at `logprobs` (len(idx), R): the registered
-        loss, plus beta * KL_t to the reference when algo.kl_in=loss. Every update kind minimises
-        this one function. Returns (token losses, the loss's output, the KL term or None)."""
+        loss around the proximal policy (`exp.logprobs`), plus beta * KL_t to the reference when
+        algo.kl_in=loss, times the IS weight loss.is_correction of pi_prox / pi_behaviour
+        (`exp.behaviour_logprobs`; exactly 1 on fresh rows). Every update kind minimises this one function."""
         cfg = self.cfg
         loss_mask = exp.loss_mask[idx]
         out = self.policy_loss.fn(logprobs, exp.logprobs[idx], exp.advantages[idx], loss_mask, self.loss_params)
-        if cfg.algo.kl_in != "loss":
-            return out.losses, out, None
-        kl = torch.where(loss_mask, kl_penalty(logprobs, exp.ref_logprobs[idx], cfg.reward.kl_estimator), 0.0)
-        return out.losses + self.kl_ctl.value * kl, out, kl
+        is_out = importance_weights(exp.logprobs[idx], exp.behaviour_logprobs[idx], loss_mask,
+                                    cfg.loss.is_correction, cfg.loss.is_cap)
+        losses, kl = out.losses, None
+        if cfg.algo.kl_in == "loss":
+            kl = torch.where(loss_mask, kl_penalty(logprobs, exp.ref_logprobs[idx], cfg.reward.kl_estimator), 0.0)
+            losses = losses + self.kl_ctl.value * kl
+        return PolicyTerms(is_out.weights * losses, out, kl, is_out)
 
-    def gradient_update(self, exp: Experience, ctx: StepContext, update_policy: bool, update_value: bool
-                        ) -> dict[str, float]:
-        """ppo_epochs x num_minibatches optimizer steps; early stop on train.target_kl."""
+    def replay_minibatches(self, exp: Experience, step: int) -> tuple[Experience, list[torch.Tensor], dict]:
+        """Add the rollout to the replay buffer (policy version = iteration `step`), drop stale rows,
+        and draw this iteration's minibatches: replay_ratio * num_minibatches of them (a fractional
+        count alternates, `replay_plan`), each as many whole groups as an on-policy minibatch,
+        uniformly from the buffer. Returns the buffer's rows with `logprobs` set to pi_prox -- the
+        policy now, before this update; fresh rows keep theirs, so their IS weight is exactly 1 --
+        the minibatches (row indices into it) and the buffer's metrics."""
+        cfg, n = self.cfg, self.cfg.algo.samples_per_prompt
+        self.replay.add(exp, version=step)
+        self.replay.evict_stale(step)
+        plan = replay_plan(step - 1, cfg.train.num_minibatches, cfg.algo.replay_ratio, 1)
+        pool = self.replay.sample(self.replay.num_groups, self.replay_gen)
+        rows, groups = pool.rows, self.replay.num_groups
+        per_mb = max(1, exp.sequences.size(0) // n // cfg.train.num_minibatches)
+        offsets = torch.arange(n)
+        minibatches = [(torch.randperm(groups, generator=self.replay_gen)[:per_mb].sort().values[:, None] * n
+                        + offsets).reshape(-1) for _ in range(plan.updates)]
+        stale = torch.zeros(rows.sequences.size(0), dtype=torch.bool)
+        if minibatches:
+            stale[torch.cat(minibatches).unique()] = True
+        stale &= pool.versions != step
+        prox = rows.behaviour_logprobs.clone()
+        if bool(stale.any()):
+            idx = stale.nonzero().squeeze(1).to(rows.sequences.device)
+            with torch.no_grad(), common.autocast(self.device, self.dtype), dist.full_params(self.policy):
+                for part in idx.tensor_split(max(1, math.ceil(idx.numel() / exp.sequences.size(0)))):
+                    lp, _ = response_logprobs(self.policy, rows.sequences[part], rows.attention_mask[part],
+                                              rows.prompt_len, temperature=cfg.rollout.temperature,
+                                              top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p)
+                    prox[part] = lp.float()
+        versions = pool.versions.float()
+        metrics = {"replay/rows": float(rows.sequences.size(0)), "replay/steps": float(plan.updates),
+                   "replay/mean_age": float((step - versions).mean()), "replay/stale_rows_used": float(stale.sum())}
+        return rows._replace(logprobs=prox), minibatches, metrics
+
+    def gradient_update(self, exp: Experience, ctx: StepContext, update_policy: bool, update_value: bool,
+                        minibatches: list[torch.Tensor] | None = None) -> dict[str, float]:
+        """ppo_epochs x num_minibatches optimizer steps over shuffled whole groups, or one step per
+        given minibatch (row indices of `exp`, as replay draws them); early stop on train.target_kl."""
         cfg = self.cfg
         n = cfg.algo.samples_per_prompt
         steps: list[StepStats] = []
         early_stop = False
-        for _epoch in range(cfg.train.ppo_epochs):
-            for mb in minibatch_indices(exp.sequences.size(0) // n, n, cfg.train.num_minibatches, self.shuffle_gen):
+        epochs = [minibatches] if minibatches is not None else (
+            minibatch_indices(exp.sequences.size(0) // n, n, cfg.train.num_minibatches, self.shuffle_gen)
+            for _ in range(cfg.train.ppo_epochs))
+        for epoch in epochs:
+            for mb in epoch:
                 stats = self.optimizer_step(exp, mb.to(exp.sequences.device), ctx, update_policy, update_value)
                 steps.append(stats)
                 if (cfg.train.target_kl is not None and update_policy
@@ -622,16 +726,18 @@ class RLTrainer:
         loss_mask = exp.loss_mask[idx]
         z = torch.zeros((), device=seq.device)
         total, policy, kl_term, ent, vf = z, z, z, z, z
-        clipfrac, approx_kl, ratio_mean, ratio_max, vclip = z, z, z, torch.tensor(float("-inf")), z
+        clipfrac, approx_kl, ratio_mean, vclip, is_weight, is_clipped = z, z, z, z, z, z
+        ratio_max = is_max = torch.tensor(float("-inf"))
         if update_policy:
             logprobs, entropy = response_logprobs(self.policy_ddp, seq, mask, P, temperature=cfg.rollout.temperature,
                                                   top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
                                                   with_entropy=cfg.loss.entropy_coef > 0)
-            token_losses, out, kl = self.policy_objective(logprobs, exp, idx)
+            terms = self.policy_objective(logprobs, exp, idx)
+            out, kl = terms.loss_out, terms.kl
             if kl is not None:
-                kl_term = (policy_w * kl).sum()
-            policy = (policy_w * out.losses).sum()
-            total = (policy_w * token_losses).sum()
+                kl_term = (policy_w * terms.is_weights.weights * kl).sum()
+            policy = (policy_w * terms.is_weights.weights * out.losses).sum()
+            total = (policy_w * terms.losses).sum()
             if cfg.loss.entropy_coef > 0:
                 ent = (token_w * entropy).sum()
                 total = total - cfg.loss.entropy_coef * ent
@@ -641,13 +747,17 @@ class RLTrainer:
                 approx_kl = (token_w * (torch.expm1(log_ratio) - log_ratio)).sum()
                 ratio_mean = (token_w * out.ratio).sum()
                 ratio_max = torch.where(loss_mask, out.ratio, float("-inf")).max() if loss_mask.any() else ratio_max
+                share = token_w.sum()  # this micro-batch's share of the minibatch's tokens
+                is_weight, is_clipped = terms.is_weights.stats.mean * share, terms.is_weights.stats.clipped_frac * share
+                is_max = terms.is_weights.stats.max if loss_mask.any() else is_max
         if update_value:
             values = response_values(self.value_ddp, seq, mask, P).float()
             vf, vclip = value_loss(values, exp.values[idx], exp.returns[idx], exp.response_mask[idx],
                                    cfg.loss.value_clip_eps, weights=value_w)
             total = total + cfg.loss.vf_coef * vf
         stats = LossStats(total.detach(), policy.detach(), kl_term.detach(), ent.detach(), vf.detach(), z,
-                          clipfrac, approx_kl, ratio_mean, torch.as_tensor(vclip), ratio_max.detach())
+                          clipfrac, approx_kl, ratio_mean, torch.as_tensor(vclip), is_weight, is_clipped,
+                          ratio_max.detach(), torch.as_tensor(is_max))
         return total, stats
 
     def ptx_step(self) -> torch.Tensor:
@@ -709,8 +819,8 @@ class RLTrainer:
             targets = exp.sequences[idx][:, exp.prompt_len:][exp.loss_mask[idx]]
             taken = lp_all.gather(-1, targets[:, None]).squeeze(-1)
             lp = torch.zeros_like(exp.logprobs[idx]).masked_scatter(exp.loss_mask[idx], taken)
-            token_losses, _, _ = self.policy_objective(lp, exp, idx)
-            return (policy_w[idx] * token_losses).sum(), kl_old_new(idx, old_lp, lp_all, token_w)
+            terms = self.policy_objective(lp, exp, idx)
+            return (policy_w[idx] * terms.losses).sum(), kl_old_new(idx, old_lp, lp_all, token_w)
 
         # The Fisher matrix is estimated on every k-th row (TRPO's usual subsampling: CG's cost).
         fisher_rows = all_rows[::max(1, round(1 / tr.fisher_fraction))]
@@ -773,7 +883,7 @@ def run_rl(cfg: PPOConfig, resume: bool = False, reward_functions: Sequence[Call
     (the Python API's way to pass them).
     """
     out_dir = Path(common.require(cfg.out_dir, "out_dir", "where to write the RL policy"))
-    device = common.setup(cfg.run, "ppo")
+    device = common.setup(cfg.run, cfg.algo.name)
     t_start = time.time()
     trainer = RLTrainer(cfg, device, reward_functions)
     loop = StageLoop(trainer, out_dir, cfg.run)
