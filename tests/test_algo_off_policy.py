@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ppo_rlhf.algo.losses import PolicyLossParams, ppo_clip_loss
-from ppo_rlhf.algo.off_policy import IS_CORRECTIONS, decoupled_ppo_clip, importance_weights
+from ppo_rlhf.algo.off_policy import IS_CORRECTIONS, importance_weights, is_corrected
 
 NAN = float("nan")
 MASK = torch.tensor([[True, True, True], [True, True, False]])
@@ -45,11 +45,11 @@ def test_decoupled_ppo_by_hand():
     # r = pi_theta / pi_prox = [[1.2, 0.5, 1], [1, 1, pad]]
     logprobs = torch.log(torch.tensor([[0.6, 0.1, 0.9], [0.8, 0.4, NAN]])).requires_grad_()
     advantages = torch.tensor([[1.0, -1.0, 2.0], [0.5, 0.5, NAN]])
-    losses, stats = decoupled_ppo_clip(logprobs, PROX, BEHAVIOUR, advantages, MASK, 0.1, 0.1, "tis", 2.5)
+    clip = ppo_clip_loss(logprobs, PROX, advantages, MASK, PolicyLossParams(0.1, 0.1))
+    losses, weights = is_corrected(clip.losses, PROX, BEHAVIOUR, MASK, "tis", 2.5)
     # t0: -2 * min(1.2, 1.1) * 1; t1: -0.5 * min(-0.5, -0.9); t2: -2.5 * 2; row 1: -2.5 * 0.5
     assert close(losses, [[-2.2, 0.45, -5.0], [-1.25, -1.25, 0.0]])
-    assert close(stats.clipfrac, 2 / 5) and close(stats.ratio_mean, 4.7 / 5) and close(stats.ratio_max, 1.2)
-    assert close(stats.is_weights.mean, 2.0)
+    assert clip.clipped.sum().item() == 2 and close(weights.stats.mean, 2.0)
     losses.sum().backward()
     # d/dlogp of -w A r is -w A r where unclipped; 0 where the clip is active; 0 at padding
     assert close(logprobs.grad, [[0.0, 0.0, -5.0], [-1.25, -1.25, 0.0]])
@@ -69,7 +69,8 @@ def test_on_fresh_rows_every_weight_is_one_and_the_loss_is_ppo_clip(mode):
     assert out.stats.clipped_frac.item() == 0.0
 
     lp_a, lp_b = theta.clone().requires_grad_(), theta.clone().requires_grad_()
-    ours, _ = decoupled_ppo_clip(lp_a, prox, behaviour, advantages, mask, 0.2, 0.28, mode, 1.5)
+    ours, _ = is_corrected(ppo_clip_loss(lp_a, prox, advantages, mask, PolicyLossParams(0.2, 0.28)).losses,
+                           prox, behaviour, mask, mode, 1.5)
     ppo = ppo_clip_loss(lp_b, behaviour, advantages, mask, PolicyLossParams(0.2, 0.28)).losses
     assert torch.equal(ours, ppo)
     ours.sum().backward()

@@ -122,6 +122,8 @@ def test_padding_never_reaches_the_losses():
     adv = T([[1.0, float("inf")]], dtype=torch.float64)
     mask = T([[True, False]])
     for name, loss in POLICY_LOSSES.items():
+        if loss.update not in ("gradient", "trust_region"):  # another kind's fn has its own signature
+            continue
         out = loss.fn(lp, old, adv, mask, PolicyLossParams())
         assert torch.isfinite(out.losses).all() and out.losses[0, 1] == 0, name
         lp.grad = None

@@ -232,6 +232,19 @@ def test_replay_two_ranks_match_one_process(data, reference, tmp_path):
                                                                  "replay/stale_rows_used", "eval/gold_reward"})
 
 
+def test_sac_runs_under_two_ranks(data, reference, tmp_path):
+    """SAC under torchrun: each rank steps the DDP-wrapped critics and actor on its rows of every
+    replayed minibatch. (Its losses are per-rank token means, so the trajectory is not the
+    1-process one to the last digit, as the token-weighted losses of the gradient kinds are.)"""
+    out = tmp_path / "ddp"
+    args = [a for a in ppo_args(data, out, reference / "sft" / "model", reference / "reward" / "model")
+            if not a.startswith(("loss.ptx", "ptx_file", "train.ppo_epochs"))]  # a gradient-step loss's options
+    torchrun("rl", [*args, "algo=sac", "train.updates=2"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss/critic", "loss/actor", "sac/q_mean", "sac/kl"} <= {k for r in rows for k in r}
+    assert (out / "model" / "model.safetensors").is_file()
+
+
 def test_row_seeded_sampling_does_not_depend_on_the_batch(data):
     """A row's sample depends on its seed only: not on the rows beside it or on the padding."""
     from ppo_rlhf.data.collate import pad_left

@@ -36,18 +36,20 @@ sys.argv[0] = "ppo-rlhf"
 sys.exit(main())
 """
 WALL_CLOCK = ("time", "time/", "perf/")
-STEPS = {"sft": 8, "sft-lora": 8, "reward": 8, "ppo": 6, "ppo-replay": 6}
+STEPS = {"sft": 8, "sft-lora": 8, "reward": 8, "ppo": 6, "ppo-replay": 6, "sac": 6}
 # Seconds added to each optimizer step (PPO makes 8 per update) when a signal must find it running.
-DELAY = {"sft": 0.12, "sft-lora": 0.12, "reward": 0.12, "ppo": 0.03, "ppo-replay": 0.03}
+DELAY = {"sft": 0.12, "sft-lora": 0.12, "reward": 0.12, "ppo": 0.03, "ppo-replay": 0.03, "sac": 0.03}
 
 
 def stage_args(stage: str, fx: Path, out: Path) -> list[str]:
     """The command line of a tiny run of `stage`; sft-lora trains LoRA adapters with dropout; ppo-replay
-    keeps a replay buffer (in the checkpoint) and draws its minibatches from it."""
+    keeps a replay buffer (in the checkpoint) and draws its minibatches from it; sac adds twin
+    critics, their targets and their optimizer to that."""
     common = ["run.tensorboard=false", "run.save_every=1", "run.keep_last=2"]
-    if stage == "ppo-replay":
-        return [*stage_args("ppo", fx, out)[:-len(common)], "train.ppo_epochs=1", "algo.replay_ratio=1.5",
-                "algo.replay_capacity=12", *common]
+    if stage in ("ppo-replay", "sac"):
+        ppo = [a for a in stage_args("ppo", fx, out)[:-len(common)] if not a.startswith("train.ppo_epochs")]
+        algo = ["algo=sac"] if stage == "sac" else []
+        return [*ppo, *algo, "train.ppo_epochs=1", "algo.replay_ratio=1.5", "algo.replay_capacity=12", *common]
     if stage == "sft-lora":
         return [*stage_args("sft", fx, out), "model.lora_r=4", "model.lora_dropout=0.1"]
     if stage == "sft":
@@ -161,7 +163,7 @@ def reference(fx, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "ppo-replay"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "ppo-replay", "sac"])
 def test_sigkill_at_a_random_step_then_resume_is_exact(stage, fx, reference, tmp_path):
     want = reference(stage)
     out = tmp_path / "run"

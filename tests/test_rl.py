@@ -45,7 +45,7 @@ def make_trainer(dirs, *overrides, reward_model=True):
     cfg = build_config(PPOConfig, overrides=[
         f"policy={dirs / 'sft'}", f"reward_model={dirs / 'rm' if reward_model else ''}",
         f"prompts_file={dirs / 'prompts.jsonl'}", f"out_dir={dirs / 'out'}", "task=arithmetic",
-        "rollout.batch_size=8", "run.tensorboard=false", "train.ppo_epochs=2", "train.num_minibatches=2",
+        "rollout.batch_size=8", "run.tensorboard=false", "train.num_minibatches=2",
         "optim.lr=1e-3", *overrides])
     torch.manual_seed(0)
     return RLTrainer(cfg, torch.device("cpu"))
@@ -455,7 +455,7 @@ def test_on_fresh_rows_every_is_correction_gives_the_uncorrected_update(dirs):
 
 
 def test_replay_refuses_what_it_cannot_do(dirs):
-    with pytest.raises(Exception, match="replay needs a gradient-step loss"):
+    with pytest.raises(Exception, match="replay needs a loss of update kind"):
         make_trainer(dirs, "algo=trpo", "algo.replay_ratio=2", "train.ppo_epochs=1")
     with pytest.raises(Exception, match="train.ppo_epochs must stay 1"):
         make_trainer(dirs, "algo.replay_ratio=2")

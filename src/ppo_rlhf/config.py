@@ -755,7 +755,7 @@ def _apply_preset(cfg: Any, prefix: str, name: str, where: str) -> None:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise UserError(f"{where}: no algorithm preset {name!r}; presets: {', '.join(names)}.{hint}")
     head = f"{prefix}." if prefix else ""
-    for k, v in _flatten(load_yaml(path)):
+    for k, v in _flatten(load_yaml(path), where=f"{path}: "):
         set_key(cfg, head + k, v, where=f"{path}: ")
     algo = cfg
     for part in (head + "algo").split("."):
@@ -767,13 +767,13 @@ def _selects_preset(key: str) -> bool:
     return key in ("algo", "algo.name") or key.endswith((".algo", ".algo.name"))
 
 
-def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+def _flatten(d: dict, prefix: str = "", where: str = "") -> list[tuple[str, Any]]:
     out = []
     for k, v in d.items():
         if not isinstance(k, str):
-            raise UserError(f"config key {k!r} must be a string")
+            raise UserError(f"{where}config key {prefix}{k!r} must be a string (quote it, or fix the YAML)")
         if isinstance(v, dict):
-            out.extend(_flatten(v, f"{prefix}{k}."))
+            out.extend(_flatten(v, f"{prefix}{k}.", where))
         else:
             out.append((prefix + k, v))
     return out
@@ -822,7 +822,7 @@ def build_config(cls: type, yaml_path: str | Path | None = None, overrides: list
     cfg = cls()
     settings = [(k, v, "") for k, v in _flatten(base or {})]
     if yaml_path:
-        settings += [(k, v, f"{yaml_path}: ") for k, v in _flatten(load_yaml(yaml_path))]
+        settings += [(k, v, f"{yaml_path}: ") for k, v in _flatten(load_yaml(yaml_path), where=f"{yaml_path}: ")]
     settings += [(*parse_override(text), "command line: ") for text in overrides]
     # An algorithm preset (algo=NAME) is a base: it is applied first, whatever its position.
     settings.sort(key=lambda s: not _selects_preset(s[0]))

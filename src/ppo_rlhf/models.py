@@ -141,6 +141,22 @@ def load_causal_lm(
     return model
 
 
+def load_q_model(spec: str | Path, tokenizer, *, seed: int = 0, head_init_std: float = 1e-3) -> PreTrainedModel:
+    """A soft Q critic over the vocabulary: the causal LM at `spec` (its trunk) with a new, untied
+    output layer of small random weights (seeded, so two critics differ), whose logits are read as
+    Q(s, .) in R^V (SAC's critic). Q starts near 0, the value of a policy equal to its prior."""
+    model = load_causal_lm(spec, tokenizer)
+    head = model.get_output_embeddings()
+    hidden, vocab = head.weight.shape[1], head.weight.shape[0]
+    new = nn.Linear(hidden, vocab, bias=False, device=head.weight.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        nn.init.normal_(new.weight, std=head_init_std)
+    model.config.tie_word_embeddings = False  # the head is the critic's own, not the input embedding
+    model.set_output_embeddings(new)
+    return model
+
+
 def load_scalar_model(
     spec_or_dir: str | Path,
     tokenizer,

@@ -2,6 +2,7 @@
 estimators, policy losses and loss aggregations, TRPO's conjugate gradient and line search. No I/O
 and no model code; every function has a unit test on hand-made tensors."""
 
+from ppo_rlhf.algo import sac  # noqa: F401  (registers the "sac" update's loss)
 from ppo_rlhf.algo.advantages import (
     ADVANTAGES,
     AdvantageInputs,

@@ -250,6 +250,7 @@ class Estimator(NamedTuple):
     # A baseline response per prompt, sampled as this says ("greedy": the argmax response), scored
     # and shaped by the same path as the samples; its return reaches the estimator as `baselines`.
     baseline: str | None = None
+    advantages: bool = True  # False: no advantages, for an update that learns its own critic (SAC)
 
 
 ADVANTAGES: dict[str, Estimator] = {}
@@ -380,6 +381,13 @@ def reinforce_pp_baseline_advantages(x: AdvantageInputs, p: AdvantageParams) -> 
     shift = torch.zeros_like(x.rewards).scatter(1, last.clamp(min=0)[:, None], mean.to(x.rewards.dtype)[:, None])
     rewards = x.rewards - torch.where(x.mask.bool(), shift, torch.zeros_like(shift))
     return returns_to_go(rewards, x.mask, p.gamma), None
+
+
+@register_advantage("none", advantages=False)
+def no_advantages(x: AdvantageInputs, p: AdvantageParams) -> tuple[Tensor, None]:
+    """No advantage estimate (zeros): for an update that learns its own soft Q critic from the
+    rewards (SAC), which a loss that reads advantages may not be paired with."""
+    return torch.zeros_like(x.rewards), None
 
 
 @register_advantage("remax", baseline="greedy")

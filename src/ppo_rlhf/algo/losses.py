@@ -52,23 +52,31 @@ class PolicyLossOutput(NamedTuple):
 
 # How the RL stage optimises a policy loss: "gradient" = minibatch steps of the optimizer (PPO and
 # friends); "trust_region" = one natural-gradient step with a KL-constrained line search per rollout
-# (TRPO, `algo.trpo`, algo/trpo.py's trust_region_step).
-UPDATE_KINDS = ("gradient", "trust_region")
+# (TRPO, `algo.trpo`, algo/trpo.py's trust_region_step); "soft_actor_critic" = off-policy steps of
+# twin soft Q critics and the actor on replayed rows (SAC, algo/sac.py).
+UPDATE_KINDS = ("gradient", "trust_region", "soft_actor_critic")
+# The kinds that can learn from replayed rows (IS-corrected gradient steps; SAC is off-policy by
+# construction); a trust-region step is taken on its own rollout.
+REPLAY_KINDS = ("gradient", "soft_actor_critic")
 
 
 class PolicyLoss(NamedTuple):
     """A registered policy loss: the per-token function, how the stage optimises it (one of
-    UPDATE_KINDS) and the dataclass of its own knobs (None: it has none)."""
+    UPDATE_KINDS), the dataclass of its own knobs (None: it has none) and whether it reads the
+    advantages (an actor-critic with its own critic does not). The gradient and trust-region kinds
+    call `fn(logprobs, old_logprobs, advantages, mask, params)`; another kind names its own math."""
 
-    fn: Callable[[Tensor, Tensor, Tensor, Tensor, PolicyLossParams], PolicyLossOutput]
+    fn: Callable
     update: str = "gradient"
     knobs: type | None = None
+    uses_advantages: bool = True
 
 
 POLICY_LOSSES: dict[str, PolicyLoss] = {}
 
 
-def register_policy_loss(name: str, update: str = "gradient", knobs: type | None = None):
+def register_policy_loss(name: str, update: str = "gradient", knobs: type | None = None,
+                         uses_advantages: bool = True):
     """Decorator: register `fn(logprobs, old_logprobs, advantages, mask, params) -> PolicyLossOutput`
     (all (B, R); logprobs carry the gradient). `knobs`: a dataclass whose fields (each an `opt`) the
     config offers as `loss.<name>.<field>`; the loss reads them as `params.knobs`."""
@@ -78,7 +86,7 @@ def register_policy_loss(name: str, update: str = "gradient", knobs: type | None
     def wrap(fn):
         if name in POLICY_LOSSES:
             raise ValueError(f"policy loss {name!r} is registered twice")
-        POLICY_LOSSES[name] = PolicyLoss(fn, update, knobs)
+        POLICY_LOSSES[name] = PolicyLoss(fn, update, knobs, uses_advantages)
         return fn
 
     return wrap

@@ -25,8 +25,9 @@ policy ratio around pi_prox instead of pi_behaviour and corrects with w_t (detac
 
     L_t = -w_t * min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t),  r_t = pi_theta / pi_prox
 
-(`decoupled_ppo_clip`). On fresh rows pi_behaviour == pi_prox, so every w_t is exactly 1 and L_t
-is PPO's clipped loss: the correction costs nothing on-policy.
+(`is_corrected` over any registered loss computed around pi_prox; the RL stage's
+`policy_objective`). On fresh rows pi_behaviour == pi_prox, so every w_t is exactly 1 and L_t is
+the loss itself: the correction costs nothing on-policy.
 
 All inputs are (B, R) response-aligned log-probs with `mask` True at the tokens the loss sees;
 padding may hold inf/NaN (it is replaced before any arithmetic). Weights are detached and 0 at
@@ -133,38 +134,11 @@ def importance_weights(prox_logprobs: Tensor, behaviour_logprobs: Tensor, mask: 
     return IS_CORRECTIONS[mode](prox_logprobs, behaviour_logprobs, mask, cap)
 
 
-class DecoupledStats(NamedTuple):
-    """Decoupled PPO's diagnostics (0-d, detached, over the real tokens): the policy ratio
-    r = pi_theta / pi_prox (mean, max), the fraction of tokens where the clip is active, and the
-    IS weights' stats."""
-
-    ratio_mean: Tensor
-    ratio_max: Tensor
-    clipfrac: Tensor
-    is_weights: ISStats
-
-
-def decoupled_ppo_clip(logprobs: Tensor, prox_logprobs: Tensor, behaviour_logprobs: Tensor, advantages: Tensor,
-                       mask: Tensor, clip_low: float = 0.2, clip_high: float = 0.2, is_mode: str = "tis",
-                       is_cap: float = 2.0) -> tuple[Tensor, DecoupledStats]:
-    """Decoupled PPO's per-token loss (B, R), 0 at padding:
-
-        L_t = -w_t * min(r_t A_t, clip(r_t, 1 - clip_low, 1 + clip_high) A_t)
-
-    with r_t = pi_theta(a_t|s_t) / pi_prox(a_t|s_t) (`logprobs` carry the gradient) and w_t the
-    detached correction `is_mode` of pi_prox / pi_behaviour (`importance_weights`). Aggregate the
-    result with any of `algo.losses.AGGREGATIONS`.
-    """
-    mask = mask.bool()
-    is_out = importance_weights(prox_logprobs, behaviour_logprobs, mask, is_mode, is_cap)
-    ratio = torch.exp(torch.where(mask, logprobs - prox_logprobs.detach(), 0.0))
-    advantages = torch.where(mask, advantages, 0.0)
-    pg = -advantages * ratio
-    pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    losses = torch.where(mask, is_out.weights * torch.maximum(pg, pg_clipped), 0.0)
-    with torch.no_grad():
-        n = mask.sum().clamp(min=1)
-        real_ratio = torch.where(mask, ratio, 0.0)
-        stats = DecoupledStats(real_ratio.sum() / n, real_ratio.amax() if ratio.numel() else real_ratio.sum(),
-                               ((pg_clipped > pg) & mask).sum() / n, is_out.stats)
-    return losses, stats
+def is_corrected(token_losses: Tensor, prox_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor,
+                 mode: str, cap: float) -> tuple[Tensor, ISOutput]:
+    """(w_t * L_t (B, R), the weights): any per-token policy loss L_t computed around pi_prox, made
+    off-policy-correct by the detached weight `mode` of pi_prox / pi_behaviour. With
+    L_t = ppo_clip_loss(logprobs, prox_logprobs, ...) this is decoupled PPO (Hilton et al. 2021):
+    the clip around pi_prox, the behaviour policy corrected by w_t. On fresh rows w_t = 1 exactly."""
+    out = importance_weights(prox_logprobs, behaviour_logprobs, mask, mode, cap)
+    return out.weights * token_losses, out

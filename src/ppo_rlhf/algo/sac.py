@@ -55,10 +55,14 @@ the actor (1/10 in the test): at the same rate, dual ascent on beta oscillates a
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from ppo_rlhf.algo.losses import register_policy_loss
+from ppo_rlhf.algo.options import opt
 
 
 def _probs(logp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -184,3 +188,20 @@ def boltzmann_logprobs(q: Tensor, ref_logp: Tensor, beta: float | Tensor) -> Ten
     beta)`, is beta log sum_a pi_ref(a|s) exp(Q(s,a)/beta). Entries with pi_ref = 0 stay -inf.
     """
     return torch.log_softmax(ref_logp + q / beta, dim=-1)
+
+
+@dataclass
+class SACKnobs:
+    """SAC's critics."""
+
+    tau: float = opt(0.05, "Polyak rate of the target critics per step (SAC: 0.005 over millions of "
+                     "steps; a few thousand here need a faster target).", min=1e-6, max=1.0)
+    critic_lr: float | None = opt(None, "Learning rate of the two soft Q critics; null = optim.lr.", min=0)
+    head_init_std: float = opt(1e-3, "Std of the critics' new Q heads (each critic its own seed, so "
+                               "the two differ and their minimum means something).", min=0)
+
+
+# The RL stage's "soft_actor_critic" update: two soft Q critics and the actor on replayed rows.
+# `fn` is the actor's objective (the per-token losses of the gradient kinds do not apply); beta is
+# the KL controller's (reward.kl_coef, or reward.kl_control=adaptive towards reward.kl_target).
+register_policy_loss("sac", update="soft_actor_critic", knobs=SACKnobs, uses_advantages=False)(actor_loss)

@@ -41,13 +41,14 @@ from ..algo.kl_control import make_kl_controller
 from ..algo.losses import (
     AGGREGATIONS,
     POLICY_LOSSES,
+    REPLAY_KINDS,
     PolicyLossOutput,
     PolicyLossParams,
     lm_loss,
     token_mean_weights,
     value_loss,
 )
-from ..algo.off_policy import ISOutput, importance_weights
+from ..algo.off_policy import ISOutput, is_corrected
 from ..algo.trpo import trust_region_step
 from ..config import PPOConfig, to_dict
 from ..data.collate import pad_left, pad_right, position_ids_from_mask
@@ -91,6 +92,7 @@ from ..tokenizer import load_tokenizer
 from . import common
 from .evaluate import decode_responses, evaluate_sampled_and_greedy, load_eval_prompts
 from .loop import StageLoop, StepContext, StepResult
+from .sac_update import SACParams, SoftQCritics, sac_update
 
 
 def minibatch_indices(n_groups: int, group_size: int, num_minibatches: int,
@@ -231,6 +233,7 @@ class RLTrainer:
         fns = RewardFunctions([*specs, *(reward_functions or [])], weights) if specs or reward_functions else None
         self.scorer = Scorer(cfg, tok, self.reward_model, fns)
         self.value_model = self._value_model(tok) if algo.critic else None
+        self.q_critics = None  # the soft_actor_critic update's own critics (made below, after FSDP)
         for m in (self.policy, self.reference.model, self.reward_model, self.value_model):
             if m is not None:
                 disable_dropout(m)
@@ -276,6 +279,8 @@ class RLTrainer:
             self.value_opt = common.make_optimizer(self.value_params, cfg.optim, lr=value_lr)
             self.value_sched = common.make_scheduler(self.value_opt, cfg.optim, steps)
             self.schedules.append(common.Schedule(self.value_opt, self.value_sched, value_lr))
+        if self.policy_loss.update == "soft_actor_critic":
+            self.q_critics = SoftQCritics(cfg.policy, tok, device, cfg.run, cfg.optim, cfg.loss.sac, steps)
         self.kl_ctl = make_kl_controller(cfg.reward.kl_control, cfg.reward.kl_coef, cfg.reward.kl_target,
                                          cfg.reward.kl_horizon)
         self.running = RunningMeanStd() if cfg.reward.normalize else None
@@ -320,9 +325,27 @@ class RLTrainer:
             if loss.knobs is not None and name != algo.policy_loss and getattr(cfg.loss, name) != loss.knobs():
                 raise UserError(f"loss.{name}.* is set, but algo.policy_loss={algo.policy_loss}: those options "
                                 f"are read only by policy_loss={name}; remove them or choose that loss")
-        if self.policy_loss.update == "trust_region" and cfg.train.target_kl is not None:
-            raise UserError(f"train.target_kl stops gradient epochs early; algo.policy_loss={algo.policy_loss} "
-                            "takes one trust-region step (its bound is algo.trpo.max_kl): remove train.target_kl")
+        if self.policy_loss.uses_advantages and not self.estimator.advantages:
+            raise UserError(f"algo.policy_loss={algo.policy_loss} reads advantages, and algo.advantage="
+                            f"{algo.advantage} gives none: choose an advantage estimator")
+        if self.estimator.advantages and not self.policy_loss.uses_advantages:
+            raise UserError(f"algo.policy_loss={algo.policy_loss} learns its own critic and ignores advantages: "
+                            "set algo.advantage=none")
+        kind = self.policy_loss.update
+        if kind != "gradient":
+            gradient_only = (("train.target_kl", cfg.train.target_kl, None), ("loss.ptx_coef", cfg.loss.ptx_coef, 0.0),
+                             ("loss.entropy_coef", cfg.loss.entropy_coef, 0.0))
+            for key, value, off in gradient_only:
+                if value != off:
+                    raise UserError(f"{key} is used by gradient-step losses; algo.policy_loss={algo.policy_loss} "
+                                    f"takes {kind} steps, which do not read it: remove {key}")
+        if kind == "soft_actor_critic":
+            if algo.replay_ratio <= 0:
+                raise UserError(f"algo.policy_loss={algo.policy_loss} learns off-policy from a replay buffer: "
+                                "set algo.replay_ratio > 0 (e.g. 2) and train.ppo_epochs=1")
+            if algo.kl_in != "loss":
+                raise UserError(f"algo.policy_loss={algo.policy_loss} has the KL to the reference in its soft value "
+                                "(exact over the vocabulary): set algo.kl_in=loss, or it is counted twice")
         if self.estimator.needs_groups and algo.samples_per_prompt < 2:
             raise UserError(f"algo.advantage={algo.advantage} compares the responses to one prompt: "
                             "set algo.samples_per_prompt to 2 or more")
@@ -335,9 +358,10 @@ class RLTrainer:
                             "use train.value_model=separate")
         common.check_batch(cfg.rollout.batch_size, 1, "rollout.batch_size")
         if algo.replay_ratio > 0:
-            if self.policy_loss.update != "gradient":
+            if self.policy_loss.update not in REPLAY_KINDS:
                 raise UserError(f"algo.replay_ratio: algo.policy_loss={algo.policy_loss} takes one "
-                                f"{self.policy_loss.update} step on its own rollout; replay needs a gradient-step loss")
+                                f"{self.policy_loss.update} step on its own rollout; replay needs a loss of "
+                                f"update kind {' or '.join(REPLAY_KINDS)}")
             if (algo.replay_capacity or 4 * cfg.rollout.batch_size * algo.samples_per_prompt) < \
                     cfg.rollout.batch_size * algo.samples_per_prompt:
                 raise UserError("algo.replay_capacity must hold at least one rollout "
@@ -385,6 +409,8 @@ class RLTrainer:
             s.update(value_model=self.value_model, value_optimizer=self.value_opt, value_scheduler=self.value_sched)
         if self.replay is not None:
             s.update(replay=self.replay, replay_generator=self.replay_gen.get_state())
+        if self.q_critics is not None:
+            s.update(self.q_critics.state())
         return s
 
     def load(self, values: dict) -> None:
@@ -590,11 +616,61 @@ class RLTrainer:
         by_gradient = self.policy_loss.update == "gradient"
         out, minibatches = {}, None
         if self.replay is not None:
-            exp, minibatches, out = self.replay_minibatches(exp, ctx.step)
+            exp, minibatches, out = self.replay_minibatches(exp, ctx.step, proximal=by_gradient)
         if update_value or (update_policy and by_gradient):
             out.update(self.gradient_update(exp, ctx, update_policy and by_gradient, update_value, minibatches))
         if update_policy and not by_gradient:
-            out.update({"trust_region": self.trust_region_update}[self.policy_loss.update](exp))
+            kinds = {"trust_region": self.trust_region_update, "soft_actor_critic": self.soft_actor_critic_update}
+            out.update(kinds[self.policy_loss.update](exp, ctx, minibatches))
+        return out
+
+    def vocab_logprobs(self, model, exp: Experience, idx: torch.Tensor, tokens: torch.Tensor,
+                       truncate: bool = True) -> torch.Tensor:
+        """(N, V) log-softmax over the vocabulary of `model` at the sampling temperature (after the
+        sampler's top-k / top-p cut when `truncate`) at the response tokens `tokens` (len(idx), R
+        bool) of rows idx, row-major: the full distributions that TRPO's KL and SAC's soft value need."""
+        cfg = self.cfg
+        seq, mask = exp.sequences[idx], exp.attention_mask[idx]
+        with common.autocast(self.device, self.dtype):
+            logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        logits = logits[:, exp.prompt_len - 1:-1].float()[tokens] / cfg.rollout.temperature
+        if truncate:
+            targets = seq[:, exp.prompt_len:][tokens]
+            logits = truncate_logits(logits, top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p, keep=targets)
+        return logits.log_softmax(-1)
+
+    def soft_actor_critic_update(self, exp: Experience, ctx: StepContext, minibatches: list[torch.Tensor]
+                                 ) -> dict[str, float]:
+        """SAC on the replayed minibatches (stages/sac_update.py's `sac_update`, algo/sac.py): per
+        minibatch, this rank's rows step the twin soft Q critics towards r + V_target(s'), then the
+        actor towards pi_ref exp(Q / beta) / Z, then the targets by Polyak averaging; beta is the KL
+        controller's. Metrics are averaged over the minibatches."""
+        cfg, q = self.cfg, self.q_critics
+        knobs = cfg.loss.sac
+        params = SACParams(gamma=cfg.loss.gamma, tau=knobs.tau)
+        log_beta = torch.tensor(float(self.kl_ctl.value), device=self.device).log()
+
+        def policy(i):
+            return self.vocab_logprobs(self.policy_ddp, exp, i, exp.response_mask[i])
+
+        @torch.no_grad()
+        def reference(i):
+            with self.reference.context():
+                return self.vocab_logprobs(self.reference.network, exp, i, exp.response_mask[i], truncate=False)
+
+        def step(opt, loss):
+            if opt is self.policy_opt:
+                return ctx.clip_and_step(self.policy_params, opt, self.policy_sched, cfg.optim.max_grad_norm, loss)[1]
+            return ctx.clip_and_step(q.params, opt, q.scheduler, cfg.optim.max_grad_norm, loss)[1]
+
+        rows: list[dict[str, float]] = []
+        for mb in minibatches:
+            mine = mb[dist.rank()::dist.world_size()].to(exp.sequences.device)
+            rows.append(sac_update(exp, mine, policy_logsoftmax=policy, ref_logsoftmax=reference, critics=q.wrapped,
+                                   target_critics=q.targets, critic_optimizer=q.optimizer,
+                                   actor_optimizer=self.policy_opt, log_beta=log_beta, params=params, step=step))
+        out = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} if rows else {}
+        out["train/optimizer_steps"] = len(rows)
         return out
 
     def policy_objective(self, logprobs: torch.Tensor, exp: Experience, idx: torch.Tensor) -> PolicyTerms:
@@ -605,21 +681,23 @@ class RLTrainer:
         cfg = self.cfg
         loss_mask = exp.loss_mask[idx]
         out = self.policy_loss.fn(logprobs, exp.logprobs[idx], exp.advantages[idx], loss_mask, self.loss_params)
-        is_out = importance_weights(exp.logprobs[idx], exp.behaviour_logprobs[idx], loss_mask,
-                                    cfg.loss.is_correction, cfg.loss.is_cap)
         losses, kl = out.losses, None
         if cfg.algo.kl_in == "loss":
             kl = torch.where(loss_mask, kl_penalty(logprobs, exp.ref_logprobs[idx], cfg.reward.kl_estimator), 0.0)
             losses = losses + self.kl_ctl.value * kl
-        return PolicyTerms(is_out.weights * losses, out, kl, is_out)
+        losses, is_out = is_corrected(losses, exp.logprobs[idx], exp.behaviour_logprobs[idx], loss_mask,
+                                      cfg.loss.is_correction, cfg.loss.is_cap)
+        return PolicyTerms(losses, out, kl, is_out)
 
-    def replay_minibatches(self, exp: Experience, step: int) -> tuple[Experience, list[torch.Tensor], dict]:
+    def replay_minibatches(self, exp: Experience, step: int, proximal: bool = True
+                           ) -> tuple[Experience, list[torch.Tensor], dict]:
         """Add the rollout to the replay buffer (policy version = iteration `step`), drop stale rows,
         and draw this iteration's minibatches: replay_ratio * num_minibatches of them (a fractional
         count alternates, `replay_plan`), each as many whole groups as an on-policy minibatch,
         uniformly from the buffer. Returns the buffer's rows with `logprobs` set to pi_prox -- the
         policy now, before this update; fresh rows keep theirs, so their IS weight is exactly 1 --
-        the minibatches (row indices into it) and the buffer's metrics."""
+        the minibatches (row indices into it) and the buffer's metrics. `proximal=False` (an update
+        that needs no IS correction, SAC) skips the recomputation."""
         cfg, n = self.cfg, self.cfg.algo.samples_per_prompt
         self.replay.add(exp, version=step)
         self.replay.evict_stale(step)
@@ -633,7 +711,7 @@ class RLTrainer:
         stale = torch.zeros(rows.sequences.size(0), dtype=torch.bool)
         if minibatches:
             stale[torch.cat(minibatches).unique()] = True
-        stale &= pool.versions != step
+        stale &= (pool.versions != step) & proximal
         prox = rows.behaviour_logprobs.clone()
         if bool(stale.any()):
             idx = stale.nonzero().squeeze(1).to(rows.sequences.device)
@@ -782,7 +860,7 @@ class RLTrainer:
         return lm.detach().double() * share
 
     # -- the trust-region update -----------------------------------------------------------------
-    def trust_region_update(self, exp: Experience) -> dict[str, float]:
+    def trust_region_update(self, exp: Experience, ctx: StepContext, minibatches: None = None) -> dict[str, float]:
         """One trust-region step of the policy on the whole rollout (algo/trpo.py's
         `trust_region_step`) on the policy objective: CG on Fisher-vector products of the mean
         per-token KL(pi_old || pi_theta), the step scaled to algo.trpo.max_kl, a backtracking line
@@ -796,17 +874,8 @@ class RLTrainer:
         def shares(rows):  # this rank's rows of `rows`, in grad_accum micro-batches
             return [m for m in rows[dist.rank()::dist.world_size()].tensor_split(cfg.train.grad_accum) if m.numel()]
 
-        def log_softmax(idx):
-            """(N, V) log pi_theta over the vocabulary at the loss tokens of rows idx."""
-            seq, mask = exp.sequences[idx], exp.attention_mask[idx]
-            with common.autocast(self.device, self.dtype):
-                logits = self.policy(input_ids=seq, attention_mask=mask,
-                                     position_ids=position_ids_from_mask(mask)).logits
-            logits = logits[:, exp.prompt_len - 1:-1].float() / cfg.rollout.temperature
-            targets = seq[:, exp.prompt_len:][exp.loss_mask[idx]]
-            kept = truncate_logits(logits[exp.loss_mask[idx]], top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p,
-                                   keep=targets)
-            return kept.log_softmax(-1)
+        def log_softmax(idx):  # (N, V) log pi_theta at the loss tokens (no DDP: TRPO reduces by hand)
+            return self.vocab_logprobs(self.policy, exp, idx, exp.loss_mask[idx])
 
         def kl_old_new(idx, old_lp, lp_all, weights):
             # KL(old || new) per loss token; tokens outside a top-k/top-p cut have probability 0

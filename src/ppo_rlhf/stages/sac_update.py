@@ -163,3 +163,33 @@ def sac_update(batch, idx: Tensor, *, policy_logsoftmax: Callable[[Tensor], Tens
     names = ["loss/critic", "loss/actor", "loss/beta", "sac/q_mean", "sac/target_mean", "sac/kl", "sac/entropy",
              "sac/soft_value", "sac/beta"]
     return {**dict(zip(names, values)), "sac/critic_grad_norm": critic_norm, "sac/actor_grad_norm": actor_norm}
+
+
+class SoftQCritics:
+    """The "soft_actor_critic" update's own models: two soft Q critics over the vocabulary (the SFT
+    trunk with a new head each, `models.load_q_model`), their Polyak targets, and one optimizer and
+    schedule over both critics. `state()` is their part of the checkpoint."""
+
+    def __init__(self, policy_dir: str, tokenizer, device: torch.device, run_cfg, optim_cfg, knobs,
+                 total_steps: int):
+        from .. import distributed as dist
+        from ..models import disable_dropout, load_q_model
+        from . import common
+
+        self.critics = []
+        for i in range(2):
+            critic = load_q_model(policy_dir, tokenizer, seed=run_cfg.seed * 2 + i + 1,
+                                  head_init_std=knobs.head_init_std).to(device)
+            disable_dropout(critic)
+            self.critics.append(critic)
+        self.wrapped = [dist.wrap_model(c, device, run_cfg) for c in self.critics]
+        self.targets = [target_critic(c) for c in self.critics]
+        self.params = [p for c in self.critics for p in c.parameters() if p.requires_grad]
+        lr = knobs.critic_lr if knobs.critic_lr is not None else optim_cfg.lr
+        self.optimizer = common.make_optimizer(self.params, optim_cfg, lr=lr)
+        self.scheduler = common.make_scheduler(self.optimizer, optim_cfg, total_steps)
+        self.lr = lr
+
+    def state(self) -> dict:
+        return {"q_critic_1": self.critics[0], "q_critic_2": self.critics[1], "q_target_1": self.targets[0],
+                "q_target_2": self.targets[1], "q_optimizer": self.optimizer, "q_scheduler": self.scheduler}
