@@ -121,15 +121,17 @@ def one_run(task: str, algo: str, seed: int, reward: str, base_run: Path, work: 
             if any("trpo/step_fraction" in r for r in rows) else None}
 
 
-def table(results: list[dict], algos: list[str]) -> str:
-    def ms(values):
-        values = [v for v in values if v is not None]
-        if not values:
-            return "n/a"
-        if len(values) == 1:
-            return f"{values[0]:.3f}"
-        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+def ms(values) -> str:
+    """'mean ± std' of the values that are not None (one value: itself; none: n/a)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
+
+def table(results: list[dict], algos: list[str]) -> str:
     lines = ["| algorithm | SFT gold T=0.7 | final T=0.7 | gain T=0.7 (points) | SFT greedy | final greedy | "
              "gain greedy (points) | KL (nats) | wall s | seeds |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from algorithms import base, cpu_info, one_run  # noqa: E402
+from algorithms import base, cpu_info, ms, one_run  # noqa: E402
 
 CONFIGS = {
     "ppo": ("ppo", []),
@@ -65,12 +65,6 @@ def main() -> None:
     target = statistics.mean(ppo_final) if ppo_final else None
     lines = ["| config | SFT gold T=0.7 | final T=0.7 | SFT greedy | final greedy | KL (nats) | samples to on-policy "
              "PPO's final gold | seeds |", "|---|---|---|---|---|---|---|---|"]
-
-    def ms(values):
-        values = [v for v in values if v is not None]
-        if not values:
-            return "n/a"
-        return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
 
     for name in args.configs:
         rs = [r for r in results if r["config"] == name]
