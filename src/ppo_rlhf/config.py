@@ -441,7 +441,8 @@ class OnlineDPOConfig:
     prompts_per_round: int = opt(64, "Prompts sampled per round (across all ranks), two responses each.",
                                  min=1)
     epochs: int = opt(1, "Passes over a round's new pairs (batch_size pairs per optimizer step).", min=1)
-    temperature: float = opt(1.0, "Sampling temperature of the two responses.", min=1e-3)
+    temperature: float = opt(0.7, "Sampling temperature of the two responses (0.7, the RL stage's: on "
+                             "arithmetic, seed 0, T = 1 pairs were 60% ties and over-optimised the RM).", min=1e-3)
     max_new_tokens: int | None = opt(None, "Response tokens sampled; null = the task's default (or 32).",
                                      min=1)
     functions: str = opt("", "Reward functions that label the pairs, comma-separated (`pkg.module:fn` "
@@ -473,7 +474,9 @@ class DPOConfig:
     task: str = opt("", "Task for the gold reward (metrics only): a built-in name or path/to/task.py:Class.")
     loss: str = opt("dpo", "Preference loss (src/ppo_rlhf/algo/preference.py).", choices=PREFERENCE_LOSS_NAMES)
     beta: float | None = opt(None, "beta of the loss (IPO's tau, ORPO's lambda); null = the loss's "
-                             "usual value (dpo, ipo, kto, orpo 0.1; simpo 2.0).", min=1e-8)
+                             "usual value (dpo, ipo, kto, orpo 0.1; simpo 2.0), and 0.5 online (on-policy "
+                             "pairs labelled by a small RM over-optimise it at 0.1: benchmarks/PREFERENCE.md).",
+                             min=1e-8)
     label_smoothing: float = opt(0.0, "dpo (cDPO) and simpo: probability that a label is flipped.",
                                  min=0, max=0.5)
     gamma: float = opt(0.5, "simpo: target reward margin.", min=0)
