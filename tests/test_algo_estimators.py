@@ -42,6 +42,22 @@ def test_grpo_hand_computed_group_normalised_returns():
     assert ret is None
 
 
+def test_grpo_gives_no_signal_to_a_group_whose_task_returns_are_equal():
+    """Both rows scored 1, their returns differ only by the KL terms (-0.01 vs -0.03): the std
+    scaling would make that +-0.71; the group carries no reward signal, so its advantage is 0.
+    A second group with different task returns is normalised as usual."""
+    x = inputs([[-0.01, 1.0], [-0.03, 1.0], [0.0, 1.0], [0.0, 0.0]], scores=[1.0, 1.0, 1.0, 0.0],
+               groups=[0, 0, 1, 1])
+    x = x._replace(task_returns=x.scores)
+    adv, _ = ADVANTAGES["grpo"].fn(x, AdvantageParams())
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)
+    torch.testing.assert_close(adv, T([[0.0, 0.0], [0.0, 0.0], [a, a], [-a, -a]]))
+    # dense terms are task reward too: equal scores, different process rewards -> normalised
+    x = x._replace(task_returns=T([1.0, 1.5, 1.0, 0.0]))
+    adv, _ = ADVANTAGES["grpo"].fn(x, AdvantageParams())
+    assert adv[0, 0] > 0 > adv[1, 0]
+
+
 def test_dr_grpo_and_grpo_without_std_are_only_centred():
     x = inputs([[0.0, 3.0], [0.0, 1.0]], mask=[[True, True], [True, False]], groups=[5, 5])
     adv, _ = ADVANTAGES["dr_grpo"].fn(x, AdvantageParams())

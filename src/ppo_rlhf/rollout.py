@@ -32,6 +32,7 @@ from .algo.advantages import (
     AdvantageParams,
     RunningMeanStd,
     compute_rewards,
+    masked_sum,
     masked_whiten,
     sequence_returns,
 )
@@ -343,8 +344,9 @@ def make_experience(scored: Scored, cfg: PPOConfig, kl_coef: float, max_new_toke
     mask = scored.response_mask
     loss_mask = mask & ~scored.truncated[:, None] if cfg.rollout.truncated == "mask" else mask
     values = scored.values * mask
+    task_returns = scores + masked_sum(scored.dense, mask, dim=1)
     inputs = AdvantageInputs(rewards, mask, scores, scored.groups, values if estimator.needs_values else None,
-                             baselines)
+                             baselines, task_returns)
     advantages, returns = estimator.fn(inputs, advantage_params(cfg))
     if cfg.loss.whiten_advantages:
         advantages = masked_whiten(advantages, loss_mask, shift_mean=True)
