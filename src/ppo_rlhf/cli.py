@@ -215,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
-        return _run(args)
+        code = _run(args)
+        from . import distributed
+
+        distributed.shutdown_distributed()
+        return code
     except UserError as e:
         print(f"ppo-rlhf {args.command or ''}: error: {e}", file=sys.stderr)
         return 2

@@ -39,6 +39,14 @@ def init_distributed(device: torch.device) -> None:
     dist.init_process_group(backend=backend)
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group once a run has finished on every rank: a process that exits with
+    gloo's threads still running can abort at exit ("terminate called without an active exception",
+    seen on a loaded machine), failing a run that had succeeded."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
