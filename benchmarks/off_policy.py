@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--work", default="runs/algorithms")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-run", action="store_true", help="only gather the runs that exist (a report)")
     args = ap.parse_args()
     work = Path(args.work)
     log = work / "log-off-policy.txt"
@@ -56,7 +57,9 @@ def main() -> None:
         for name in args.configs:
             algo, extra = CONFIGS[name]
             r = one_run(args.task, algo, seed, "rm", base_run, work, None, log,
-                        [*extra, f"run.threads={args.threads}"], f"-op-{name}")
+                        [*extra, f"run.threads={args.threads}"], f"-op-{name}", run=not args.no_run)
+            if r is None:
+                continue
             r["config"] = name
             print(f"[done] {name} seed {seed}: gold {r['sft_gold']:.3f} -> {r['final_gold']:.3f} "
                   f"(greedy {r['sft_greedy']:.3f} -> {r['final_greedy']:.3f}), KL {r['final_kl']:.2f}", flush=True)
