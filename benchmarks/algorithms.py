@@ -148,25 +148,31 @@ def table(results: list[dict], algos: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], algos: list[str], path: Path) -> None:
+PANELS = {"samples": "samples seen", "seconds": "wall time (s)", "kl": "KL(policy || SFT), nats"}
+
+
+def plot(results: list[dict], names: list[str], path: Path, key: str = "algo",
+         panels: tuple[str, ...] = ("samples", "seconds", "kl")) -> None:
+    """Mean held-out gold over the seeds of each `names` (runs grouped by `key`) against each of
+    `panels` (keys of PANELS), one panel each."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for algo in algos:
-        rs = [r for r in results if r["algo"] == algo and r["evals"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
+    for name in names:
+        rs = [r for r in results if r[key] == name and r["evals"]]
         if not rs:
             continue
         n = min(len(r["evals"]) for r in rs)
-        curves = {key: [statistics.mean(r["evals"][i][key] or 0.0 for r in rs) for i in range(n)]
-                  for key in ("gold", "samples", "seconds", "kl")}
-        for ax, key in zip(axes, ("samples", "seconds", "kl")):
-            ax.plot(curves[key], curves["gold"], marker="o", ms=3, label=algo)
-    for ax, label in zip(axes, ("samples seen", "wall time (s)", "KL(policy || SFT), nats")):
-        ax.set_xlabel(label)
-        ax.set_ylabel("held-out gold reward")
+        curves = {k: [statistics.mean(r["evals"][i][k] or 0.0 for r in rs) for i in range(n)]
+                  for k in ("gold", *panels)}
+        for ax, k in zip(axes, panels):
+            ax.plot(curves[k], curves["gold"], marker="o", ms=3, label=name)
+    for ax, k in zip(axes, panels):
+        ax.set_xlabel(PANELS[k])
+        ax.set_ylabel("held-out gold reward (T = 0.7)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()

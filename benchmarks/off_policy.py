@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from algorithms import base, cpu_info, ms, one_run  # noqa: E402
+from algorithms import base, cpu_info, ms, one_run, plot  # noqa: E402
 
 CONFIGS = {
     "ppo": ("ppo", []),
@@ -83,33 +83,8 @@ def main() -> None:
     res_dir = HERE / "results"
     res_dir.mkdir(exist_ok=True)
     (res_dir / f"off_policy_{args.task}.json").write_text(json.dumps(out, indent=1))
-    plot(results, args.configs, res_dir / f"off_policy_{args.task}.png")
+    plot(results, args.configs, res_dir / f"off_policy_{args.task}.png", key="config", panels=("samples", "kl"))
     print("\n".join(lines))
-
-
-def plot(results: list[dict], configs: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in configs:
-        rs = [r for r in results if r["config"] == name and r["evals"]]
-        if not rs:
-            continue
-        n = min(len(r["evals"]) for r in rs)
-        mean = {k: [statistics.mean(r["evals"][i][k] or 0.0 for r in rs) for i in range(n)]
-                for k in ("gold", "samples", "kl")}
-        axes[0].plot(mean["samples"], mean["gold"], marker="o", ms=3, label=name)
-        axes[1].plot(mean["kl"], mean["gold"], marker="o", ms=3, label=name)
-    for ax, label in zip(axes, ("samples drawn", "KL(policy || SFT), nats")):
-        ax.set_xlabel(label)
-        ax.set_ylabel("held-out gold reward (T = 0.7)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,11 @@ def minibatch_indices(n_groups: int, group_size: int, num_minibatches: int,
             for chunk in perm.tensor_split(num_minibatches) if chunk.numel()]
 
 
+def replay_capacity(cfg: PPOConfig) -> int:
+    """Rows the replay buffer keeps: algo.replay_capacity, else 4 rollouts."""
+    return cfg.algo.replay_capacity or 4 * cfg.rollout.batch_size * cfg.algo.samples_per_prompt
+
+
 class LossStats(NamedTuple):
     """One micro-batch's loss terms and diagnostics (0-d tensors), each already weighted by the
     micro-batch's share of the minibatch, so summing the micro-batches (and ranks) gives the
@@ -296,9 +301,8 @@ class RLTrainer:
         # the same minibatches from the same generator, as the on-policy update does.
         self.replay = None
         if algo.replay_ratio > 0:
-            rows = cfg.rollout.batch_size * algo.samples_per_prompt
-            self.replay = ReplayBuffer(algo.replay_capacity or 4 * rows, algo.replay_staleness,
-                                       pad_id=tok.pad_token_id, row_type=Experience)
+            self.replay = ReplayBuffer(replay_capacity(cfg), algo.replay_staleness, pad_id=tok.pad_token_id,
+                                       row_type=Experience)
         self.replay_gen = torch.Generator().manual_seed(cfg.run.seed + 29)
 
     # -- construction helpers ---------------------------------------------------------------------
@@ -362,8 +366,7 @@ class RLTrainer:
                 raise UserError(f"algo.replay_ratio: algo.policy_loss={algo.policy_loss} takes one "
                                 f"{self.policy_loss.update} step on its own rollout; replay needs a loss of "
                                 f"update kind {' or '.join(REPLAY_KINDS)}")
-            if (algo.replay_capacity or 4 * cfg.rollout.batch_size * algo.samples_per_prompt) < \
-                    cfg.rollout.batch_size * algo.samples_per_prompt:
+            if replay_capacity(cfg) < cfg.rollout.batch_size * algo.samples_per_prompt:
                 raise UserError("algo.replay_capacity must hold at least one rollout "
                                 f"(rollout.batch_size * algo.samples_per_prompt = "
                                 f"{cfg.rollout.batch_size * algo.samples_per_prompt} rows)")

@@ -37,10 +37,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .. import distributed as dist
 from ..algo.sac import actor_loss, beta_loss, critic_loss, polyak_update, soft_q_targets, soft_value
 from ..data.collate import position_ids_from_mask
 from ..generation import fp32_logits
-from ..models import capture_output, unwrap
+from ..models import capture_output, disable_dropout, load_q_model, unwrap
+from . import common
 
 
 class SACParams(NamedTuple):
@@ -172,10 +174,6 @@ class SoftQCritics:
 
     def __init__(self, policy_dir: str, tokenizer, device: torch.device, run_cfg, optim_cfg, knobs,
                  total_steps: int):
-        from .. import distributed as dist
-        from ..models import disable_dropout, load_q_model
-        from . import common
-
         self.critics = []
         for i in range(2):
             critic = load_q_model(policy_dir, tokenizer, seed=run_cfg.seed * 2 + i + 1,
