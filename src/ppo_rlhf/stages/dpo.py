@@ -44,7 +44,7 @@ from ..errors import UserError
 from ..metrics import write_summary
 from ..models import apply_lora, check_same_tokenizer, disable_dropout, load_causal_lm, load_scalar_model, save_model
 from ..rewards import RewardFunctions
-from ..rollout import Reference, Scorer, sample
+from ..rollout import Reference, Scorer, gather_groups, sample
 from ..tasks import get_task
 from ..tokenizer import load_tokenizer
 from . import common
@@ -331,7 +331,7 @@ class DPOStage(common.Training):
         truncated = ~((resp == tok.eos_token_id) & resp_mask).any(1)
         if cfg.online.truncated == "penalty":
             score = torch.where(truncated, torch.full_like(score, cfg.online.missing_eos_penalty), score.float())
-        resp, resp_mask, score, truncated = (gather_pairs(t) for t in (resp, resp_mask, score.float(), truncated))
+        resp, resp_mask, score, truncated = (gather_groups(t, 2) for t in (resp, resp_mask, score.float(), truncated))
         pairs = []
         for j, i in enumerate(rows):
             a, b = 2 * j, 2 * j + 1
@@ -395,14 +395,6 @@ def rollout_config(online: OnlineDPOConfig) -> PPOConfig:
     cfg.rollout.temperature = online.temperature
     cfg.rollout.max_new_tokens = online.max_new_tokens
     return cfg
-
-
-def gather_pairs(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows in global prompt order, the two responses of a prompt together."""
-    if not dist.is_distributed():
-        return x
-    groups = dist.gather_shards(x.reshape(x.shape[0] // 2, 2, *x.shape[1:]))
-    return groups.reshape(groups.shape[0] * 2, *x.shape[1:])
 
 
 def pair_sums(out) -> torch.Tensor:
