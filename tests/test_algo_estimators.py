@@ -58,6 +58,20 @@ def test_grpo_gives_no_signal_to_a_group_whose_task_returns_are_equal():
     assert adv[0, 0] > 0 > adv[1, 0]
 
 
+@pytest.mark.parametrize("name", ["rloo", "reinforce++_baseline"])
+def test_unscaled_group_estimators_give_no_signal_to_a_group_whose_task_returns_are_equal(name):
+    """Group 0 scored 1 and 1: its returns differ by the KL terms alone (-0.01 vs -0.03), which
+    the leave-one-out / group-mean baseline would turn into advantages of +-0.02; the group says
+    nothing about the task, so its advantages are 0. Group 1 (scores 1 and 0) is as before."""
+    x = inputs([[-0.01, 1.0], [-0.03, 1.0], [0.0, 1.0], [0.0, 0.0]], scores=[1.0, 1.0, 1.0, 0.0],
+               groups=[0, 0, 1, 1])
+    x = x._replace(task_returns=x.scores)
+    adv, _ = ADVANTAGES[name].fn(x, AdvantageParams())
+    torch.testing.assert_close(adv[:2], torch.zeros(2, 2))
+    expected = {"rloo": T([[1.0, 1.0], [-1.0, -1.0]]), "reinforce++_baseline": T([[0.5, 0.5], [-0.5, -0.5]])}
+    torch.testing.assert_close(adv[2:], expected[name])
+
+
 def test_dr_grpo_and_grpo_without_std_are_only_centred():
     x = inputs([[0.0, 3.0], [0.0, 1.0]], mask=[[True, True], [True, False]], groups=[5, 5])
     adv, _ = ADVANTAGES["dr_grpo"].fn(x, AdvantageParams())

@@ -329,18 +329,28 @@ def gae_advantages(x: AdvantageInputs, p: AdvantageParams) -> tuple[Tensor, Tens
     return advantages, returns
 
 
+def has_task_signal(x: AdvantageInputs) -> Tensor:
+    """(B,) True where the row's group has task returns (score + dense terms, without the KL
+    penalty) that differ, so that comparing its samples says something about the task.
+
+    A group whose task returns are all equal (all right or all wrong under a 0/1 reward) carries no
+    reward signal. With the KL in the reward its returns still differ by the KL terms alone, and a
+    group baseline turns those into advantages: GRPO's std scaling makes them unit-sized (on
+    arithmetic with the 0/1 gold reward, seed 0, GRPO gained 10 points of gold with such groups and
+    20 without them, dropped by dynamic sampling), and the unscaled group estimators (RLOO,
+    REINFORCE++-baseline) weight KL noise as much as the reward.
+    """
+    task = x.task_returns if x.task_returns is not None else x.scores
+    _, task_std, _ = group_moments(task, x.groups)
+    return task_std > 0
+
+
 def _group_normalised(x: AdvantageInputs, p: AdvantageParams, scale: bool) -> Tensor:
     returns = sequence_returns(x.rewards, x.mask)
     mean, std, count = group_moments(returns, x.groups)
     centred = returns.double() - mean
     if scale:
-        # A group whose task returns are all equal carries no reward signal. With the KL in the
-        # reward its returns still differ by the KL terms alone, and dividing by their tiny std
-        # turns them into unit advantages: on arithmetic with the 0/1 gold reward (seed 0), GRPO
-        # gained 10 points of gold with such groups and 20 without them (dropped by dynamic sampling).
-        task = x.task_returns if x.task_returns is not None else x.scores
-        _, task_std, _ = group_moments(task, x.groups)
-        centred = torch.where(task_std > 0, centred / (std + p.eps), torch.zeros_like(centred))
+        centred = torch.where(has_task_signal(x), centred / (std + p.eps), torch.zeros_like(centred))
     # A lone sample has nothing to be compared with: no signal (the stage refuses n = 1 anyway).
     centred = torch.where(count > 1, centred, torch.zeros_like(centred))
     return _broadcast(centred, x.mask)
@@ -369,7 +379,7 @@ def rloo_advantages(x: AdvantageInputs, p: AdvantageParams) -> tuple[Tensor, Non
     mean, _, count = group_moments(returns, x.groups)
     total = mean * count
     loo = (total - returns.double()) / (count - 1).clamp(min=1)
-    adv = torch.where(count > 1, returns.double() - loo, torch.zeros_like(loo))
+    adv = torch.where((count > 1) & has_task_signal(x), returns.double() - loo, torch.zeros_like(loo))
     return _broadcast(adv, x.mask), None
 
 
@@ -388,7 +398,8 @@ def reinforce_pp_baseline_advantages(x: AdvantageInputs, p: AdvantageParams) -> 
     last = last_token_index(x.mask)
     shift = torch.zeros_like(x.rewards).scatter(1, last.clamp(min=0)[:, None], mean.to(x.rewards.dtype)[:, None])
     rewards = x.rewards - torch.where(x.mask.bool(), shift, torch.zeros_like(shift))
-    return returns_to_go(rewards, x.mask, p.gamma), None
+    signal = has_task_signal(x)[:, None].expand_as(rewards)
+    return torch.where(signal, returns_to_go(rewards, x.mask, p.gamma), torch.zeros_like(rewards)), None
 
 
 @register_advantage("none", advantages=False)
