@@ -269,7 +269,10 @@ class RewardShapingConfig:
     kl_target: float = opt(6.0, "Adaptive controller's target KL (nats per sequence).", min=1e-6)
     kl_horizon: int = opt(10000, "Adaptive controller's horizon (samples).", min=1)
     score_clip: float | None = opt(10.0, "Clip the (normalised) score to +-this; null = no clipping.", min=0)
-    normalize: bool = opt(False, "Running mean/std normalisation of scores during RL.")
+    normalize: bool | None = opt(None, "Running mean/std normalisation of the sequence scores during RL. null "
+                                 "(auto) = on when reward functions are the whole reward (no reward_model): a "
+                                 "function's scale is its author's choice, and it would set how strongly the KL "
+                                 "coefficient binds; a reward model's scores are standardised by its own stage.")
     credit: str = opt("sparse", "Credit assignment: 'sparse' = score at the last token; 'dense' = "
                       "per-token RM score differences (potential-based shaping) plus the sparse score.",
                       choices=("sparse", "dense"))

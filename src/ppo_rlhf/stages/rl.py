@@ -288,7 +288,7 @@ class RLTrainer:
             self.q_critics = SoftQCritics(cfg.policy, tok, device, cfg.run, cfg.optim, cfg.loss.sac, steps)
         self.kl_ctl = make_kl_controller(cfg.reward.kl_control, cfg.reward.kl_coef, cfg.reward.kl_target,
                                          cfg.reward.kl_horizon)
-        self.running = RunningMeanStd() if cfg.reward.normalize else None
+        self.running = RunningMeanStd() if normalizes_scores(cfg) else None
         self.loss_params = PolicyLossParams(cfg.loss.clip_eps, cfg.loss.clip_eps_high if cfg.loss.clip_eps_high
                                             is not None else cfg.loss.clip_eps, cfg.loss.dual_clip_c,
                                             getattr(cfg.loss, algo.policy_loss, None))
@@ -948,6 +948,11 @@ class RLTrainer:
         return {"critic_pretrain/explained_variance_before": before, "critic_pretrain/explained_variance_after": after}
 
 
+def normalizes_scores(cfg: PPOConfig) -> bool:
+    """`reward.normalize`, where null (auto) means: on when reward functions are the whole reward."""
+    return cfg.reward.normalize if cfg.reward.normalize is not None else not cfg.reward_model
+
+
 def run_rl(cfg: PPOConfig, resume: bool = False, reward_functions: Sequence[Callable] | None = None) -> dict:
     """Train the policy with the configured RL algorithm; returns the stage summary.
 
@@ -962,7 +967,11 @@ def run_rl(cfg: PPOConfig, resume: bool = False, reward_functions: Sequence[Call
     if (done := loop.begin(resume)) is not None:
         return done
     if loop.step == 0:
-        for line in trainer.truncation:
+        notes = list(trainer.truncation)
+        if cfg.reward.normalize is None and trainer.running is not None:
+            notes.append("reward.normalize (auto): on, the reward functions are the whole reward; their "
+                         "scores are standardised by a running mean/std (reward.normalize=false to keep them as given)")
+        for line in notes:
             if dist.is_main():
                 print(f"[{trainer.name}] {line}")
         if trainer.value_model is not None and cfg.train.critic_pretrain_rollouts:

@@ -1,0 +1,146 @@
+"""Time to quality: the default pipeline against cheaper schedules, gold reward against wall time
+per stage -> benchmarks/TIME_TO_QUALITY.md, results/time_to_quality_<task>.json/png.
+
+    python benchmarks/time_to_quality.py --task arithmetic --variants previous default --seeds 0 1 2
+    python benchmarks/time_to_quality.py --task arithmetic --no-run      # tabulate the runs that exist
+
+Each variant is a set of pipeline overrides (VARIANTS below); each run is `ppo-rlhf pipeline --task T
+--out WORK/T/<variant>-s<seed> seed=S <overrides>` in its own process, one after another, with the
+default threads. The stage times are the pipeline's own (`stage_seconds` in its summary.json); the
+load average before each run is recorded beside it, and a run started on a busy machine (load > 0.5
+on 2 cores) is flagged, because its times are not comparable. Quality: the SFT and final policies'
+held-out gold, sampled (T = 0.7) and greedy, the KL to the SFT policy and the RM's accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_common import cpu_model_and_flags  # noqa: E402
+
+# The schedules compared. `previous`: the release before this one (SFT 20 epochs of 32 at lr 1e-3,
+# 2,500 steps; 150 RL updates). The others change one stage at a time, then all together.
+VARIANTS: dict[str, list[str]] = {
+    "previous": ["sft.batch_size=32", "sft.optim.lr=1e-3", "reward.epochs=3", "ppo.train.updates=150"],
+    "sft_b64": ["sft.batch_size=64", "sft.optim.lr=2e-3", "reward.epochs=3", "ppo.train.updates=150"],
+    "rm_2ep": ["sft.batch_size=32", "sft.optim.lr=1e-3", "reward.epochs=2", "ppo.train.updates=150"],
+    "rl_50": ["sft.batch_size=32", "sft.optim.lr=1e-3", "reward.epochs=3", "ppo.train.updates=50"],
+    "default": [],  # this release's defaults
+}
+QUIET_LOAD = 0.5
+STAGES = ("tokenizer", "data", "sft", "reward", "ppo", "eval")
+
+
+def one_run(task: str, variant: str, seed: int, work: Path, run: bool) -> dict | None:
+    out = work / task / f"{variant}-s{seed}"
+    summary = out / "summary.json"
+    meta = out / "time_to_quality.json"
+    if not summary.is_file():
+        if not run:
+            return None
+        load = os.getloadavg()[0]
+        args = ["pipeline", "--task", task, "--out", str(out), f"seed={seed}", *VARIANTS[variant]]
+        print(f"[run] ppo-rlhf {' '.join(args)}   (load {load:.2f})", flush=True)
+        t0 = time.time()
+        with (work / f"{task}.log").open("a") as fh:
+            subprocess.run([sys.executable, "-m", "ppo_rlhf.cli", *args], check=True, stdout=fh,
+                           stderr=subprocess.STDOUT)
+        meta.write_text(json.dumps({"load_before": load, "wall": time.time() - t0}))
+    s = json.loads(summary.read_text())
+    m = json.loads(meta.read_text()) if meta.is_file() else {"load_before": None, "wall": None}
+    secs = s["stage_seconds"]
+    return {"variant": variant, "seed": seed, "stage_seconds": secs,
+            "stages_total": sum(secs.get(k, 0.0) for k in STAGES), "process_wall": m["wall"],
+            "load_before": m["load_before"],
+            "quiet": m["load_before"] is not None and m["load_before"] <= QUIET_LOAD,
+            "sft_gold": s["sft_gold_reward"], "sft_gold_greedy": s["sft_gold_reward_greedy"],
+            "final_gold": s["ppo_gold_reward"], "final_gold_greedy": s["ppo_gold_reward_greedy"],
+            "kl": s["final_kl"], "rm_accuracy": s.get("rm_accuracy")}
+
+
+def mean(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.mean(vals) if vals else None
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| variant | seeds | SFT s | RM s | RL s | stages s | SFT gold T=0.7 / greedy | final gold T=0.7 / greedy "
+            "| KL | RM acc | quiet runs |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        rs = [r for r in rows if r["variant"] == variant]
+
+        def st(k, rs=rs):
+            return statistics.mean(r["stage_seconds"].get(k, 0.0) for r in rs)
+
+        def pair(a, b, rs=rs):
+            return f"{mean(rs, a):.3f} / {mean(rs, b):.3f}"
+
+        acc = mean(rs, "rm_accuracy")
+        lines.append(f"| {variant} | {len(rs)} | {st('sft'):.1f} | {st('reward'):.1f} | {st('ppo'):.1f} | "
+                     f"{mean(rs, 'stages_total'):.1f} | {pair('sft_gold', 'sft_gold_greedy')} | "
+                     f"{pair('final_gold', 'final_gold_greedy')} | {mean(rs, 'kl'):.2f} | "
+                     f"{'-' if acc is None else f'{acc:.3f}'} | {sum(r['quiet'] for r in rs)}/{len(rs)} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        rs = [r for r in rows if r["variant"] == variant]
+        axes[0].scatter([r["stage_seconds"]["sft"] for r in rs], [r["sft_gold"] for r in rs], label=variant)
+        axes[1].scatter([r["stages_total"] for r in rs], [r["final_gold"] for r in rs], label=variant)
+    axes[0].set(xlabel="SFT stage seconds", ylabel="SFT held-out gold (T = 0.7)")
+    axes[1].set(xlabel="pipeline stages, seconds", ylabel="final held-out gold (T = 0.7)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", default="arithmetic")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--seeds", nargs="*", type=int, default=[0])
+    ap.add_argument("--work", type=Path, default=Path("runs/time_to_quality"))
+    ap.add_argument("--no-run", action="store_true", help="only tabulate the runs that exist")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in args.seeds:  # seeds outermost: each variant's seeds spread over the session
+        for variant in args.variants:
+            r = one_run(args.task, variant, seed, args.work, not args.no_run)
+            if r is not None:
+                rows.append(r)
+    if not rows:
+        sys.exit("no runs to tabulate")
+    model, flags = cpu_model_and_flags()
+    res = {"task": args.task, "cpu": model, "flags": flags, "variants": {v: VARIANTS[v] for v in args.variants},
+           "runs": rows}
+    out = HERE / "results" / f"time_to_quality_{args.task}.json"
+    out.write_text(json.dumps(res, indent=1))
+    plot(rows, out.with_suffix(".png"))
+    print(f"CPU: {model}; flags: {' '.join(flags) or 'none of avx512/amx'}")
+    print(table(rows))
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
