@@ -461,3 +461,15 @@ def test_replay_refuses_what_it_cannot_do(dirs):
         make_trainer(dirs, "algo.replay_ratio=2")
     with pytest.raises(Exception, match="replay_capacity must hold at least one rollout"):
         make_trainer(dirs, "algo.replay_ratio=2", "train.ppo_epochs=1", "algo.replay_capacity=4")
+
+
+def test_reward_normalisation_is_on_by_default_only_when_functions_are_the_whole_reward():
+    from ppo_rlhf.stages.rl import normalizes_scores
+
+    fns = build_config(PPOConfig, overrides=["reward.functions=ppo_rlhf.tasks.arithmetic:gold"])
+    with_rm = build_config(PPOConfig, overrides=["reward_model=run/reward/model",
+                                                 "reward.functions=ppo_rlhf.tasks.arithmetic:gold"])
+    assert fns.reward.normalize is None and normalizes_scores(fns)
+    assert not normalizes_scores(with_rm)  # the RM stage standardised its scores already
+    assert not normalizes_scores(build_config(PPOConfig, overrides=["reward.functions=m:f", "reward.normalize=false"]))
+    assert normalizes_scores(build_config(PPOConfig, overrides=["reward_model=rm", "reward.normalize=true"]))
