@@ -109,7 +109,8 @@ class RunConfig:
                      "AVX512-BF16, else float32 (each stage prints its choice).",
                      choices=("auto", "float32", "bfloat16"))
     onednn: bool = opt(True, "Run float32 CPU linear layers through oneDNN where the product is "
-                       "large enough to gain (about 2x on AMD CPUs, whose MKL path lacks AVX-512); "
+                       "large enough to gain (about 2x on AMD CPUs with AVX-512, which MKL's path "
+                       "does not use; never on CPUs without AVX-512, where it is slower); "
                        "false = torch's default matmul everywhere.")
     max_nonfinite: int = opt(5, "Stop after this many consecutive non-finite losses/gradients.", min=1)
     fsdp: bool = opt(False, "Under torchrun, shard the models with FSDP2 (fully_shard per transformer "

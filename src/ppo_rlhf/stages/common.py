@@ -46,18 +46,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def linear_path(device: torch.device) -> str:
+    """'; float32 linears: ...' -- which matmuls a CPU stage's float32 linear layers run on."""
+    if device.type != "cpu":
+        return ""
+    if onednn.is_enabled() and onednn.available():
+        return "; float32 linears: oneDNN (AVX-512)"
+    why = "" if onednn.pays_here() else " (no AVX-512, where oneDNN measured slower)"
+    return f"; float32 linears: torch's default{why}"
+
+
 def setup(run: RunConfig, stage: str = "run") -> torch.device:
     """Threads, seeds, device and (under torchrun) the process group; prints the precision chosen
     (once, on the main rank: `[stage] precision: ...`)."""
     if run.threads:
         torch.set_num_threads(run.threads)
-    onednn.set_enabled(run.onednn)
+    onednn.set_enabled(run.onednn and onednn.pays_here())
     device = resolve_device(run.device)
     dist.init_distributed(device)
     seed_everything(run.seed)
     dtype, reason = dtype_choice(run.dtype, device)
     if dist.is_main():
-        print(f"[{stage}] precision: {dtype} ({reason})")
+        print(f"[{stage}] precision: {dtype} ({reason}){linear_path(device)}")
     return device
 
 
