@@ -174,9 +174,9 @@ class SFTConfig:
     max_len: int = opt(128, "Prompt + response tokens kept (truncated from the right).", min=2)
     max_new_tokens: int | None = opt(None, "Tokens sampled in the gold-reward evaluation; null = the "
                                      "task's default.", min=1)
-    batch_size: int = opt(64, "Sequences per optimizer step (across all ranks). 64 at lr 2e-3 reached the "
-                          "held-out loss and gold of 32 at 1e-3 in 1.35x less time (benchmarks/TIME_TO_QUALITY.md).",
-                          min=1)
+    batch_size: int = opt(32, "Sequences per optimizer step (across all ranks). 64 at lr 2e-3 matched 32 at 1e-3 "
+                          "on arithmetic (4,000 examples) in 1.35x less time but lost 6-12 points of gold on "
+                          "the 2,000 examples of examples/reverse (benchmarks/TIME_TO_QUALITY.md).", min=1)
     grad_accum: int = opt(1, "Micro-batches per optimizer step (batch_size must divide evenly).", min=1)
     bucket_batches: int = opt(1, "Length bucketing: the examples of this many consecutive batches are "
                               "sorted by length and cut into batches again (less padding, e.g. 8: about "
@@ -185,7 +185,7 @@ class SFTConfig:
     epochs: float = opt(20.0, "Passes over the training data (fractions allowed).", min=0)
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = from epochs).", min=0)
     model: SFTModelConfig = opt(factory=SFTModelConfig, help="Model to fine-tune.")
-    optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=2e-3, warmup_steps=50), help="Optimiser.")
+    optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50), help="Optimiser.")
     run: RunConfig = opt(factory=RunConfig, help="Run bookkeeping.")
 
 
