@@ -20,8 +20,8 @@ ours, the sum of `perf/seconds_per_update` (generate + score + train, no evaluat
 another in one invocation, ours first, `--rounds` times interleaved; the ratio is TRL's time over
 ours. Quality: each final policy through the same `ppo-rlhf eval` on the task's 400 held-out
 prompt samples, sampled (T = 0.7) and greedy, with the KL to the SFT policy. The CPU model, its
-flags and the load average at each run's start are recorded: compare ratios within one invocation
-on a quiet machine only.
+flags and the cores other processes kept busy during each run are recorded: compare ratios within
+one invocation on a quiet machine only.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_common import cpu_model_and_flags  # noqa: E402
+from bench_common import OtherLoad, cpu_model_and_flags  # noqa: E402
 
 SETTINGS = {"prompts_per_update": 16, "samples_per_prompt": 4, "temperature": 0.7, "ppo_epochs": 2,
             "num_minibatches": 2, "lr": 1e-4, "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8,
@@ -139,18 +139,19 @@ def main() -> None:
         for precision in args.precisions.split(","):
             for side in ("ours", "trl"):
                 out = args.work / args.task / f"{side}-{precision}-u{args.updates}-s{args.seed}-r{rnd}"
-                load = os.getloadavg()[0]
-                print(f"[run] {side} {precision} round {rnd} (load {load:.2f})", flush=True)
-                if side == "ours":
-                    r = run_ours(args.task, base, out, precision, args.seed, args.updates, args.threads, log)
-                else:
-                    r = run_trl(args.task, base, out, precision, args.seed, args.updates, args.threads,
-                                args.trl_python, max_new_tokens, log)
+                print(f"[run] {side} {precision} round {rnd}", flush=True)
+                with OtherLoad() as load:
+                    if side == "ours":
+                        r = run_ours(args.task, base, out, precision, args.seed, args.updates, args.threads, log)
+                    else:
+                        r = run_trl(args.task, base, out, precision, args.seed, args.updates, args.threads,
+                                    args.trl_python, max_new_tokens, log)
                 r.update(evaluate(r.pop("model"), base, args.task, out, log), precision=precision, round=rnd,
-                         load_before=load)
+                         other_load_cores=load.cores)
                 runs.append(r)
                 print(f"  {side}: {r['updates_s']:.1f} s in updates; gold sampled {r['gold_sampled']:.3f}, "
-                      f"greedy {r['gold_greedy']:.3f}, KL {r['kl_sampled']:.2f}", flush=True)
+                      f"greedy {r['gold_greedy']:.3f}, KL {r['kl_sampled']:.2f}; other load "
+                      f"{load.cores:.2f} cores", flush=True)
     sft = evaluate(base / "sft" / "model", base, args.task, args.work / args.task / "sft", log)
     table = []
     for precision in args.precisions.split(","):

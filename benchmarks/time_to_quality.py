@@ -7,16 +7,16 @@ per stage -> benchmarks/TIME_TO_QUALITY.md, results/time_to_quality_<task>.json/
 Each variant is a set of pipeline overrides (VARIANTS below); each run is `ppo-rlhf pipeline --task T
 --out WORK/T/<variant>-s<seed> seed=S <overrides>` in its own process, one after another, with the
 default threads. The stage times are the pipeline's own (`stage_seconds` in its summary.json); the
-load average before each run is recorded beside it, and a run started on a busy machine (load > 0.5
-on 2 cores) is flagged, because its times are not comparable. Quality: the SFT and final policies'
-held-out gold, sampled (T = 0.7) and greedy, the KL to the SFT policy and the RM's accuracy.
+cores that other processes kept busy during each run (`bench_common.OtherLoad`) are recorded beside
+them, and a run during which they exceeded 0.1 core is flagged: its times are not comparable.
+Quality: the SFT and final policies' held-out gold, sampled (T = 0.7) and greedy, the KL to the SFT
+policy and the RM's accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_common import cpu_model_and_flags  # noqa: E402
+from bench_common import OtherLoad, cpu_model_and_flags  # noqa: E402
 
 # The schedules compared: the defaults (SFT 20 epochs of 32 sequences at lr 1e-3, 2,500 steps on
 # arithmetic; RM 3 epochs; 150 RL updates) and cheaper ones, each changing one stage.
@@ -36,7 +36,7 @@ VARIANTS: dict[str, list[str]] = {
     "sft_16_epochs": ["sft.epochs=16"],
     "rl_50_updates": ["ppo.train.updates=50"],
 }
-QUIET_LOAD = 0.5
+QUIET_LOAD = 0.1  # cores busy with other processes during the run
 STAGES = ("tokenizer", "data", "sft", "reward", "ppo", "eval")
 
 
@@ -47,21 +47,21 @@ def one_run(task: str, variant: str, seed: int, work: Path, run: bool) -> dict |
     if not summary.is_file():
         if not run:
             return None
-        load = os.getloadavg()[0]
         args = ["pipeline", "--task", task, "--out", str(out), f"seed={seed}", *VARIANTS[variant]]
-        print(f"[run] ppo-rlhf {' '.join(args)}   (load {load:.2f})", flush=True)
+        print(f"[run] ppo-rlhf {' '.join(args)}", flush=True)
         t0 = time.time()
-        with (work / f"{task}.log").open("a") as fh:
+        with (work / f"{task}.log").open("a") as fh, OtherLoad() as load:
             subprocess.run([sys.executable, "-m", "ppo_rlhf.cli", *args], check=True, stdout=fh,
                            stderr=subprocess.STDOUT)
-        meta.write_text(json.dumps({"load_before": load, "wall": time.time() - t0}))
+        meta.write_text(json.dumps({"other_load_cores": load.cores, "wall": time.time() - t0}))
+        print(f"      other processes kept {load.cores:.2f} cores busy", flush=True)
     s = json.loads(summary.read_text())
-    m = json.loads(meta.read_text()) if meta.is_file() else {"load_before": None, "wall": None}
+    m = json.loads(meta.read_text()) if meta.is_file() else {}
     secs = s["stage_seconds"]
     return {"variant": variant, "seed": seed, "stage_seconds": secs,
-            "stages_total": sum(secs.get(k, 0.0) for k in STAGES), "process_wall": m["wall"],
-            "load_before": m["load_before"],
-            "quiet": m["load_before"] is not None and m["load_before"] <= QUIET_LOAD,
+            "stages_total": sum(secs.get(k, 0.0) for k in STAGES), "process_wall": m.get("wall"),
+            "other_load_cores": m.get("other_load_cores"),
+            "quiet": m.get("other_load_cores") is not None and m["other_load_cores"] <= QUIET_LOAD,
             "sft_gold": s["sft_gold_reward"], "sft_gold_greedy": s["sft_gold_reward_greedy"],
             "final_gold": s["ppo_gold_reward"], "final_gold_greedy": s["ppo_gold_reward_greedy"],
             "kl": s["final_kl"], "rm_accuracy": s.get("rm_accuracy")}
