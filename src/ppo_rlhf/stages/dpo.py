@@ -26,6 +26,7 @@ dropout of the policy is off, as in the RL stage.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -104,6 +105,9 @@ def mismatched_batch(pairs: list[EncodedPair], idx: list[int], max_len: int, pad
     loss_mask = (torch.arange(ids.size(1))[None] >= torch.tensor(starts)[:, None]) & mask
     return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
 
+
+ONLINE_LR = 3e-5
+"""Learning rate of online DPO when `online.lr` is not given: the RL stage's (benchmarks/PREFERENCE.md)."""
 
 ONLINE_BETA = 0.5
 """beta of online DPO when `beta` is not given (arithmetic, seed 0: 0.1 over-optimised the RM, gold
@@ -188,7 +192,10 @@ class DPOStage(common.Training):
         if cfg.eval_prompts_file:
             self.eval_prompts = load_eval_prompts(cfg.eval_prompts_file, tok, cfg.max_prompt_len, cfg.eval_samples)
 
-        super().__init__(policy, cfg.optim, cfg.run, device, optimizer_steps)
+        optim = cfg.optim
+        if self.online:
+            optim = dataclasses.replace(optim, lr=cfg.online.lr if cfg.online.lr is not None else ONLINE_LR)
+        super().__init__(policy, optim, cfg.run, device, optimizer_steps)
         self.total_steps = total
         if self.reference.model is not None:
             dist.wrap_model(self.reference.model, device, cfg.run)
