@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,22 +33,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
+from bench_common import cpu_model_and_flags  # noqa: E402
+
 from ppo_rlhf.config import algorithm_presets  # noqa: E402
 
 
 def cpu_info() -> dict:
-    model, flags = platform.processor(), []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                break
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return {"model": model, "flags": [f for f in wanted if f in flags]}
+    """{"model", "flags"} of this CPU (bench_common.cpu_model_and_flags), for the results JSON."""
+    model, flags = cpu_model_and_flags()
+    return {"model": model, "flags": flags}
 
 
 def cli(*args, log: Path) -> float:

@@ -33,25 +33,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from algorithms import cli  # noqa: E402
 from bench_common import OtherLoad, cpu_model_and_flags  # noqa: E402
 
 SETTINGS = {"prompts_per_update": 16, "samples_per_prompt": 4, "temperature": 0.7, "ppo_epochs": 2,
             "num_minibatches": 2, "lr": 1e-4, "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8,
             "clip_eps": 0.2, "beta": 0.04, "max_prompt_len": 64}
-
-
-def cli(args: list, log: Path, python: str = sys.executable) -> float:
-    t0 = time.time()
-    with log.open("a") as fh:
-        subprocess.run([python, "-m", "ppo_rlhf.cli", *map(str, args)], check=True, stdout=fh,
-                       stderr=subprocess.STDOUT)
-    return time.time() - t0
 
 
 def evaluate(policy: Path, base: Path, task: str, out: Path, log: Path) -> dict:
@@ -60,9 +52,9 @@ def evaluate(policy: Path, base: Path, task: str, out: Path, log: Path) -> dict:
     for kind, temperature in (("sampled", 0.7), ("greedy", 0.0)):
         path = out / f"eval_{kind}.json"
         if not path.is_file():
-            cli(["eval", f"policy={policy}", f"reference={base / 'sft' / 'model'}",
-                 f"prompts_file={base / 'data' / 'prompts_eval.jsonl'}", f"task={task}",
-                 f"temperature={temperature}", "n=400", f"out={path}"], log)
+            cli("eval", f"policy={policy}", f"reference={base / 'sft' / 'model'}",
+                f"prompts_file={base / 'data' / 'prompts_eval.jsonl'}", f"task={task}",
+                f"temperature={temperature}", "n=400", f"out={path}", log=log)
         r = json.loads(path.read_text())
         res[f"gold_{kind}"] = r["gold_reward"]
         res[f"kl_{kind}"] = r.get("kl")
@@ -73,16 +65,16 @@ def run_ours(task: str, base: Path, out: Path, precision: str, seed: int, update
              log: Path) -> dict:
     s = SETTINGS
     if not (out / "summary.json").is_file():
-        cli(["rl", "--out", out, "algo=grpo", "algo.kl_in=loss", "reward.kl_estimator=k3",
-             f"reward.kl_coef={s['beta']}", "reward.normalize=false", f"policy={base / 'sft' / 'model'}",
-             f"prompts_file={base / 'data' / 'prompts_train.jsonl'}",
-             f"reward.functions=ppo_rlhf.tasks.{task}:gold", f"train.updates={updates}",
-             f"rollout.batch_size={s['prompts_per_update']}", f"algo.samples_per_prompt={s['samples_per_prompt']}",
-             f"rollout.temperature={s['temperature']}", f"train.ppo_epochs={s['ppo_epochs']}",
-             f"train.num_minibatches={s['num_minibatches']}", f"optim.lr={s['lr']}", "optim.schedule=constant",
-             "optim.warmup_steps=0", f"optim.adam_beta2={s['adam_beta2']}", f"loss.clip_eps={s['clip_eps']}",
-             f"run.dtype={'bfloat16' if precision == 'bf16' else 'float32'}", f"run.seed={seed}",
-             f"run.threads={threads}", "run.eval_every=0", "run.save_every=0"], log)
+        cli("rl", "--out", out, "algo=grpo", "algo.kl_in=loss", "reward.kl_estimator=k3",
+            f"reward.kl_coef={s['beta']}", "reward.normalize=false", f"policy={base / 'sft' / 'model'}",
+            f"prompts_file={base / 'data' / 'prompts_train.jsonl'}",
+            f"reward.functions=ppo_rlhf.tasks.{task}:gold", f"train.updates={updates}",
+            f"rollout.batch_size={s['prompts_per_update']}", f"algo.samples_per_prompt={s['samples_per_prompt']}",
+            f"rollout.temperature={s['temperature']}", f"train.ppo_epochs={s['ppo_epochs']}",
+            f"train.num_minibatches={s['num_minibatches']}", f"optim.lr={s['lr']}", "optim.schedule=constant",
+            "optim.warmup_steps=0", f"optim.adam_beta2={s['adam_beta2']}", f"loss.clip_eps={s['clip_eps']}",
+            f"run.dtype={'bfloat16' if precision == 'bf16' else 'float32'}", f"run.seed={seed}",
+            f"run.threads={threads}", "run.eval_every=0", "run.save_every=0", log=log)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     per = [r for r in rows if "perf/seconds_per_update" in r]
     phases = {k: sum(r.get(f"time/{k}", 0.0) for r in per) for k in ("generate", "score", "train")}
@@ -126,7 +118,7 @@ def main() -> None:
     log = args.work / "log.txt"
     base = args.base or args.work / f"base-{args.task}"
     if not (base / "sft" / "model").is_dir():
-        cli(["pipeline", "--task", args.task, "--out", base, "seed=0"], log)
+        cli("pipeline", "--task", args.task, "--out", base, "seed=0", log=log)
     if not Path(args.trl_python).is_file():
         sys.exit(f"{args.trl_python} not found: create the TRL virtualenv as benchmarks/README.md says, "
                  "or pass --trl-python PATH")

@@ -36,6 +36,10 @@ PRESET_DIR = Path(__file__).parent / "algo" / "presets"
 # ----------------------------------------------------------------------------------------------
 # Shared pieces
 # ----------------------------------------------------------------------------------------------
+RL_LR = 3e-5
+"""The RL stage's default learning rate (PPOConfig.optim.lr), also online DPO's (`online.lr: null`)."""
+
+
 @dataclass
 class LoRAConfig:
     """How to adapt a model: LoRA adapters or all weights. The RL stage's `model.*` holds only these:
@@ -432,7 +436,7 @@ class PPOConfig:
     train: PPOTrainConfig = opt(factory=PPOTrainConfig, help="Update schedule.")
     # 3e-5 (was 1e-4): arithmetic, RM, seeds 0-2, PPO at 1e-4 lowered greedy gold by 4-5 points
     # while raising sampled gold; at 3e-5 it raised both, at a lower KL (benchmarks/ALGORITHMS.md).
-    optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=3e-5, warmup_steps=0, schedule="constant"),
+    optim: OptimConfig = opt(factory=lambda: OptimConfig(lr=RL_LR, warmup_steps=0, schedule="constant"),
                              help="Optimiser (policy and value).")
     run: RunConfig = opt(factory=lambda: RunConfig(eval_every=25, save_every=50), help="Run bookkeeping.")
 

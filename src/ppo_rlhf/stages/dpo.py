@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .. import distributed as dist
 from ..algo.preference import PREFERENCE_LOSSES, PreferenceBatch, PreferenceParams
-from ..config import DPOConfig, OnlineDPOConfig, PPOConfig, to_dict
+from ..config import RL_LR, DPOConfig, OnlineDPOConfig, PPOConfig, to_dict
 from ..data.collate import PaddedSet, collate_pairs, pad_left, pad_right, pair_rows, position_ids_from_mask
 from ..data.encode import EncodedPair, check_token_ids, encode_pairs, encode_prompts
 from ..data.jsonl import prompt_text, read_preferences, read_prompts
@@ -105,9 +105,6 @@ def mismatched_batch(pairs: list[EncodedPair], idx: list[int], max_len: int, pad
     loss_mask = (torch.arange(ids.size(1))[None] >= torch.tensor(starts)[:, None]) & mask
     return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
 
-
-ONLINE_LR = 3e-5
-"""Learning rate of online DPO when `online.lr` is not given: the RL stage's (benchmarks/PREFERENCE.md)."""
 
 ONLINE_BETA = 0.5
 """beta of online DPO when `beta` is not given (arithmetic, seed 0: 0.1 over-optimised the RM, gold
@@ -194,7 +191,7 @@ class DPOStage(common.Training):
 
         optim = cfg.optim
         if self.online:
-            optim = dataclasses.replace(optim, lr=cfg.online.lr if cfg.online.lr is not None else ONLINE_LR)
+            optim = dataclasses.replace(optim, lr=cfg.online.lr if cfg.online.lr is not None else RL_LR)
         super().__init__(policy, optim, cfg.run, device, optimizer_steps)
         self.total_steps = total
         if self.reference.model is not None:
