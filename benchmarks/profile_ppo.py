@@ -210,6 +210,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--response", type=int, default=64)
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                    help="bf16: run.dtype=bfloat16 (autocast, fp32 master weights)")
     ap.add_argument("--updates", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--top", type=int, default=30)
@@ -223,7 +225,8 @@ def main() -> int:
     if args.child:
         child(args.child, args)
         return 0
-    case = bc.Case(bc.ModelShape(args.layers, args.d), args.batch, args.prompt, args.response)
+    case = bc.Case(bc.ModelShape(args.layers, args.d), args.batch, args.prompt, args.response,
+                   precision=args.precision)
     text = torch_profile(case, args)
     if args.py_spy:
         text += "\n" + py_spy_profile(case, args)

@@ -126,3 +126,23 @@ def test_model_logits_and_grads_agree_with_torch_default():
     out_ref.square().mean().backward()
     for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_conv1d_under_bf16_autocast_casts_its_weight_once():
+    """Under autocast the swapped Conv1D is Conv1D's own addmm on the stored weight, so autocast's
+    weight-cast cache holds: one weight cast per region, not one (transposing) copy per call."""
+    from torch.profiler import profile
+
+    layer = make_layer("conv1d", 256, 512)
+    reference = copy.deepcopy(layer)
+    onednn.use_onednn(layer)
+    x = torch.randn(32, 256)
+    with torch.autocast("cpu", dtype=torch.bfloat16), profile() as prof:
+        outs = [layer(x) for _ in range(5)]
+        expected = reference(x)
+    casts = sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+    # 6 input casts, and one weight and one bias cast for each of the two layers.
+    assert casts <= 6 + 2 + 2, casts
+    for out in outs:
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out, expected)

@@ -263,3 +263,29 @@ def test_auto_on_cuda_follows_the_devices_bf16_support(supported, expected, monk
     dtype, reason = precision.dtype_choice("auto", torch.device("cuda", 0))
     assert dtype == expected and "Test GPU" in reason
     assert precision.dtype_choice("float32", torch.device("cuda", 0))[0] == "float32"
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])
+def test_hf_attention_runs_in_float32_under_cpu_bf16_autocast(preset, monkeypatch):
+    """torch's CPU flash attention is slow in bf16 (its backward ~4.5x float32's), so the models'
+    `sdpa` attention computes in float32 under bf16 autocast (models.install_cpu_bf16_attention);
+    outputs and grads are those of the same attention run on the upcast bf16 q/k/v."""
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return real(q, k, v, *args, **kwargs)
+
+    policy = load_causal_lm(preset, TOK, seed=0)
+    ids, mask = batch(policy)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = policy(input_ids=ids, attention_mask=mask.long()).logits
+    logits.float().sum().backward()
+    assert seen and all(dtype == torch.float32 and not autocast for dtype, autocast in seen), seen
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in policy.parameters() if p.requires_grad)
+    seen.clear()
+    with torch.no_grad():  # float32 calls are untouched
+        policy(input_ids=ids, attention_mask=mask.long())
+    assert seen and all(dtype == torch.float32 for dtype, _ in seen)

@@ -219,9 +219,54 @@ def load_scalar_model(
 
 
 def _speed_up(model: nn.Module) -> None:
-    """Same model, faster kernels: fused GELU and (float32 CPU) oneDNN linear layers."""
+    """Same model, faster kernels: fused GELU, (float32 CPU) oneDNN linear layers and float32
+    attention under CPU bf16 autocast."""
     fuse_gelu(model)
     use_onednn(model)
+    install_cpu_bf16_attention()
+
+
+def _sdpa_fp32_on_cpu_bf16(original):
+    """Transformers' `sdpa` attention function, run in float32 when its inputs are CPU bf16."""
+
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        if query.device.type != "cpu":
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
+        # Llama's rotary embedding hands float32 q/k to SDPA, which autocast would cast to bf16.
+        autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        if not (autocast_bf16 or query.dtype == torch.bfloat16):
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+        def up(t):
+            return t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+        if "position_bias" in kwargs:
+            kwargs["position_bias"] = up(kwargs["position_bias"])
+        with torch.autocast("cpu", enabled=False):  # autocast would cast SDPA's inputs back to bf16
+            out, weights = original(module, up(query), up(key), up(value), up(attention_mask), *args, **kwargs)
+        return out.to(torch.bfloat16), weights
+
+    attention.ppo_rlhf_wrapped = original
+    return attention
+
+
+def install_cpu_bf16_attention() -> None:
+    """Make the Hugging Face models' `sdpa` attention compute in float32 when it is given CPU bf16
+    tensors (under `run.dtype=bfloat16`); every other call is unchanged. Idempotent.
+
+    Why: torch's CPU flash-attention kernel is slow in bf16, above all its backward. Measured on a
+    2-core Xeon with AMX (torch 2.13, (16, 4, 80, 64), causal mask, forward + backward): bf16 16.4
+    ms, float32 5.1 ms, bf16 inputs cast to float32 and back 3.6 ms; in a 4L d=256 B=32 bf16 PPO
+    update the bf16 backward was 18% of the time. Float32 scores are also the more accurate.
+    Registered through transformers' `AttentionInterface` (the documented way to replace an
+    attention function), so it holds for every model in the process, ours or not; our own decoders
+    (generation.py) call SDPA themselves and are not affected.
+    """
+    from transformers import AttentionInterface
+
+    current = AttentionInterface._global_mapping["sdpa"]
+    if not hasattr(current, "ppo_rlhf_wrapped"):
+        AttentionInterface.register("sdpa", _sdpa_fp32_on_cpu_bf16(current))
 
 
 def fuse_gelu(model: nn.Module) -> int:

@@ -135,11 +135,10 @@ class _LinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias), on oneDNN where that pays (see the module docstring)."""
+def _takes_path(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
+    """Whether x @ weight^T runs on oneDNN here (see the module docstring)."""
     out_features, in_features = weight.shape
-    rows = x.numel() // in_features if in_features else 0
-    if (
+    return (
         _enabled
         and x.device.type == "cpu"
         and x.dtype == torch.float32
@@ -149,15 +148,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and available()
-    ):
-        x2 = x.reshape(rows, in_features)
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-        )
-        # Without autograd (sampling, scoring) skip the Function's bookkeeping: decoding calls
-        # this ~1,000 times per rollout.
-        out = _LinearFn.apply(x2, weight, bias) if needs_grad else _onednn_linear(x2, weight, bias)
-        return out.view(*x.shape[:-1], out_features)
+    )
+
+
+def _onednn_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+    in_features, out_features = weight.shape[1], weight.shape[0]
+    x2 = x.reshape(rows, in_features)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    # Without autograd (sampling, scoring) skip the Function's bookkeeping: decoding calls
+    # this ~1,000 times per rollout.
+    out = _LinearFn.apply(x2, weight, bias) if needs_grad else _onednn_linear(x2, weight, bias)
+    return out.view(*x.shape[:-1], out_features)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias), on oneDNN where that pays (see the module docstring)."""
+    in_features = weight.shape[1]
+    rows = x.numel() // in_features if in_features else 0
+    if _takes_path(x, weight, rows):
+        return _onednn_forward(x, weight, bias, rows)
     return F.linear(x, weight, bias)
 
 
@@ -169,10 +180,20 @@ class OneDNNLinear(nn.Linear):
 
 
 class OneDNNConv1D(Conv1D):
-    """GPT-2's `Conv1D` (weight stored (in, out)) on oneDNN: y = x @ W + b = linear(x, W^T, b)."""
+    """GPT-2's `Conv1D` (weight stored (in, out)) on oneDNN: y = x @ W + b = linear(x, W^T, b).
+
+    Off the path (bf16 autocast above all) it is Conv1D's own `addmm` on the stored weight: under
+    autocast a cast of `W^T`, a view, would miss autocast's weight-cast cache and be redone, as a
+    transposing copy, at every call (4L d=256 B=32 bf16 rollout: 1,024 such copies, 0.2 s).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight.t(), self.bias)
+        in_features = self.weight.shape[0]
+        rows = x.numel() // in_features if in_features else 0
+        weight_t = self.weight.t()
+        if _takes_path(x, weight_t, rows):
+            return _onednn_forward(x, weight_t, self.bias, rows)
+        return super().forward(x)
 
 
 def use_onednn(model: nn.Module) -> int:
