@@ -184,11 +184,19 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra RL-stage overrides for every run (e.g. algo.kl_in=reward)")
     ap.add_argument("--no-run", action="store_true", help="only gather the runs that exist (a report)")
+    ap.add_argument("--merge", nargs="*", default=[], metavar="JSON",
+                    help="no runs: combine the runs of these results files (of this task and reward; e.g. "
+                         "seeds made from different SFT/RM checkpoints or machines) into one table and "
+                         "results/algorithms_<task>_<reward>_<label>.json; each run keeps its own SFT "
+                         "baseline and CPU")
     ap.add_argument("--label", default="", help="suffix of the run directories and result files "
                     "(needed with --set, so runs with other settings are not mixed up)")
     args = ap.parse_args()
     if args.set and not args.label:
         ap.error("--set needs --label")
+    if args.merge:
+        merge(args)
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
@@ -212,6 +220,40 @@ def main() -> None:
     (res_dir / f"{name}.json").write_text(json.dumps(out, indent=1))
     plot(results, args.algos, res_dir / f"{name}.png")
     print(f"\n{args.task}, reward={args.reward}, CPU {out['cpu']['model']} {' '.join(out['cpu']['flags'])}\n")
+    print(table(results, args.algos))
+
+
+def merge(args) -> None:
+    """--merge: one table of the runs in several results files. `FILE:algo,algo` takes only those
+    algorithms' runs from FILE; runs of benchmarks/off_policy.py are taken only at the preset's
+    shipped settings (its configuration without overrides). A later file's run of the same
+    algorithm, seed and SFT gold replaces an earlier one."""
+    from off_policy import CONFIGS  # off_policy imports this module
+
+    shipped = {name for name, (_, extra) in CONFIGS.items() if not extra}
+    if not args.label:
+        raise SystemExit("--merge needs --label (the combined file's name)")
+    runs: dict[tuple, dict] = {}
+    sources = []
+    for spec in args.merge:
+        path, _, only = spec.partition(":")
+        wanted = set(only.split(",")) if only else set(args.algos)
+        data = json.loads(Path(path).read_text())
+        sources.append({"file": Path(path).name, "algos": sorted(wanted), "cpu": data["cpu"]["model"],
+                        "command": data["command"]})
+        for r in data["results"]:
+            if data["task"] != args.task or r["reward"] != args.reward or r["algo"] not in wanted:
+                continue
+            if r.get("config", r["algo"]) not in shipped | {r["algo"]}:
+                continue
+            runs[(r["algo"], r["seed"], r["sft_gold"])] = {**r, "cpu": data["cpu"]["model"],
+                                                           "source": Path(path).name}
+    results = sorted(runs.values(), key=lambda r: (args.algos.index(r["algo"]), r["seed"], r["sft_gold"]))
+    name = f"algorithms_{args.task}_{args.reward}_{args.label}"
+    out = {"task": args.task, "reward": args.reward, "merged_from": sources, "results": results,
+           "command": " ".join(sys.argv)}
+    (HERE / "results" / f"{name}.json").write_text(json.dumps(out, indent=1))
+    plot(results, args.algos, HERE / "results" / f"{name}.png")
     print(table(results, args.algos))
 
 

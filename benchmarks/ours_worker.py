@@ -87,7 +87,7 @@ def main(case_json: str, paths_json: str, updates: int, threads: int) -> dict:
             "peak_rss_mb": bc.peak_rss_mb(), "rss_after_load_mb": rss_after_load,
             "peak_gpu_mb": bc.gpu_memory_mb(),
             "import_s": import_s, "setup_s": setup_s, "threads": torch.get_num_threads(),
-            "dtype": common.resolve_dtype(cfg.run, device),
+            "dtype": trainer.dtype,
             "mean_response_length": sum(lengths) / len(lengths), "truncated_frac": min(truncated),
             "response_tokens": int(sum(lengths) * B), "expected_response_tokens": B * R * (updates + 1),
             "versions": {"transformers": transformers.__version__, "torch": torch.__version__}}

@@ -38,6 +38,36 @@ def test_avx512_without_bf16_is_float32():
     assert precision.cpu_dtype_choice("Xeon Skylake", {"avx512f", "avx512bw", "avx512vl"})[0] == "float32"
 
 
+@pytest.mark.parametrize("flags, hidden, expected", [
+    (SAPPHIRE_RAPIDS, 64, "float32"), (SAPPHIRE_RAPIDS, 128, "bfloat16"), (SAPPHIRE_RAPIDS, None, "bfloat16"),
+    (ZEN5, 128, "float32"), (ZEN5, 256, "bfloat16"), (ZEN5, 896, "bfloat16"), (ZEN3, 896, "float32"),
+])
+def test_auto_weighs_the_model_width_by_cpu_kind(flags, hidden, expected):
+    """bf16 only from the width where it measured faster on that kind (AMX: 128, AVX512-BF16
+    without AMX: 256); the reason says which."""
+    dtype, reason = precision.cpu_dtype_choice("Test CPU", flags, hidden)
+    assert dtype == expected
+    if hidden is not None and flags != ZEN3:
+        assert f"hidden size {hidden}" in reason
+
+
+def test_stages_resolve_auto_for_the_model_they_train(monkeypatch, tmp_path):
+    """common.compute_dtype reads the width from a preset, a size spec or a saved directory."""
+    from ppo_rlhf.models import hidden_size, save_model
+
+    monkeypatch.setattr(precision, "_cpu_info_cached", lambda: ("New CPU", ZEN5))
+    auto = RunConfig(dtype="auto")
+    assert hidden_size("tiny-gpt2") == 128 and hidden_size("small-gpt2") == 256
+    assert hidden_size("llama:layers=2,hidden=64,heads=4") == 64
+    assert common.compute_dtype(auto, CPU, "tiny-gpt2") == "float32"
+    assert common.compute_dtype(auto, CPU, "small-gpt2") == "bfloat16"
+    assert common.compute_dtype(RunConfig(dtype="bfloat16"), CPU, "tiny-gpt2") == "bfloat16"
+    save_model(load_causal_lm("gpt2:layers=1,hidden=256,heads=4", TOK), TOK, tmp_path / "m")
+    assert hidden_size(tmp_path / "m") == 256
+    assert common.compute_dtype(auto, CPU, str(tmp_path / "m")) == "bfloat16"
+    assert hidden_size(tmp_path / "missing") is None
+
+
 def test_explicit_dtype_is_kept_and_auto_reads_the_cpu(monkeypatch):
     monkeypatch.setattr(precision, "_cpu_info_cached", lambda: ("Old CPU", ZEN3))
     assert precision.resolve_dtype(RunConfig(dtype="bfloat16"), CPU) == "bfloat16"

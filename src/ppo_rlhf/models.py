@@ -323,6 +323,22 @@ def size_preset(arch: str, layers: int, hidden: int, heads: int) -> dict[str, An
     return preset
 
 
+def hidden_size(spec: str | Path) -> int | None:
+    """A model's width (GPT-2 `n_embd`, Llama `hidden_size`) from a preset name, a size spec or a
+    directory's config.json, without loading it; None when it cannot be told (e.g. a LoRA adapter
+    directory, or a path that does not exist yet)."""
+    path = Path(spec)
+    if path.is_dir():
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+    else:
+        config = MODEL_PRESETS.get(str(spec)) or parse_size_spec(str(spec)) or {}
+    width = config.get("n_embd", config.get("hidden_size"))
+    return int(width) if isinstance(width, int) else None
+
+
 def _divisor_near(n: int, k: int) -> int:
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - k))
 

@@ -1,8 +1,9 @@
 """Compute precision: which dtype a stage computes in (`run.dtype`) and the bf16 autocast context.
 
 A leaf module (torch only), so that distributed.py and stages/common.py both import it.
-`run.dtype=auto` means bf16 on CUDA devices that support it and on CPUs with native bf16 products
-(AMX or AVX512-BF16), else float32; weights, optimizer state, log-softmax and losses stay float32.
+`run.dtype=auto` means bf16 on CUDA devices that support it and, on CPUs with native bf16 products
+(AMX or AVX512-BF16), for models wide enough that bf16 was measured faster there
+(`BF16_MIN_HIDDEN`); else float32. Weights, optimizer state, log-softmax and losses stay float32.
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ if TYPE_CHECKING:
 # CPU flags (as /proc/cpuinfo names them) of native bf16 products: AMX tiles (Intel Sapphire
 # Rapids and later) or AVX512-BF16 dot products (Intel Cooper Lake, AMD Zen 4 and later).
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+# The narrowest model (hidden size) for which `auto` picks bf16 on a CPU with that flag, from quiet
+# measurements (benchmarks/README.md, "bf16 on the CPU"):
+# - amx_bf16, 2-core Xeon (torch 2.13), bf16 vs float32 in one invocation: tiny-gpt2 (d=128) SFT
+#   step 1.13x faster, RM step 1.05x; PPO update 2L d=64 B=8 0.96x (slower), B=32 1.48x; 4L d=256
+#   1.66x (B=8) and 1.31-1.48x (B=32).
+# - avx512_bf16 without AMX, 2-core AMD EPYC Zen 5: tiny-gpt2 (d=128) steps 1.19x slower and its SFT
+#   about 2x slower, small-gpt2 (d=256) 1.31x faster.
+BF16_MIN_HIDDEN = {"amx_bf16": 128, "avx512_bf16": 256}
 
 
 def cpu_info() -> tuple[str, frozenset[str]]:
@@ -41,18 +51,25 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     return model, flags
 
 
-def cpu_dtype_choice(model: str, flags: frozenset[str] | set[str]) -> tuple[str, str]:
+def cpu_dtype_choice(model: str, flags: frozenset[str] | set[str], hidden: int | None = None) -> tuple[str, str]:
     """`run.dtype=auto` on a CPU: ("bfloat16", reason) where it has native bf16 products
-    (`BF16_CPU_FLAGS`), else ("float32", reason). A pure function of the CPU's model and flags."""
+    (`BF16_CPU_FLAGS`) and the model's hidden size is at least that kind's `BF16_MIN_HIDDEN`
+    (an unknown size counts as wide enough), else ("float32", reason). A pure function."""
+    cpu = model or "unknown"
     found = [flag for flag in BF16_CPU_FLAGS if flag in flags]
-    if found:
-        return "bfloat16", f"auto: the CPU ({model or 'unknown'}) has {'+'.join(found)}"
-    return "float32", (f"auto: the CPU ({model or 'unknown'}) has no native bf16 products "
-                       f"({' or '.join(BF16_CPU_FLAGS)})")
+    if not found:
+        return "float32", f"auto: the CPU ({cpu}) has no native bf16 products ({' or '.join(BF16_CPU_FLAGS)})"
+    need = BF16_MIN_HIDDEN[found[0]]  # AMX first: the faster unit decides
+    if hidden is not None and hidden < need:
+        return "float32", (f"auto: the CPU ({cpu}) has {'+'.join(found)}, but at hidden size {hidden} "
+                           f"(< {need}) bf16 measured no faster than float32 on such a CPU")
+    size = f", hidden size {hidden} >= {need}" if hidden is not None else ""
+    return "bfloat16", f"auto: the CPU ({cpu}) has {'+'.join(found)}{size}"
 
 
-def dtype_choice(requested: str, device: torch.device) -> tuple[str, str]:
-    """(dtype, reason) for the config value `run.dtype` ('auto', 'float32' or 'bfloat16')."""
+def dtype_choice(requested: str, device: torch.device, hidden: int | None = None) -> tuple[str, str]:
+    """(dtype, reason) for the config value `run.dtype` ('auto', 'float32' or 'bfloat16'), for a
+    model of `hidden` width (None: unknown)."""
     if requested != "auto":
         return requested, "run.dtype"
     if device.type == "cuda":
@@ -61,7 +78,7 @@ def dtype_choice(requested: str, device: torch.device) -> tuple[str, str]:
             return "bfloat16", f"auto: {name} supports bf16"
         return "float32", f"auto: {name} does not support bf16"
     if device.type == "cpu":
-        return cpu_dtype_choice(*_cpu_info_cached())
+        return cpu_dtype_choice(*_cpu_info_cached(), hidden=hidden)
     return "float32", f"auto: bf16 autocast is not used on {device.type}"
 
 
@@ -70,15 +87,15 @@ def _cpu_info_cached() -> tuple[str, frozenset[str]]:
     return cpu_info()
 
 
-def resolve_dtype(run: RunConfig, device: torch.device) -> str:
-    """The precision a stage computes in: "float32" or "bfloat16" (from `run.dtype`, where "auto"
-    means bf16 on CPUs with AMX or AVX512-BF16 and on CUDA devices that support it)."""
-    return dtype_choice(run.dtype, device)[0]
+def resolve_dtype(run: RunConfig, device: torch.device, hidden: int | None = None) -> str:
+    """The precision a stage computes in: "float32" or "bfloat16" (from `run.dtype`; "auto": see
+    `dtype_choice`), for a model of `hidden` width (None: unknown)."""
+    return dtype_choice(run.dtype, device, hidden)[0]
 
 
 def autocast(device: torch.device, dtype: str):
-    """bf16 autocast (on the CPU or CUDA) when `dtype` resolves to bfloat16 (a resolved dtype or
-    `run.dtype` itself, 'auto' included); a no-op context otherwise.
+    """bf16 autocast (on the CPU or CUDA) when `dtype` is bfloat16 (a dtype that `resolve_dtype`
+    returned; 'auto' here knows no model size); a no-op context otherwise.
 
     Parameters, gradients and optimizer state stay float32; matmuls run in bf16, and log-softmax,
     losses and advantages are computed in float32 (generation.py applies the LM head in float32).

@@ -20,9 +20,9 @@ from .. import distributed as dist
 from .. import onednn
 from ..config import ModelConfig, OptimConfig, RunConfig
 from ..errors import UserError
+from ..models import hidden_size
 from ..precision import autocast as autocast  # the helpers live in precision.py; stages call common.*
 from ..precision import dtype_choice
-from ..precision import resolve_dtype as resolve_dtype
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,16 +56,22 @@ def linear_path(device: torch.device) -> str:
     return f"; float32 linears: torch's default{why}"
 
 
-def setup(run: RunConfig, stage: str = "run") -> torch.device:
+def compute_dtype(run: RunConfig, device: torch.device, model: str | None = None) -> str:
+    """The precision a stage computes in, "float32" or "bfloat16", for the model it trains (a
+    preset, size spec or directory; `run.dtype=auto` weighs its hidden size)."""
+    return dtype_choice(run.dtype, device, hidden_size(model) if model else None)[0]
+
+
+def setup(run: RunConfig, stage: str = "run", model: str | None = None) -> torch.device:
     """Threads, seeds, device and (under torchrun) the process group; prints the precision chosen
-    (once, on the main rank: `[stage] precision: ...`)."""
+    for `model` (see `compute_dtype`; once, on the main rank: `[stage] precision: ...`)."""
     if run.threads:
         torch.set_num_threads(run.threads)
     onednn.set_enabled(run.onednn and onednn.pays_here())
     device = resolve_device(run.device)
     dist.init_distributed(device)
     seed_everything(run.seed)
-    dtype, reason = dtype_choice(run.dtype, device)
+    dtype, reason = dtype_choice(run.dtype, device, hidden_size(model) if model else None)
     if dist.is_main():
         print(f"[{stage}] precision: {dtype} ({reason}){linear_path(device)}")
     return device

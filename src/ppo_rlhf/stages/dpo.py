@@ -127,7 +127,7 @@ class DPOStage(common.Training):
                                        undesirable_weight=cfg.undesirable_weight)
         self.online = cfg.online.enabled
         self.unit = "round" if self.online else "step"
-        self.dtype = common.resolve_dtype(cfg.run, device)
+        self.dtype = common.compute_dtype(cfg.run, device, cfg.policy)
         tok = self.tokenizer = load_tokenizer(cfg.policy)
         self.task = get_task(cfg.task) if cfg.task else None
         default_tokens = self.task.default_max_new_tokens if self.task else 32
@@ -459,7 +459,7 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> dict:
     """Train the policy with the configured preference loss; returns the stage summary."""
     out_dir = Path(common.require(cfg.out_dir, "out_dir", "where to write the DPO policy"))
     check_config(cfg)
-    device = common.setup(cfg.run, "dpo")
+    device = common.setup(cfg.run, "dpo", model=cfg.policy)
     t_start = time.time()
     stage = DPOStage(cfg, device)
     loop = StageLoop(stage, out_dir, cfg.run)

@@ -105,6 +105,7 @@ class RewardStage(common.Training):
         self.n_pairs = len(train) // 2
         # a pair's batch is padded to the longer of its two sequences
         self.pair_lengths = torch.maximum(train.lengths[:self.n_pairs], train.lengths[self.n_pairs:])
+        self.dtype = common.compute_dtype(cfg.run, device, cfg.model.path)
 
     def step(self, ctx) -> StepResult:
         cfg = self.cfg
@@ -115,7 +116,7 @@ class RewardStage(common.Training):
         for micro in common.micro_batches(dist.shard(global_idx), cfg.grad_accum):
             batch = self.train.batch(pair_rows(micro, self.n_pairs))
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            with common.autocast(self.device, cfg.run.dtype):
+            with common.autocast(self.device, self.dtype):
                 chosen, rejected = pair_scores(self.ddp_model, batch)
             loss, acc = pairwise_rm_loss(chosen.float(), rejected.float(), margin=cfg.margin or None)
             # mean over the global batch: weight each micro-batch by its share of it
@@ -140,7 +141,7 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict:
     out_dir = Path(common.require(cfg.out_dir, "out_dir", "where to write the reward model"))
     common.require_file(cfg.train_file, "train_file", "make one with `ppo-rlhf data --task arithmetic --out DIR`")
     common.check_batch(cfg.batch_size, cfg.grad_accum, "batch_size")
-    device = common.setup(cfg.run, "reward")
+    device = common.setup(cfg.run, "reward", model=cfg.model.path)
     t_start = time.time()
 
     tokenizer = load_tokenizer(common.tokenizer_source(cfg.model))

@@ -82,6 +82,7 @@ class SFTStage(common.Training):
         super().__init__(model, cfg.optim, cfg.run, device, total_steps)
         self.cfg, self.train, self.evalset, self.device = cfg, train, evalset, device
         self.loss_tokens = train.tensors["loss_mask"][:, 1:].sum(1)  # (N,) per example
+        self.dtype = common.compute_dtype(cfg.run, device, cfg.model.path)
 
     def step(self, ctx) -> StepResult:
         cfg = self.cfg
@@ -92,7 +93,7 @@ class SFTStage(common.Training):
         loss_sum = torch.zeros((), device=self.device)
         for micro in common.micro_batches(dist.shard(global_idx), cfg.grad_accum):
             batch = {k: v.to(self.device) for k, v in self.train.batch(micro).items()}
-            with common.autocast(self.device, cfg.run.dtype):
+            with common.autocast(self.device, self.dtype):
                 s, _ = token_losses(self.ddp_model, batch)
             # DDP averages gradients over ranks, hence the world-size factor.
             (s * dist.world_size() / n_tokens).backward()
@@ -114,7 +115,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     out_dir = Path(common.require(cfg.out_dir, "out_dir", "where to write the SFT model"))
     common.require_file(cfg.train_file, "train_file", "make one with `ppo-rlhf data --task arithmetic --out DIR`")
     common.check_batch(cfg.batch_size, cfg.grad_accum, "batch_size")
-    device = common.setup(cfg.run, "sft")
+    device = common.setup(cfg.run, "sft", model=cfg.model.path)
     t_start = time.time()
 
     tokenizer = load_tokenizer(common.tokenizer_source(cfg.model))
