@@ -146,3 +146,14 @@ def test_conv1d_under_bf16_autocast_casts_its_weight_once():
     for out in outs:
         assert out.dtype == torch.bfloat16
         assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("capability, vendor, expected", [
+    ("AVX512", "AuthenticAMD", True),   # MKL's AVX2 path on AMD: oneDNN's AVX-512 gains ~2x
+    ("AVX512", "GenuineIntel", False),  # MKL runs AVX-512 itself; oneDNN's grad products were 2x slower
+    ("AVX2", "AuthenticAMD", False),    # no AVX-512: oneDNN measured slower
+])
+def test_path_only_where_it_measured_faster(capability, vendor, expected, monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(onednn, "_cpu_vendor", lambda: vendor)
+    assert onednn.pays_here() is expected

@@ -22,7 +22,8 @@ numbers are those of the same float32 products in another order of summation.
 forward does this (the class changes, nothing else: state dicts, `save_pretrained`, peft and
 `isinstance` checks see the same layers). `set_enabled(False)` (config `run.onednn=false`) turns
 the path off process-wide; it is also off where oneDNN is missing or fails a self-check, and the
-stages leave it off on CPUs without AVX-512 (`pays_here`), where it measured slower.
+stages use it only on AMD CPUs with AVX-512 (`pays_here`): without AVX-512 it measured slower, and
+on Intel, where MKL has its AVX-512 path, oneDNN's gradient products measured 2x slower.
 
 Under bf16 autocast (`run.dtype=bfloat16`) these layers call plain `F.linear`, and that is already
 oneDNN: autocast casts the operands to bf16 and torch's CPU bf16 GEMM runs oneDNN's
@@ -100,14 +101,32 @@ def available() -> bool:
 
 
 def pays_here() -> bool:
-    """Whether this CPU is one where the path gains: it has AVX-512 (torch's CPU capability).
+    """Whether this CPU is one where the path gains: an AMD CPU with AVX-512 (torch's CPU
+    capability).
 
     The gain comes from AVX-512, which MKL's path does not use on AMD. Without it, MKL's AVX2 code
     is what the CPU can do and oneDNN's is slower per call: measured on a 2-core AMD EPYC (Zen 3,
     AVX2, no AVX-512), quiet, the SFT stage's step (tiny-gpt2, 64 sequences) took 52.2 / 50.9 ms
-    through oneDNN against 43.3 / 43.5 ms without (two runs each, interleaved).
+    through oneDNN against 43.3 / 43.5 ms without (two runs each, interleaved). On Intel, MKL runs
+    AVX-512 itself, and oneDNN was no faster forward (0.90-1.20x) and about 2x slower for the
+    weight gradient ((960, 128, 384): 1,525 vs 727 us); a training step (forward, backward, AdamW,
+    best of 3 interleaved rounds, 2-core Xeon with AMX, quiet) took tiny-gpt2 B=32 31.3 vs 26.4 ms,
+    B=64 51.1 vs 34.4 ms, small-gpt2 B=32 x 80 tokens 509 vs 434 ms through oneDNN vs MKL.
     """
-    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and _cpu_vendor() == "AuthenticAMD"
+
+
+@functools.cache
+def _cpu_vendor() -> str:
+    """`vendor_id` of /proc/cpuinfo ("AuthenticAMD", "GenuineIntel"); "" where unknown."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            key, _, value = line.partition(":")
+            if key.strip() == "vendor_id":
+                return value.strip()
+    except OSError:
+        pass
+    return ""
 
 
 class _LinearFn(torch.autograd.Function):
