@@ -109,8 +109,8 @@ class RunConfig:
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
     dtype: str = opt("float32", "Compute precision: float32; bfloat16 = bf16 autocast (CPU or CUDA) "
                      "with float32 weights, optimizer state, log-softmax and losses; auto = "
-                     "bfloat16 on CUDA devices that support it, and on CPUs with AMX (models of "
-                     "hidden size >= 128) or AVX512-BF16 (>= 256), where it measured faster; else "
+                     "bfloat16 on CUDA devices that support it, and on CPUs with AMX or "
+                     "AVX512-BF16 for models of hidden size >= 256, where it measured faster; else "
                      "float32 (each stage prints its choice and why).",
                      choices=("auto", "float32", "bfloat16"))
     onednn: bool = opt(True, "Run float32 CPU linear layers through oneDNN where the product is "

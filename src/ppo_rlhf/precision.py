@@ -23,14 +23,15 @@ if TYPE_CHECKING:
 # Rapids and later) or AVX512-BF16 dot products (Intel Cooper Lake, AMD Zen 4 and later).
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
-# The narrowest model (hidden size) for which `auto` picks bf16 on a CPU with that flag, from quiet
-# measurements (benchmarks/README.md, "bf16 on the CPU"):
-# - amx_bf16, 2-core Xeon (torch 2.13), bf16 vs float32 in one invocation: tiny-gpt2 (d=128) SFT
-#   step 1.13x faster, RM step 1.05x; PPO update 2L d=64 B=8 0.96x (slower), B=32 1.48x; 4L d=256
-#   1.66x (B=8) and 1.31-1.48x (B=32).
-# - avx512_bf16 without AMX, 2-core AMD EPYC Zen 5: tiny-gpt2 (d=128) steps 1.19x slower and its SFT
+# The narrowest model (hidden size) for which `auto` picks bf16 on a CPU with that flag, from
+# measurements on 2-core VMs (benchmarks/README.md, "On an Intel Xeon with AMX"):
+# - amx_bf16, Xeon, torch 2.13, float32 through MKL, bf16 and float32 alternating update by update
+#   in one process (benchmarks/interleaved_ab.py; float32 time / bf16 time): PPO update 4L d=256
+#   B=32 1.22x, B=8 0.90x; 2L d=128 B=64 0.89x; 2L d=64 0.95-1.03x. (Against float32 through
+#   oneDNN, the slower float32 path there, bf16 had looked faster from d=64.)
+# - avx512_bf16 without AMX, AMD EPYC Zen 5: tiny-gpt2 (d=128) steps 1.19x slower and its SFT
 #   about 2x slower, small-gpt2 (d=256) 1.31x faster.
-BF16_MIN_HIDDEN = {"amx_bf16": 128, "avx512_bf16": 256}
+BF16_MIN_HIDDEN = {"amx_bf16": 256, "avx512_bf16": 256}
 
 
 def cpu_info() -> tuple[str, frozenset[str]]:
