@@ -183,8 +183,11 @@ class DPOStage(common.Training):
             check_token_ids(eval_pairs, policy.config.vocab_size, cfg.eval_file)
             if eval_pairs:
                 rows = padded_preference_pairs(eval_pairs, tok.pad_token_id)
-                self.eval_data = PairData(eval_pairs, rows, self.reference_logps(rows) if self.entry.needs_reference
-                                          else None)
+                # No precomputed reference here: evaluation runs the reference on the policy's own
+                # batches, so equal weights give equal log-probs bit for bit (BLAS rounding depends
+                # on the batch shape: with precomputed values the step-0 margins were +-1e-6 noise,
+                # and "accuracy" the sign of that noise, e.g. 0.15 on 2 ranks against 0.0 on one).
+                self.eval_data = PairData(eval_pairs, rows, None)
         self.eval_prompts = None
         if cfg.eval_prompts_file:
             self.eval_prompts = load_eval_prompts(cfg.eval_prompts_file, tok, cfg.max_prompt_len, cfg.eval_samples)
