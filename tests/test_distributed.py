@@ -22,9 +22,8 @@ import torch
 from ppo_rlhf import distributed as dist
 from ppo_rlhf.config import PPOConfig, RewardConfig, SFTConfig, build_config
 from ppo_rlhf.generation import generate, row_uniforms
-from ppo_rlhf.models import load_causal_lm, save_model
+from ppo_rlhf.models import load_causal_lm
 from ppo_rlhf.tasks import get_task
-from ppo_rlhf.tokenizer import train_tokenizer
 
 RTOL, ATOL = 1e-4, 1e-5
 COMMON = ["run.tensorboard=false", "run.device=cpu", "run.seed=3"]
@@ -36,12 +35,12 @@ def write_jsonl(path, records):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Tokenizer, an SFT-initialising preset model and small JSONL files of the arithmetic task."""
+def data(tmp_path_factory, arithmetic_models):
+    """Tokenizer, an SFT-initialising preset model (the session's, conftest) and small JSONL files
+    of the arithmetic task."""
     root = tmp_path_factory.mktemp("dist")
     task, rng = get_task("arithmetic"), random.Random(0)
-    tok = train_tokenizer(task.tokenizer_corpus(random.Random(0)), 320)
-    save_model(load_causal_lm("tiny-gpt2", tok, seed=0), tok, root / "init")
+    (root / "init").symlink_to(arithmetic_models / "sft", target_is_directory=True)
     prompts = task.sample_prompts(96, rng)
     sft = [{"prompt": p, "response": task.demonstration(p, rng)} for p in prompts[:61]]
     pairs = []

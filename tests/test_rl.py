@@ -18,18 +18,14 @@ from ppo_rlhf.rollout import dense_credit, shape_scores, truncated_rows
 from ppo_rlhf.stages.loop import StepContext
 from ppo_rlhf.stages.rl import RLTrainer, minibatch_indices
 from ppo_rlhf.tasks import get_task
-from ppo_rlhf.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
+def dirs(tmp_path_factory, arithmetic_models):
     root = tmp_path_factory.mktemp("rl")
     task = get_task("arithmetic")
-    tok = train_tokenizer(task.tokenizer_corpus(random.Random(0)), 320)
-    policy = load_causal_lm("tiny-gpt2", tok, seed=0)
-    save_model(policy, tok, root / "sft")
-    rm = load_scalar_model(str(root / "sft"), tok, init_from_causal_lm=True, head_init_std=0.02, seed=1)
-    save_model(rm, tok, root / "rm")
+    for name in ("sft", "rm"):  # the session's shared tokenizer, policy and reward model (conftest)
+        (root / name).symlink_to(arithmetic_models / name, target_is_directory=True)
     prompts = task.sample_prompts(32, random.Random(0))
     (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": str(len(p))}) + "\n"
                                                 for p in prompts))
