@@ -46,6 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .precision import cpu_vendor as _cpu_vendor
+
 log = logging.getLogger(__name__)
 
 # Products smaller than this many multiply-adds stay on torch's default path. Single-threaded
@@ -116,19 +118,6 @@ def pays_here() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512" and _cpu_vendor() == "AuthenticAMD"
 
 
-@functools.cache
-def _cpu_vendor() -> str:
-    """`vendor_id` of /proc/cpuinfo ("AuthenticAMD", "GenuineIntel"); "" where unknown."""
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            key, _, value = line.partition(":")
-            if key.strip() == "vendor_id":
-                return value.strip()
-    except OSError:
-        pass
-    return ""
-
-
 class _LinearFn(torch.autograd.Function):
     """y = x @ weight^T + bias with all three products on oneDNN. x: (M, K), weight: (N, K)."""
 
@@ -154,10 +143,11 @@ class _LinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def _takes_path(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
-    """Whether x @ weight^T runs on oneDNN here (see the module docstring)."""
+def _onednn_or_none(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x @ weight^T + bias on oneDNN where that pays (see the module docstring); None elsewhere."""
     out_features, in_features = weight.shape
-    return (
+    rows = x.numel() // in_features if in_features else 0
+    if not (
         _enabled
         and x.device.type == "cpu"
         and x.dtype == torch.float32
@@ -167,11 +157,8 @@ def _takes_path(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and available()
-    )
-
-
-def _onednn_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
-    in_features, out_features = weight.shape[1], weight.shape[0]
+    ):
+        return None
     x2 = x.reshape(rows, in_features)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
@@ -184,11 +171,8 @@ def _onednn_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias), on oneDNN where that pays (see the module docstring)."""
-    in_features = weight.shape[1]
-    rows = x.numel() // in_features if in_features else 0
-    if _takes_path(x, weight, rows):
-        return _onednn_forward(x, weight, bias, rows)
-    return F.linear(x, weight, bias)
+    out = _onednn_or_none(x, weight, bias)
+    return F.linear(x, weight, bias) if out is None else out
 
 
 class OneDNNLinear(nn.Linear):
@@ -207,12 +191,8 @@ class OneDNNConv1D(Conv1D):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_features = self.weight.shape[0]
-        rows = x.numel() // in_features if in_features else 0
-        weight_t = self.weight.t()
-        if _takes_path(x, weight_t, rows):
-            return _onednn_forward(x, weight_t, self.bias, rows)
-        return super().forward(x)
+        out = _onednn_or_none(x, self.weight.t(), self.bias)
+        return super().forward(x) if out is None else out
 
 
 def use_onednn(model: nn.Module) -> int:

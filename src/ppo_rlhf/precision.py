@@ -34,22 +34,32 @@ BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 BF16_MIN_HIDDEN = {"amx_bf16": 256, "avx512_bf16": 256}
 
 
-def cpu_info() -> tuple[str, frozenset[str]]:
-    """(model name, flags) of this machine's CPU from /proc/cpuinfo; (platform name, no flags)
-    where there is none (macOS, Windows): such machines then count as having no bf16 units."""
-    model, flags = "", frozenset()
+@functools.cache
+def _cpuinfo() -> dict[str, str] | None:
+    """The first value of each /proc/cpuinfo field (the first CPU's); None where there is none."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or platform.machine(), flags
+        return None
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and not model:
-            model = value.strip()
-        elif key in ("flags", "Features") and not flags:
-            flags = frozenset(value.split())
-    return model, flags
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """(model name, flags) of this machine's CPU from /proc/cpuinfo; (platform name, no flags)
+    where there is none (macOS, Windows): such machines then count as having no bf16 units."""
+    fields = _cpuinfo()
+    if fields is None:
+        return platform.processor() or platform.machine(), frozenset()
+    return fields.get("model name", ""), frozenset(fields.get("flags", fields.get("Features", "")).split())
+
+
+def cpu_vendor() -> str:
+    """The CPU's `vendor_id` ("AuthenticAMD", "GenuineIntel"); "" where it is unknown."""
+    return (_cpuinfo() or {}).get("vendor_id", "")
 
 
 def cpu_dtype_choice(model: str, flags: frozenset[str] | set[str], hidden: int | None = None) -> tuple[str, str]:
@@ -88,10 +98,10 @@ def _cpu_info_cached() -> tuple[str, frozenset[str]]:
     return cpu_info()
 
 
-def resolve_dtype(run: RunConfig, device: torch.device, hidden: int | None = None) -> str:
-    """The precision a stage computes in: "float32" or "bfloat16" (from `run.dtype`; "auto": see
-    `dtype_choice`), for a model of `hidden` width (None: unknown)."""
-    return dtype_choice(run.dtype, device, hidden)[0]
+def resolve_dtype(run: RunConfig, device: torch.device) -> str:
+    """The precision of `run.dtype` when the model's width is not known: "float32" or "bfloat16"
+    (the stages use `common.compute_dtype`, which knows it)."""
+    return dtype_choice(run.dtype, device)[0]
 
 
 def autocast(device: torch.device, dtype: str):

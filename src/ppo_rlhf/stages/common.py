@@ -59,7 +59,11 @@ def linear_path(device: torch.device) -> str:
 def compute_dtype(run: RunConfig, device: torch.device, model: str | None = None) -> str:
     """The precision a stage computes in, "float32" or "bfloat16", for the model it trains (a
     preset, size spec or directory; `run.dtype=auto` weighs its hidden size)."""
-    return dtype_choice(run.dtype, device, hidden_size(model) if model else None)[0]
+    return _dtype_choice(run, device, model)[0]
+
+
+def _dtype_choice(run: RunConfig, device: torch.device, model: str | None) -> tuple[str, str]:
+    return dtype_choice(run.dtype, device, hidden_size(model) if model else None)
 
 
 def setup(run: RunConfig, stage: str = "run", model: str | None = None) -> torch.device:
@@ -71,7 +75,7 @@ def setup(run: RunConfig, stage: str = "run", model: str | None = None) -> torch
     device = resolve_device(run.device)
     dist.init_distributed(device)
     seed_everything(run.seed)
-    dtype, reason = dtype_choice(run.dtype, device, hidden_size(model) if model else None)
+    dtype, reason = _dtype_choice(run, device, model)
     if dist.is_main():
         print(f"[{stage}] precision: {dtype} ({reason}){linear_path(device)}")
     return device
