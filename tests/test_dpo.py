@@ -293,9 +293,26 @@ def test_pipeline_compare_runs_each_method_from_one_sft_and_rm_and_reports_them(
     assert again.returncode == 0 and again.stdout.count("skipped") == 8  # 4 shared, 3 methods, compare
 
     data = pipeline(tmp_path / "mine", "--data", str(run / "data"), "--task", "arithmetic",
-                    "--compare", "dpo,kto", *TINY_PIPELINE)
+                    "--compare", "dpo,kto,grpo", *TINY_PIPELINE)
     assert data.returncode == 0, data.stderr[-3000:]
-    assert json.loads((tmp_path / "mine" / "compare.json").read_text())["methods"] == ["sft", "dpo", "kto"]
+    assert json.loads((tmp_path / "mine" / "compare.json").read_text())["methods"] == ["sft", "dpo", "kto", "grpo"]
+    grpo = json.loads((tmp_path / "mine" / "grpo" / "summary.json").read_text())
+    assert grpo["algo"] == "grpo" and grpo["config"]["train"]["updates"] == 2  # the preset, then ppo.* as given
+    assert "RL: GRPO" in (tmp_path / "mine" / "report.html").read_text()
+
+
+def test_a_compared_rl_preset_is_a_base_under_what_you_set(tmp_path):
+    from ppo_rlhf.config import PipelineConfig, build_config
+    from ppo_rlhf.stages.pipeline import configure, preset_config
+
+    given = {"ppo.optim.lr", "ppo.rollout.batch_size"}
+    overrides = ["task=arithmetic", f"out_dir={tmp_path}", "ppo.optim.lr=7e-5", "ppo.rollout.batch_size=24"]
+    cfg = configure(build_config(PipelineConfig, overrides=overrides), explicit=given)
+    plain = preset_config(cfg, "rloo")
+    kept = preset_config(cfg, "rloo", explicit=given | {"task", "ppo.algo"})
+    assert plain.algo.name == kept.algo.name == "rloo" and plain.algo.advantage == "rloo"
+    assert plain.rollout.batch_size == 16 and kept.rollout.batch_size == 24 and kept.optim.lr == 7e-5
+    assert kept.out_dir == str(tmp_path / "rloo") and cfg.ppo.algo.name == "ppo"  # the pipeline's own is untouched
 
 
 def test_pipeline_compare_refuses_an_unknown_method(tmp_path):

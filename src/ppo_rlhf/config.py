@@ -581,7 +581,8 @@ class PipelineConfig:
     dpo: DPOConfig = opt(factory=DPOConfig, help="DPO stage (the methods dpo, ipo, simpo, kto, orpo and "
                          "online_dpo of `compare`).")
     compare: str = opt("", "Methods to compare from the same SFT model and reward model, comma-separated: "
-                       "ppo, online_dpo and the preference losses (dpo, ipo, simpo, kto, orpo); each runs "
+                       "ppo, online_dpo, the preference losses (dpo, ipo, simpo, kto, orpo) and the other RL "
+                       "presets (grpo, rloo, ...: the preset, then your ppo.* settings); each runs "
                        "into RUN/<method>/ and RUN/compare.json holds their evaluations; empty = the "
                        "plain pipeline.")
     eval: EvalConfig = opt(factory=EvalConfig, help="Final evaluation.")

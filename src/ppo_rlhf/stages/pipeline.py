@@ -24,9 +24,10 @@ RUN/report.html shows them. A setting you give (command line, YAML, keyword) is 
 ones you leave at their defaults are filled in from the run directory and the task.
 
 `--compare M1,M2,...` (`compare=`) runs, after the shared tokenizer, data, SFT and reward model,
-each method into RUN/<method>/ -- `ppo` (the RL stage, `ppo.*`), a preference loss `dpo`, `ipo`,
-`simpo`, `kto`, `orpo` (the DPO stage on the preference pairs, `dpo.*`), `online_dpo` (the DPO
-stage with online.enabled, labelled by the reward model) -- then evaluates SFT and every method on
+each method into RUN/<method>/ -- `ppo` (the RL stage, `ppo.*`), another RL algorithm preset such as
+`grpo` or `rloo` (the RL stage with `algo=NAME`, then whatever you set under `ppo.`), a preference
+loss `dpo`, `ipo`, `simpo`, `kto`, `orpo` (the DPO stage on the preference pairs, `dpo.*`),
+`online_dpo` (the DPO stage with online.enabled, labelled by the reward model) -- then evaluates SFT and every method on
 the held-out prompts, greedy and sampled at `eval.temperature`, into RUN/compare.json: gold
 reward, RM score, KL to the SFT model and the method's wall time.
 """
@@ -43,7 +44,17 @@ from typing import Any
 
 from .. import distributed as dist
 from ..algo.preference import PREFERENCE_LOSSES
-from ..config import OnlineDPOConfig, PipelineConfig, _flatten, load_yaml, parse_override, set_key, to_dict
+from ..config import (
+    OnlineDPOConfig,
+    PipelineConfig,
+    _flatten,
+    _selects_preset,
+    algorithm_presets,
+    load_yaml,
+    parse_override,
+    set_key,
+    to_dict,
+)
 from ..data.jsonl import load_records
 from ..errors import UserError
 from ..fileio import atomic_write_json, atomic_write_text
@@ -286,6 +297,7 @@ def run_pipeline(cfg: PipelineConfig, explicit: Iterable[str] = (),
                  reward_functions: Sequence[Callable] | None = None) -> dict:
     """Run (or continue) every stage; returns the run summary. `explicit`: see `configure`;
     `reward_functions`: Python callables added to the RL stage's reward (see `ppo_rlhf.rewards`)."""
+    explicit = set(explicit)
     cfg = configure(cfg, explicit, reward_functions)
     if cfg.compare:
         compare_methods(cfg.compare)  # a misspelt method is an error before any stage runs
@@ -319,7 +331,8 @@ def run_pipeline(cfg: PipelineConfig, explicit: Iterable[str] = (),
         stage("reward", lambda: run_reward(cfg.reward, resume=True), Path(cfg.reward.out_dir))
     rl_kwargs = {"reward_functions": list(reward_functions)} if reward_functions else {}
     if cfg.compare:
-        return run_comparison(cfg, summary, seconds, stage, lambda: run_ppo(cfg.ppo, resume=True, **rl_kwargs))
+        return run_comparison(cfg, summary, seconds, stage,
+                              lambda rl: run_ppo(rl, resume=True, **rl_kwargs), explicit)
     stage("ppo", lambda: run_ppo(cfg.ppo, resume=True, **rl_kwargs), Path(cfg.ppo.out_dir))
 
     eval_dir = run / "eval"
@@ -355,8 +368,10 @@ def run_pipeline(cfg: PipelineConfig, explicit: Iterable[str] = (),
     return summary
 
 
-COMPARE_METHODS = ("ppo", "online_dpo", *PREFERENCE_LOSSES)
-"""What `compare` takes: the RL stage, online DPO, and each registered preference loss."""
+RL_PRESETS = tuple(p for p in algorithm_presets() if p != "ppo")
+COMPARE_METHODS = ("ppo", "online_dpo", *PREFERENCE_LOSSES, *RL_PRESETS)
+"""What `compare` takes: the RL stage, online DPO, each registered preference loss, and each other RL
+algorithm preset."""
 
 
 def compare_methods(text: str) -> list[str]:
@@ -388,18 +403,38 @@ def method_config(cfg: PipelineConfig, method: str):
     return dpo
 
 
-def run_comparison(cfg: PipelineConfig, summary: dict, seconds: dict, stage: Callable, ppo: Callable) -> dict:
+def preset_config(cfg: PipelineConfig, name: str, explicit: Iterable[str] = ()):
+    """The RL stage's config of a compared algorithm preset, in RUN/<name>/: the pipeline's RL
+    settings with the preset `name` applied, then every `ppo.*` key you set (a preset is a base)."""
+    rl = copy.deepcopy(cfg.ppo)
+    set_key(rl, "algo", name, where=f"compare {name}: ")
+    for key in sorted(explicit):
+        if key.startswith("ppo.") and not _selects_preset(key):
+            _set(rl, key[len("ppo."):], _get(cfg.ppo, key[len("ppo."):]))
+    rl.out_dir = str(Path(cfg.out_dir) / name)
+    return rl
+
+
+def run_comparison(cfg: PipelineConfig, summary: dict, seconds: dict, stage: Callable, rl_stage: Callable,
+                   explicit: Iterable[str] = ()) -> dict:
     """`compare`: each method from the shared SFT model and reward model, then one evaluation of
-    SFT and of every method (greedy and sampled) into RUN/compare.json and the run summary."""
+    SFT and of every method (greedy and sampled) into RUN/compare.json and the run summary.
+    `rl_stage(config)` runs the RL stage (with the pipeline's reward functions)."""
     run = Path(cfg.out_dir)
     methods = compare_methods(cfg.compare)
+    dirs = {"sft": Path(cfg.sft.out_dir)}
     for method in methods:
         if method == "ppo":
-            stage("ppo", ppo, Path(cfg.ppo.out_dir))
+            stage("ppo", lambda: rl_stage(cfg.ppo), Path(cfg.ppo.out_dir))
+            dirs[method] = Path(cfg.ppo.out_dir)
+        elif method in RL_PRESETS:
+            rl = preset_config(cfg, method, explicit)
+            stage(method, lambda rl=rl: rl_stage(rl), Path(rl.out_dir))
+            dirs[method] = Path(rl.out_dir)
         else:
             mcfg = method_config(cfg, method)
             stage(method, lambda mcfg=mcfg: run_dpo(mcfg, resume=True), Path(mcfg.out_dir))
-    dirs = {"sft": Path(cfg.sft.out_dir), **{m: Path(cfg.ppo.out_dir) if m == "ppo" else run / m for m in methods}}
+            dirs[method] = Path(mcfg.out_dir)
 
     def evaluate() -> None:
         rows = {}
