@@ -258,8 +258,22 @@ def test_sampled_logprobs_match_scoring(policy, temperature, top_k, top_p):
         assert (sampled - full)[response_mask].min() > 1e-3
 
 
-def test_decoding_on_one_thread_restores_the_thread_count(policy):
-    ids, mask = prompts()  # batch x hidden size is small: decoded on one thread
+def test_only_an_amd_cpu_decodes_small_batches_on_one_thread():
+    from ppo_rlhf.generation import _ONE_THREAD_DECODE, one_thread_decode
+
+    cpu = torch.device("cpu")
+    assert one_thread_decode(cpu, 64, 128, vendor="AuthenticAMD")
+    assert not one_thread_decode(cpu, 64, 128, vendor="GenuineIntel")  # MKL's second thread pays there
+    assert not one_thread_decode(cpu, 64, 128, vendor="")  # unknown: torch's own thread count
+    assert not one_thread_decode(cpu, _ONE_THREAD_DECODE // 128 + 1, 128, vendor="AuthenticAMD")
+    assert not one_thread_decode(torch.device("meta"), 1, 1, vendor="AuthenticAMD")
+
+
+def test_decoding_on_one_thread_restores_the_thread_count(policy, monkeypatch):
+    import ppo_rlhf.precision
+
+    monkeypatch.setattr(ppo_rlhf.precision, "cpu_vendor", lambda: "AuthenticAMD")
+    ids, mask = prompts()  # batch x hidden size is small: decoded on one thread (an AMD CPU)
     seen = []
     hook = policy.get_output_embeddings().register_forward_hook(
         lambda *_: seen.append(torch.get_num_threads())

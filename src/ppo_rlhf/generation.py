@@ -39,12 +39,25 @@ from ppo_rlhf.models import capture_output, sequence_scores, token_scores, unwra
 
 # A chunk of the LM head's output is at most this many float32 logits (256 MiB).
 _MAX_CHUNK_LOGITS = 64 * 1024 * 1024
-# CPU decoding runs on one thread when batch x hidden size is at most this: each step is then
-# small products and ~200 small ops, where waking a second OpenMP thread costs more than it saves.
-# Generate phase of a PPO update, 2 threads -> 1 (quiet 2-core machine, benchmarks/README.md):
+# CPU decoding on an AMD CPU runs on one thread when batch x hidden size is at most this: each step
+# is then small products and ~200 small ops, where waking a second OpenMP thread costs more than it
+# saves. Generate phase of a PPO update, 2 threads -> 1 (quiet 2-core AMD EPYC, benchmarks/README.md):
 # d=64 B=128 0.20 -> 0.10 s; d=256 B=32 0.36 -> 0.31 s; d=256 B=64 0.25 -> 0.24 s; but d=512 B=32
-# 0.33 -> 0.42 s, so larger products keep every thread.
+# 0.33 -> 0.42 s, so larger products keep every thread. On an Intel Xeon (MKL's own threading) the
+# second thread pays at these sizes: `generate`, 2 threads against 1, interleaved in one process,
+# quiet 2-core Xeon with AMX: d=128 B=64 21.8 vs 27.5 ms, d=64 B=128 157 vs 173 ms, d=64 B=32 73.4
+# vs 79.6 ms, d=256 B=32 369 vs 398 ms, d=64 B=8 13.4 vs 13.2 ms; so only AMD CPUs drop to one.
 _ONE_THREAD_DECODE = 8192
+
+
+def one_thread_decode(device: torch.device, rows: int, hidden: int, vendor: str | None = None) -> bool:
+    """Whether to decode on one CPU thread: an AMD CPU (`vendor`, default this machine's) and at
+    most `_ONE_THREAD_DECODE` rows x hidden size."""
+    from .precision import cpu_vendor
+
+    if device.type != "cpu" or rows * hidden > _ONE_THREAD_DECODE:
+        return False
+    return (cpu_vendor() if vendor is None else vendor) == "AuthenticAMD"
 
 
 def _lm_parts(model: nn.Module) -> tuple[PreTrainedModel, nn.Module]:
@@ -498,7 +511,7 @@ def generate(
     modes = [(module, module.training) for module in hf.modules()]
     hf.eval()
     threads = torch.get_num_threads()
-    if device.type == "cpu" and rows * head.weight.shape[1] <= _ONE_THREAD_DECODE:  # B x hidden
+    if one_thread_decode(device, rows, head.weight.shape[1]):
         torch.set_num_threads(1)
     try:
         steps = 0
