@@ -450,7 +450,10 @@ class OnlineDPOConfig:
 
     enabled: bool = opt(False, "Learn from the policy's own labelled samples (prompts_file) instead of "
                         "the fixed pairs of train_file.")
-    rounds: int = opt(20, "Sample-label-train rounds (the stage's steps when online).", min=1)
+    rounds: int = opt(40, "Sample-label-train rounds (the stage's steps when online). 40: from one SFT "
+                      "model and RM each (seed 0), 20 / 40 / 60 rounds gained 8.0 / 13.0 / 15.8 points of "
+                      "sampled gold on sentiment (KL 0.19 / 0.55 / 0.88) and 13.7 / 13.2 / 9.7 on "
+                      "arithmetic (KL 0.21 / 0.47 / 0.71; greedy gold -0.5 / -3.0 / -9.2).", min=1)
     prompts_per_round: int = opt(64, "Prompts sampled per round (across all ranks), two responses each.",
                                  min=1)
     epochs: int = opt(1, "Passes over a round's new pairs (batch_size pairs per optimizer step).", min=1)
