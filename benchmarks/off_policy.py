@@ -78,6 +78,18 @@ def main() -> None:
         lines.append(f"| {name} | {ms([r['sft_gold'] for r in rs])} | {ms([r['final_gold'] for r in rs])} | "
                      f"{ms([r['sft_greedy'] for r in rs])} | {ms([r['final_greedy'] for r in rs])} | "
                      f"{ms([r['final_kl'] for r in rs])} | {reach_txt} | {len(rs)} |")
+    # Mean held-out gold (and KL) of each configuration at each evaluation, over the seeds that have it.
+    points = sorted({e["samples"] for r in results for e in r["evals"]})
+    curve = ["| config | " + " | ".join(f"{p:,}" for p in points) + " |", "|---|" + "---|" * len(points)]
+    for name in args.configs:
+        rs = [r for r in results if r["config"] == name]
+        cells = []
+        for p in points:
+            at = [e for r in rs for e in r["evals"] if e["samples"] == p]
+            cells.append(f"{statistics.mean(e['gold'] for e in at):.3f} ({statistics.mean(e['kl'] for e in at):.2f})"
+                         if at else "")
+        curve.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Mean held-out gold (mean KL) against samples drawn:", "", *curve]
     out = {"task": args.task, "cpu": cpu_info(), "seeds": args.seeds, "ppo_final_gold": target,
            "results": results, "command": " ".join(sys.argv)}
     res_dir = HERE / "results"
