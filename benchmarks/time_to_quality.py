@@ -34,6 +34,8 @@ VARIANTS: dict[str, list[str]] = {
     "default": [],
     "sft_b64": ["sft.batch_size=64", "sft.optim.lr=2e-3"],  # half the steps, 1.48x the time per step
     "sft_16_epochs": ["sft.epochs=16"],
+    "sft_10_epochs": ["sft.epochs=10"],
+    "sft_6_epochs": ["sft.epochs=6"],
     "rl_50_updates": ["ppo.train.updates=50"],
 }
 QUIET_LOAD = 0.1  # cores busy with other processes during the run

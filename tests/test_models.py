@@ -296,6 +296,23 @@ def test_missing_peft_is_a_user_error(tok, monkeypatch):
         apply_lora(load_causal_lm("tiny-gpt2", tok), r=2, alpha=4, dropout=0.0)
 
 
+def test_gpt2_built_here_uses_the_exact_gelu_and_saved_ones_keep_theirs(tok, tmp_path):
+    """Presets and size specs build GPT-2 with the exact (erf) GELU, torch's faster CPU kernel;
+    a directory keeps the activation it was saved with."""
+    from transformers.activations import GELUActivation, GELUTanh
+
+    for spec in ("tiny-gpt2", "gpt2:layers=1,hidden=32,heads=2"):
+        model = load_causal_lm(spec, tok)
+        assert model.config.activation_function == "gelu"
+        assert {type(block.mlp.act) for block in model.transformer.h} == {GELUActivation}
+    old = load_causal_lm("tiny-gpt2", tok)
+    old.config.activation_function = "gelu_pytorch_tanh"
+    old.save_pretrained(tmp_path / "tanh")
+    again = load_causal_lm(str(tmp_path / "tanh"), tok)
+    assert again.config.activation_function == "gelu_pytorch_tanh"
+    assert {type(block.mlp.act) for block in again.transformer.h} == {GELUTanh}
+
+
 def test_gelu_new_directories_run_the_fused_gelu_with_the_same_outputs(tok, tmp_path):
     """GPT-2 dirs saved with `gelu_new` load with the fused tanh GELU: same function, config kept."""
     from transformers import GPT2Config, GPT2LMHeadModel
