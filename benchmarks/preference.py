@@ -116,7 +116,8 @@ def plot(rows: list[dict], path: Path, task: str) -> None:
         if r["curve"]:
             ax.plot([p["kl"] for p in r["curve"]], [p["gold"] for p in r["curve"]], color=c, alpha=0.35, linewidth=1)
         ax.scatter([r["kl"]], [r["gold"]], color=c, s=28, label=r["method"] if first else None, zorder=3)
-    ax.set_xlabel("KL to the SFT model (nats per response, sampled)")
+    ax.set_xscale("symlog", linthresh=1.0)  # the RL methods stay below 1 nat, offline ones reach 10+
+    ax.set_xlabel("KL to the SFT model (nats per response, sampled; linear below 1, log above)")
     ax.set_ylabel("held-out gold reward (sampled)")
     seeds = sorted({r["seed"] for r in rows})
     ax.set_title(f"{task}: gold against KL, {len(seeds)} pipeline seed(s); lines: evaluations during training")
