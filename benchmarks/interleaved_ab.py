@@ -13,6 +13,9 @@ A and B alternating, and the ratio is of the medians: drift hits both sides alik
   AdamW state either way, so the two share one model and optimizer).
 - `--what onednn`: float32 linears through MKL (torch's default) against oneDNN
   (`onednn.set_enabled`), whatever `onednn.pays_here` says of this CPU.
+- `--what gelu`: GPT-2's tanh-approximate GELU (one fused kernel, what `gelu_new` models run)
+  against the exact GELU (what our presets build), swapped in every model of the trainer, at
+  `--dtype`. `--gelu exact` runs the other comparisons with the exact GELU.
 
 Prints each side's per-update wall times (and generate/score/train medians) and the ratio, with the
 CPU model and flags; `--out` writes them as JSON.
@@ -34,7 +37,24 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 SIDES = {"dtype": (("float32", "float32"), ("bfloat16", "bfloat16")),
-         "onednn": (("MKL", False), ("oneDNN", True))}
+         "onednn": (("MKL", False), ("oneDNN", True)),
+         "gelu": (("tanh", "tanh"), ("exact", "exact"))}
+
+
+def set_gelu(trainer, kind: str) -> int:
+    """Swap the activation of every GPT-2 MLP in the trainer's models ("tanh" or "exact"); returns
+    how many were swapped. The weights stay: only the function changes (by at most ~5e-4)."""
+    import torch.nn as nn
+    from transformers.activations import GELUActivation, GELUTanh
+
+    roots = [getattr(obj, "model", obj) for obj in vars(trainer).values()]
+    n = 0
+    for root in [r for r in roots if isinstance(r, nn.Module)]:
+        for module in root.modules():
+            if type(module).__name__ == "GPT2MLP":
+                module.act = GELUTanh() if kind == "tanh" else GELUActivation()
+                n += 1
+    return n
 
 
 def main() -> int:
@@ -47,6 +67,10 @@ def main() -> int:
     ap.add_argument("--response", type=int, default=64)
     ap.add_argument("--updates", type=int, default=6, help="timed updates per side")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="precision of both sides of --what gelu / onednn")
+    ap.add_argument("--gelu", choices=("tanh", "exact"), default="tanh",
+                    help="the activation of both sides of --what dtype / onednn")
     ap.add_argument("--work-dir", default="/tmp/ppo_vs_trl_work")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
@@ -70,11 +94,17 @@ def main() -> int:
     trainer = RLTrainer(cfg, common.setup(cfg.run))
     steps = itertools.count(1)
     sides = SIDES[args.what]
+    if args.what != "dtype":
+        trainer.dtype = args.dtype
+    if args.what != "gelu" and set_gelu(trainer, args.gelu) == 0:
+        raise SystemExit("no GPT-2 MLP found in the trainer's models")
     record = {name: {"update_s": [], "generate": [], "score": [], "train": []} for name, _ in sides}
     for i in range(total):
         name, value = sides[i % 2]
         if args.what == "dtype":
             trainer.dtype = value
+        elif args.what == "gelu":
+            set_gelu(trainer, value)
         else:
             onednn.set_enabled(value)
         trainer.timer.reset()
@@ -86,7 +116,8 @@ def main() -> int:
             for phase, seconds in trainer.timer.totals().items():
                 record[name][phase.split("/", 1)[-1]].append(seconds)
     model, flags = bc.cpu_model_and_flags()
-    print(f"{case.shape_label}, {args.what}: {args.updates} updates per side, alternating; "
+    fixed = {"dtype": f"gelu {args.gelu}", "onednn": f"{args.dtype}, gelu {args.gelu}", "gelu": args.dtype}[args.what]
+    print(f"{case.shape_label}, {args.what} ({fixed}): {args.updates} updates per side, alternating; "
           f"{args.threads} threads; CPU {model} ({' '.join(flags)})")
     medians = {}
     for name, rec in record.items():
@@ -98,7 +129,7 @@ def main() -> int:
     ratio = medians[a] / medians[b]
     print(f"  {a} time / {b} time = {ratio:.2f}x")
     if args.out:
-        Path(args.out).write_text(json.dumps({"case": case.shape_label, "what": args.what, "cpu": model,
+        Path(args.out).write_text(json.dumps({"case": case.shape_label, "what": args.what, "fixed": fixed, "cpu": model,
                                               "flags": flags, "threads": args.threads, "sides": record,
                                               "ratio": ratio, "command": " ".join(sys.argv)}, indent=1))
     return 0
