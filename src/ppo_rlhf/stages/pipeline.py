@@ -27,8 +27,8 @@ ones you leave at their defaults are filled in from the run directory and the ta
 each method into RUN/<method>/ -- `ppo` (the RL stage, `ppo.*`), another RL algorithm preset such as
 `grpo` or `rloo` (the RL stage with `algo=NAME`, then whatever you set under `ppo.`), a preference
 loss `dpo`, `ipo`, `simpo`, `kto`, `orpo` (the DPO stage on the preference pairs, `dpo.*`),
-`online_dpo` (the DPO stage with online.enabled, labelled by the reward model) -- then evaluates SFT and every method on
-the held-out prompts, greedy and sampled at `eval.temperature`, into RUN/compare.json: gold
+`online_dpo` (the DPO stage with online.enabled, labelled by the reward model) -- then evaluates
+SFT and every method on the held-out prompts, greedy and sampled at `eval.temperature`, into RUN/compare.json: gold
 reward, RM score, KL to the SFT model and the method's wall time.
 """
 
@@ -158,11 +158,8 @@ def configure(cfg: PipelineConfig, explicit: Iterable[str] = (),
         fill("task", "")  # your own data: no built-in task unless you name one
     task_obj = gold_task(cfg.task, cfg.gold)
     gold = cfg.task or cfg.gold  # what the sft and ppo stages' `task` key takes
-    if cfg.algo:  # the preset is a base: what you set under ppo. still wins
-        given = {k: _get(cfg, k) for k in explicit if k.startswith("ppo.")}
-        set_key(cfg, "ppo.algo", cfg.algo, where="algo: ")
-        for key, value in given.items():
-            _set(cfg, key, value)
+    if cfg.algo:
+        apply_preset_under(cfg.ppo, cfg.algo, explicit, where="algo: ")
 
     fill("tokenizer.out_dir", str(run / "tokenizer"))
     if cfg.data_dir:
@@ -403,14 +400,21 @@ def method_config(cfg: PipelineConfig, method: str):
     return dpo
 
 
+def apply_preset_under(rl: Any, name: str, explicit: Iterable[str], where: str) -> None:
+    """Apply the algorithm preset `name` to the RL stage's config `rl` (in place) as a base: every
+    `ppo.*` key you set (`explicit`) keeps the value it had."""
+    given = {k[len("ppo."):] for k in explicit if k.startswith("ppo.") and not _selects_preset(k)}
+    kept = {key: _get(rl, key) for key in sorted(given)}
+    set_key(rl, "algo", name, where=where)
+    for key, value in kept.items():
+        _set(rl, key, value)
+
+
 def preset_config(cfg: PipelineConfig, name: str, explicit: Iterable[str] = ()):
     """The RL stage's config of a compared algorithm preset, in RUN/<name>/: the pipeline's RL
-    settings with the preset `name` applied, then every `ppo.*` key you set (a preset is a base)."""
+    settings with the preset `name` applied under every `ppo.*` key you set."""
     rl = copy.deepcopy(cfg.ppo)
-    set_key(rl, "algo", name, where=f"compare {name}: ")
-    for key in sorted(explicit):
-        if key.startswith("ppo.") and not _selects_preset(key):
-            _set(rl, key[len("ppo."):], _get(cfg.ppo, key[len("ppo."):]))
+    apply_preset_under(rl, name, explicit, where=f"compare {name}: ")
     rl.out_dir = str(Path(cfg.out_dir) / name)
     return rl
 
