@@ -308,38 +308,52 @@ def machine_kind() -> str:
     return f"{model}, {bf16}, {os.cpu_count()} cores"
 
 
-def busy_jiffies() -> tuple[int, int]:
-    """(busy, total) CPU jiffies of the whole machine so far, from /proc/stat ((0, 0) without it)."""
+def cpu_jiffies() -> dict[str, int]:
+    """The whole machine's CPU jiffies so far, from /proc/stat's first line (zeros without it):
+    `busy` (user, nice, system, irq, softirq: work done in this VM), `steal` (time the hypervisor
+    gave to other guests while this VM wanted the CPU) and `total` (busy, idle, iowait and steal;
+    guest time is already inside user and nice, so it is not added again)."""
     try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except OSError:
-        return 0, 0
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return {"busy": 0, "steal": 0, "total": 0}
+    f += [0] * (8 - len(f))
+    busy = f[0] + f[1] + f[2] + f[5] + f[6]
+    return {"busy": busy, "steal": f[7], "total": busy + f[3] + f[4] + f[7]}
+
+
+def busy_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU jiffies of the whole machine so far (`cpu_jiffies`; steal is not busy)."""
+    j = cpu_jiffies()
+    return j["busy"], j["total"]
 
 
 class OtherLoad:
     """Cores kept busy by other processes while the block ran (machine busy time minus this
     process's CPU time, per wall second): a shared machine's load can swamp what is measured.
+    `steal_cores` is the hypervisor's share (CPU time other guests took while this VM wanted it,
+    per wall second): on a VM it makes the same work take longer with no other process running.
 
         with OtherLoad() as load:
             work()
-        load.cores
+        load.cores, load.steal_cores
     """
 
     def __enter__(self) -> OtherLoad:
         import time
 
-        self._busy, _ = busy_jiffies()
+        self._j = cpu_jiffies()
         self._own = sum(os.times()[:4])
         self._t0 = time.perf_counter()
-        self.cores = 0.0
+        self.cores = self.steal_cores = 0.0
         return self
 
     def __exit__(self, *exc) -> None:
         import time
 
         wall = time.perf_counter() - self._t0
-        busy = (busy_jiffies()[0] - self._busy) / os.sysconf("SC_CLK_TCK")
+        j, tick = cpu_jiffies(), os.sysconf("SC_CLK_TCK")
+        busy = (j["busy"] - self._j["busy"]) / tick
         own = sum(os.times()[:4]) - self._own
         self.cores = max(0.0, (busy - own) / wall) if wall > 0 else 0.0
+        self.steal_cores = (j["steal"] - self._j["steal"]) / tick / wall if wall > 0 else 0.0

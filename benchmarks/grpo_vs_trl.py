@@ -139,7 +139,7 @@ def main() -> None:
                         r = run_trl(args.task, base, out, precision, args.seed, args.updates, args.threads,
                                     args.trl_python, max_new_tokens, log)
                 r.update(evaluate(r.pop("model"), base, args.task, out, log), precision=precision, round=rnd,
-                         other_load_cores=load.cores)
+                         other_load_cores=load.cores, steal_cores=load.steal_cores)
                 runs.append(r)
                 print(f"  {side}: {r['updates_s']:.1f} s in updates; gold sampled {r['gold_sampled']:.3f}, "
                       f"greedy {r['gold_greedy']:.3f}, KL {r['kl_sampled']:.2f}; other load "

@@ -59,13 +59,6 @@ TRL_SWEEP_POINTS = {bc.Case(SMALL, 32, 16, 256), bc.Case(SMALL, 128, 16, 64),
                     bc.Case(bc.ModelShape(8, 256), 32, 16, 64)}
 
 
-def _busy_jiffies() -> tuple[int, int]:
-    """(busy, total) CPU jiffies of the whole machine so far, from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
-
-
 def wait_for_quiet(max_wait: float, threshold: float = 0.3) -> float:
     """Wait (up to max_wait s) for a 1-s window in which other processes keep < threshold cores busy.
 
@@ -74,9 +67,9 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.3) -> float:
     """
     deadline = time.time() + max_wait
     while True:
-        busy0, _ = _busy_jiffies()
+        busy0, _ = bc.busy_jiffies()
         time.sleep(1.0)
-        busy1, _ = _busy_jiffies()
+        busy1, _ = bc.busy_jiffies()
         cores = (busy1 - busy0) / os.sysconf("SC_CLK_TCK")
         if cores < threshold or time.time() >= deadline:
             return cores
@@ -95,7 +88,7 @@ def run_worker(python: str, script: str, case: bc.Case, paths: dict, updates: in
     if omp_wait_policy:
         env["OMP_WAIT_POLICY"] = omp_wait_policy
     ticks = os.sysconf("SC_CLK_TCK")
-    busy0, total0 = _busy_jiffies()
+    jiffies0 = bc.cpu_jiffies()
     child0 = os.times()
     t0 = time.perf_counter()
     try:
@@ -103,14 +96,15 @@ def run_worker(python: str, script: str, case: bc.Case, paths: dict, updates: in
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
     wall = time.perf_counter() - t0
-    busy1, _ = _busy_jiffies()
+    jiffies1 = bc.cpu_jiffies()
     child1 = os.times()
     own = (child1.children_user + child1.children_system) - (child0.children_user + child0.children_system)
-    others = max(0.0, ((busy1 - busy0) / ticks - own) / wall)
+    others = max(0.0, ((jiffies1["busy"] - jiffies0["busy"]) / ticks - own) / wall)
+    steal = (jiffies1["steal"] - jiffies0["steal"]) / ticks / wall
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT_JSON: "):
             out = json.loads(line[len("RESULT_JSON: "):])
-            out["other_load_cores"] = others
+            out["other_load_cores"], out["steal_cores"] = others, steal
             out["omp_wait_policy"] = omp_wait_policy or None
             return out
     tail = (proc.stdout[-1500:] + "\n" + proc.stderr[-3000:]).strip()

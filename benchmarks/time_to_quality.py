@@ -55,14 +55,16 @@ def one_run(task: str, variant: str, seed: int, work: Path, run: bool) -> dict |
         with (work / f"{task}.log").open("a") as fh, OtherLoad() as load:
             subprocess.run([sys.executable, "-m", "ppo_rlhf.cli", *args], check=True, stdout=fh,
                            stderr=subprocess.STDOUT)
-        meta.write_text(json.dumps({"other_load_cores": load.cores, "wall": time.time() - t0}))
-        print(f"      other processes kept {load.cores:.2f} cores busy", flush=True)
+        meta.write_text(json.dumps({"other_load_cores": load.cores, "steal_cores": load.steal_cores,
+                                    "wall": time.time() - t0}))
+        print(f"      other processes kept {load.cores:.2f} cores busy; the hypervisor took "
+              f"{load.steal_cores:.2f} cores (steal)", flush=True)
     s = json.loads(summary.read_text())
     m = json.loads(meta.read_text()) if meta.is_file() else {}
     secs = s["stage_seconds"]
     return {"variant": variant, "seed": seed, "stage_seconds": secs,
             "stages_total": sum(secs.get(k, 0.0) for k in STAGES), "process_wall": m.get("wall"),
-            "other_load_cores": m.get("other_load_cores"),
+            "other_load_cores": m.get("other_load_cores"), "steal_cores": m.get("steal_cores"),
             "quiet": m.get("other_load_cores") is not None and m["other_load_cores"] <= QUIET_LOAD,
             "sft_gold": s["sft_gold_reward"], "sft_gold_greedy": s["sft_gold_reward_greedy"],
             "final_gold": s["ppo_gold_reward"], "final_gold_greedy": s["ppo_gold_reward_greedy"],

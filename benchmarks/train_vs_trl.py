@@ -174,7 +174,7 @@ def run_side(python: str, side: str, job: dict, timeout: int) -> dict:
             res = json.loads(line[len("RESULT_JSON: "):])
             # The worker's own CPU is part of the machine's busy time: OtherLoad counts this
             # process's children only after they exit, which they have.
-            res["other_load_cores"] = load.cores
+            res["other_load_cores"], res["steal_cores"] = load.cores, load.steal_cores
             stamps = res.pop("stamps")
             res["timed_steps"] = len(stamps) - 1
             res["train_s"] = stamps[-1] - stamps[0]
