@@ -308,6 +308,15 @@ def machine_kind() -> str:
     return f"{model}, {bf16}, {os.cpu_count()} cores"
 
 
+LABEL_HELP = ("a suffix of the results file name (results/NAME_TASK_LABEL.json), so that runs on "
+              "another machine or at another commit do not overwrite it")
+
+
+def suffix(label: str) -> str:
+    """"_label" for a results file name ("" without a label)."""
+    return f"_{label}" if label else ""
+
+
 def cpu_jiffies() -> dict[str, int]:
     """The whole machine's CPU jiffies so far, from /proc/stat's first line (zeros without it):
     `busy` (user, nice, system, irq, softirq: work done in this VM), `steal` (time the hypervisor

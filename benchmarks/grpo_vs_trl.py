@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from algorithms import cli  # noqa: E402
-from bench_common import OtherLoad, cpu_model_and_flags  # noqa: E402
+from bench_common import LABEL_HELP, OtherLoad, cpu_model_and_flags, suffix  # noqa: E402
 
 SETTINGS = {"prompts_per_update": 16, "samples_per_prompt": 4, "temperature": 0.7, "ppo_epochs": 2,
             "num_minibatches": 2, "lr": 1e-4, "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8,
@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trl-python", default="/work/trl-venv/bin/python")
+    ap.add_argument("--label", default="", help=LABEL_HELP)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / "log.txt"
@@ -155,7 +156,7 @@ def main() -> None:
                          for k in ("gold_sampled", "gold_greedy", "kl_sampled")}})
     res = {"task": args.task, "cpu": model, "flags": flags, "threads": args.threads, "updates": args.updates,
            "settings": SETTINGS, "sft": sft, "runs": runs, "table": table}
-    dest = HERE / "results" / f"grpo_vs_trl_{args.task}.json"
+    dest = HERE / "results" / f"grpo_vs_trl_{args.task}{suffix(args.label)}.json"
     dest.write_text(json.dumps(res, indent=1, default=str))
     print(f"CPU: {model}; flags: {' '.join(flags) or 'none of avx512/amx'}; SFT gold sampled "
           f"{sft['gold_sampled']:.3f}, greedy {sft['gold_greedy']:.3f}")

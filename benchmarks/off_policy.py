@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from algorithms import base, cpu_info, ms, one_run, plot  # noqa: E402
+from bench_common import LABEL_HELP, suffix  # noqa: E402
 
 CONFIGS = {
     "ppo": ("ppo", []),
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--work", default="runs/algorithms")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-run", action="store_true", help="only gather the runs that exist (a report)")
+    ap.add_argument("--label", default="", help=LABEL_HELP)
     args = ap.parse_args()
     work = Path(args.work)
     log = work / "log-off-policy.txt"
@@ -94,8 +96,9 @@ def main() -> None:
            "results": results, "command": " ".join(sys.argv)}
     res_dir = HERE / "results"
     res_dir.mkdir(exist_ok=True)
-    (res_dir / f"off_policy_{args.task}.json").write_text(json.dumps(out, indent=1))
-    plot(results, args.configs, res_dir / f"off_policy_{args.task}.png", key="config", panels=("samples", "kl"))
+    (res_dir / f"off_policy_{args.task}{suffix(args.label)}.json").write_text(json.dumps(out, indent=1))
+    plot(results, args.configs, res_dir / f"off_policy_{args.task}{suffix(args.label)}.png", key="config",
+         panels=("samples", "kl"))
     print("\n".join(lines))
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_common import OtherLoad, cpu_model_and_flags  # noqa: E402
+from bench_common import LABEL_HELP, OtherLoad, cpu_model_and_flags, suffix  # noqa: E402
 
 # The schedules compared: the defaults (SFT 20 epochs of 32 sequences at lr 1e-3, 2,500 steps on
 # arithmetic; RM 3 epochs; 150 RL updates) and cheaper ones, each changing one stage.
@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="*", type=int, default=[0])
     ap.add_argument("--work", type=Path, default=Path("runs/time_to_quality"))
     ap.add_argument("--no-run", action="store_true", help="only tabulate the runs that exist")
+    ap.add_argument("--label", default="", help=LABEL_HELP)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -137,7 +138,7 @@ def main() -> None:
     model, flags = cpu_model_and_flags()
     res = {"task": args.task, "cpu": model, "flags": flags, "variants": {v: VARIANTS[v] for v in args.variants},
            "runs": rows}
-    out = HERE / "results" / f"time_to_quality_{args.task}.json"
+    out = HERE / "results" / f"time_to_quality_{args.task}{suffix(args.label)}.json"
     out.write_text(json.dumps(res, indent=1))
     plot(rows, out.with_suffix(".png"))
     print(f"CPU: {model}; flags: {' '.join(flags) or 'none of avx512/amx'}")
