@@ -113,14 +113,14 @@ def one_run(task: str, algo: str, seed: int, reward: str, base_run: Path, work: 
             if any("trpo/step_fraction" in r for r in rows) else None}
 
 
-def ms(values) -> str:
-    """'mean ± std' of the values that are not None (one value: itself; none: n/a)."""
+def ms(values, fmt: str = "{:.3f}") -> str:
+    """'mean ± std' of the values that are not None (one value: itself; none: n/a), each as `fmt`."""
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
 def table(results: list[dict], algos: list[str]) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from algorithms import cpu_info, read_metrics  # noqa: E402
+from algorithms import cpu_info, ms, read_metrics  # noqa: E402
 
 METHODS = "ppo,grpo,dpo,ipo,simpo,kto,orpo,online_dpo"
 
@@ -76,15 +76,6 @@ def gather(task: str, seeds: list[int], work: Path) -> list[dict]:
     return rows
 
 
-def mean_std(values, fmt: str = "{:.3f}") -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
-
-
 def table(rows: list[dict]) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lines = ["| method | gold sampled | gold greedy | KL (nats) | gain sampled, points (min) | gain greedy, points "
@@ -92,11 +83,11 @@ def table(rows: list[dict]) -> str:
     for m in methods:
         rs = [r for r in rows if r["method"] == m]
         gains = [r["gain"] for r in rs]
-        lines.append(f"| {m} | {mean_std([r['gold'] for r in rs])} | {mean_std([r['greedy'] for r in rs])} | "
-                     f"{mean_std([r['kl'] for r in rs], '{:.2f}')} | "
+        lines.append(f"| {m} | {ms([r['gold'] for r in rs])} | {ms([r['greedy'] for r in rs])} | "
+                     f"{ms([r['kl'] for r in rs], '{:.2f}')} | "
                      f"{statistics.mean(gains):+.1f} (min {min(gains):+.1f}) | "
                      f"{statistics.mean(r['greedy_gain'] for r in rs):+.1f} | "
-                     f"{mean_std([r['rm_score'] for r in rs])} | {mean_std([r['seconds'] for r in rs], '{:.0f}')} | "
+                     f"{ms([r['rm_score'] for r in rs])} | {ms([r['seconds'] for r in rs], '{:.0f}')} | "
                      f"{len(rs)} |")
     return "\n".join(lines)
 

@@ -55,7 +55,7 @@ def test_stages_resolve_auto_for_the_model_they_train(monkeypatch, tmp_path):
     """common.compute_dtype reads the width from a preset, a size spec or a saved directory."""
     from ppo_rlhf.models import hidden_size, save_model
 
-    monkeypatch.setattr(precision, "_cpu_info_cached", lambda: ("New CPU", ZEN5))
+    monkeypatch.setattr(precision, "cpu_info", lambda: ("New CPU", ZEN5))
     auto = RunConfig(dtype="auto")
     assert hidden_size("tiny-gpt2") == 128 and hidden_size("small-gpt2") == 256
     assert hidden_size("llama:layers=2,hidden=64,heads=4") == 64
@@ -69,11 +69,11 @@ def test_stages_resolve_auto_for_the_model_they_train(monkeypatch, tmp_path):
 
 
 def test_explicit_dtype_is_kept_and_auto_reads_the_cpu(monkeypatch):
-    monkeypatch.setattr(precision, "_cpu_info_cached", lambda: ("Old CPU", ZEN3))
+    monkeypatch.setattr(precision, "cpu_info", lambda: ("Old CPU", ZEN3))
     assert precision.resolve_dtype(RunConfig(dtype="bfloat16"), CPU) == "bfloat16"
     assert precision.resolve_dtype(RunConfig(dtype="float32"), CPU) == "float32"
     assert precision.resolve_dtype(RunConfig(dtype="auto"), CPU) == "float32"
-    monkeypatch.setattr(precision, "_cpu_info_cached", lambda: ("New CPU", ZEN5))
+    monkeypatch.setattr(precision, "cpu_info", lambda: ("New CPU", ZEN5))
     assert precision.resolve_dtype(RunConfig(dtype="auto"), CPU) == "bfloat16"
     assert precision.dtype_choice("auto", torch.device("meta"))[0] == "float32"
 
@@ -106,7 +106,7 @@ def test_cpu_info_reads_model_and_flags():
 
 
 def test_setup_prints_the_stage_and_its_precision(monkeypatch, capsys):
-    monkeypatch.setattr(precision, "_cpu_info_cached", lambda: ("New CPU", ZEN5))
+    monkeypatch.setattr(precision, "cpu_info", lambda: ("New CPU", ZEN5))
     threads = torch.get_num_threads()
     try:
         common.setup(RunConfig(dtype="auto", device="cpu", threads=1), stage="sft")
@@ -119,7 +119,7 @@ def test_setup_prints_the_stage_and_its_precision(monkeypatch, capsys):
 @pytest.mark.parametrize("dtype, expected", [("bfloat16", torch.bfloat16), ("float32", torch.float32),
                                              ("auto", torch.bfloat16)])
 def test_autocast_runs_cpu_matmuls_in_bf16_when_asked(dtype, expected, monkeypatch):
-    monkeypatch.setattr(precision, "_cpu_info_cached", lambda: ("New CPU", ZEN5))
+    monkeypatch.setattr(precision, "cpu_info", lambda: ("New CPU", ZEN5))
     layer = torch.nn.Linear(8, 4)
     with precision.autocast(CPU, dtype):
         out = layer(torch.randn(2, 8))

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, PreTrainedModel
 
+from ppo_rlhf import precision
 from ppo_rlhf.algo.losses import entropy_from_logits
 from ppo_rlhf.data.collate import position_ids_from_mask
 from ppo_rlhf.errors import UserError
@@ -53,11 +54,9 @@ _ONE_THREAD_DECODE = 8192
 def one_thread_decode(device: torch.device, rows: int, hidden: int, vendor: str | None = None) -> bool:
     """Whether to decode on one CPU thread: an AMD CPU (`vendor`, default this machine's) and at
     most `_ONE_THREAD_DECODE` rows x hidden size."""
-    from .precision import cpu_vendor
-
     if device.type != "cpu" or rows * hidden > _ONE_THREAD_DECODE:
         return False
-    return (cpu_vendor() if vendor is None else vendor) == "AuthenticAMD"
+    return (precision.cpu_vendor() if vendor is None else vendor) == "AuthenticAMD"
 
 
 def _lm_parts(model: nn.Module) -> tuple[PreTrainedModel, nn.Module]:

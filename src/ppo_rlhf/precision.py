@@ -89,13 +89,8 @@ def dtype_choice(requested: str, device: torch.device, hidden: int | None = None
             return "bfloat16", f"auto: {name} supports bf16"
         return "float32", f"auto: {name} does not support bf16"
     if device.type == "cpu":
-        return cpu_dtype_choice(*_cpu_info_cached(), hidden=hidden)
+        return cpu_dtype_choice(*cpu_info(), hidden=hidden)
     return "float32", f"auto: bf16 autocast is not used on {device.type}"
-
-
-@functools.cache
-def _cpu_info_cached() -> tuple[str, frozenset[str]]:
-    return cpu_info()
 
 
 def resolve_dtype(run: RunConfig, device: torch.device) -> str:

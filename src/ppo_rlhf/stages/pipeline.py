@@ -28,8 +28,8 @@ each method into RUN/<method>/ -- `ppo` (the RL stage, `ppo.*`), another RL algo
 `grpo` or `rloo` (the RL stage with `algo=NAME`, then whatever you set under `ppo.`), a preference
 loss `dpo`, `ipo`, `simpo`, `kto`, `orpo` (the DPO stage on the preference pairs, `dpo.*`),
 `online_dpo` (the DPO stage with online.enabled, labelled by the reward model) -- then evaluates
-SFT and every method on the held-out prompts, greedy and sampled at `eval.temperature`, into RUN/compare.json: gold
-reward, RM score, KL to the SFT model and the method's wall time.
+SFT and every method on the held-out prompts, greedy and sampled at `eval.temperature`, into
+RUN/compare.json: gold reward, RM score, KL to the SFT model and the method's wall time.
 """
 
 from __future__ import annotations
