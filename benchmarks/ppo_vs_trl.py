@@ -212,14 +212,16 @@ def machine_info(threads: int, peaks: dict[str, float]) -> dict:
             "platform": platform.platform(), "loadavg_at_end": os.getloadavg()}
 
 
-def ours_default_precision(device: str) -> str:
-    """The precision our trainer computes in when run.dtype is left at its default."""
+def ours_default_precision(case: bc.Case) -> str:
+    """The precision our RL stage computes in for `case` when run.dtype is left at its default
+    (auto weighs the device, the model's width and the kind of work)."""
     import torch
 
     from ppo_rlhf.config import RunConfig
-    from ppo_rlhf.precision import resolve_dtype
+    from ppo_rlhf.precision import dtype_choice
 
-    return {"float32": "fp32", "bfloat16": "bf16"}[resolve_dtype(RunConfig(), torch.device(device))]
+    dtype, _ = dtype_choice(RunConfig().dtype, torch.device(case.device), case.model.n_embd, work="rl")
+    return {"float32": "fp32", "bfloat16": "bf16"}[dtype]
 
 
 # TRL 1.12's configs default to bf16=True unless fp16 is set (trl/trainer/*_config.py); the
@@ -232,7 +234,7 @@ def run_case(case: bc.Case, side: str) -> bc.Case:
     that the same work is run (and timed) once."""
     if case.precision != "default":
         return case
-    return case.at(ours_default_precision(case.device) if side == "ours" else TRL_DEFAULT_PRECISION)
+    return case.at(ours_default_precision(case) if side == "ours" else TRL_DEFAULT_PRECISION)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_common import LABEL_HELP, OtherLoad, cpu_model_and_flags, suffix  # noqa: E402
 
-# The schedules compared: the defaults (SFT 20 epochs of 32 sequences at lr 1e-3, 2,500 steps on
+# The schedules compared: the defaults (run.dtype=auto; SFT 20 epochs of 32 sequences at lr 1e-3, 2,500 steps on
 # arithmetic; RM 3 epochs; 150 RL updates) and cheaper ones, each changing one stage.
 VARIANTS: dict[str, list[str]] = {
     "default": [],
@@ -37,6 +37,8 @@ VARIANTS: dict[str, list[str]] = {
     "sft_10_epochs": ["sft.epochs=10"],
     "sft_6_epochs": ["sft.epochs=6"],
     "rl_50_updates": ["ppo.train.updates=50"],
+    # the default precision before run.dtype=auto (which on AMX CPUs trains SFT and the RM in bf16)
+    "float32": ["sft.run.dtype=float32", "reward.run.dtype=float32", "ppo.run.dtype=float32"],
 }
 QUIET_LOAD = 0.1  # cores busy with other processes during the run
 STAGES = ("tokenizer", "data", "sft", "reward", "ppo", "eval")

@@ -127,9 +127,10 @@ def test_a_step_gradient_is_the_same_in_one_piece_in_micro_batches_and_over_two_
     size, and DDP's gradient is the mean over the ranks. KTO's reference point is computed on the
     whole global batch, so it does not depend on the split either."""
     idx = list(range(8))
-    one = dpo.DPOStage(args(fx, tmp_path / "a", f"loss={loss}"), torch.device("cpu"))
+    fp32 = "run.dtype=float32"  # exact arithmetic: bf16 (auto on AMX CPUs) rounds a split batch differently
+    one = dpo.DPOStage(args(fx, tmp_path / "a", f"loss={loss}", fp32), torch.device("cpu"))
     want = grads(one, idx)
-    accum = dpo.DPOStage(args(fx, tmp_path / "b", f"loss={loss}", "grad_accum=3"), torch.device("cpu"))
+    accum = dpo.DPOStage(args(fx, tmp_path / "b", f"loss={loss}", "grad_accum=3", fp32), torch.device("cpu"))
     for w, g in zip(want, grads(accum, idx)):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
     per_rank = []
@@ -240,7 +241,7 @@ def test_two_ddp_ranks_on_gloo_match_one_process(fx, tmp_path):
     grad_accum) logs the trajectory of one process within 1e-5."""
     from test_distributed import assert_same_trajectory, torchrun
 
-    extra = ["loss=kto", "grad_accum=2", "max_steps=3", "run.eval_every=2", "run.seed=3"]
+    extra = ["loss=kto", "grad_accum=2", "max_steps=3", "run.eval_every=2", "run.seed=3", "run.dtype=float32"]
     dpo.run_dpo(build_config(DPOConfig, overrides=_cli_args(fx, tmp_path / "one", extra)))
     torchrun("dpo", _cli_args(fx, tmp_path / "ddp", extra))
     assert_same_trajectory(tmp_path / "one", tmp_path / "ddp",

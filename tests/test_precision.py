@@ -38,17 +38,27 @@ def test_avx512_without_bf16_is_float32():
     assert precision.cpu_dtype_choice("Xeon Skylake", {"avx512f", "avx512bw", "avx512vl"})[0] == "float32"
 
 
-@pytest.mark.parametrize("flags, hidden, expected", [
-    (SAPPHIRE_RAPIDS, 128, "float32"), (SAPPHIRE_RAPIDS, 256, "bfloat16"), (SAPPHIRE_RAPIDS, None, "bfloat16"),
-    (ZEN5, 128, "float32"), (ZEN5, 256, "bfloat16"), (ZEN5, 896, "bfloat16"), (ZEN3, 896, "float32"),
+@pytest.mark.parametrize("flags, hidden, work, expected", [
+    (SAPPHIRE_RAPIDS, 64, "train", "float32"), (SAPPHIRE_RAPIDS, 128, "train", "bfloat16"),
+    (SAPPHIRE_RAPIDS, 128, "rl", "float32"), (SAPPHIRE_RAPIDS, 256, "rl", "bfloat16"),
+    (SAPPHIRE_RAPIDS, None, "rl", "bfloat16"),
+    (ZEN5, 128, "train", "float32"), (ZEN5, 128, "rl", "float32"), (ZEN5, 256, "train", "bfloat16"),
+    (ZEN5, 896, "rl", "bfloat16"), (ZEN3, 896, "train", "float32"),
 ])
-def test_auto_weighs_the_model_width_by_cpu_kind(flags, hidden, expected):
-    """bf16 only from the width where it measured faster on that kind (256 with AMX and with
-    AVX512-BF16 alone); the reason says which."""
-    dtype, reason = precision.cpu_dtype_choice("Test CPU", flags, hidden)
+def test_auto_weighs_the_model_width_by_cpu_kind_and_work(flags, hidden, work, expected):
+    """bf16 only from the width where it measured faster on that kind for that work: with AMX,
+    training steps from 128 and RL iterations from 256; with AVX512-BF16 alone, 256 for both.
+    The reason says which."""
+    dtype, reason = precision.cpu_dtype_choice("Test CPU", flags, hidden, work)
     assert dtype == expected
     if hidden is not None and flags != ZEN3:
-        assert f"hidden size {hidden}" in reason
+        assert f"{hidden}" in reason
+        assert ("training steps" if work == "train" else "RL iterations") in reason
+
+
+def test_auto_rejects_an_unknown_kind_of_work():
+    with pytest.raises(ValueError, match="work='sampling'"):
+        precision.cpu_dtype_choice("Test CPU", SAPPHIRE_RAPIDS, 128, "sampling")
 
 
 def test_stages_resolve_auto_for_the_model_they_train(monkeypatch, tmp_path):
@@ -62,6 +72,10 @@ def test_stages_resolve_auto_for_the_model_they_train(monkeypatch, tmp_path):
     assert common.compute_dtype(auto, CPU, "tiny-gpt2") == "float32"
     assert common.compute_dtype(auto, CPU, "small-gpt2") == "bfloat16"
     assert common.compute_dtype(RunConfig(dtype="bfloat16"), CPU, "tiny-gpt2") == "bfloat16"
+    monkeypatch.setattr(precision, "cpu_info", lambda: ("AMX CPU", SAPPHIRE_RAPIDS))
+    assert common.compute_dtype(auto, CPU, "tiny-gpt2") == "bfloat16"  # SFT, RM, DPO
+    assert common.compute_dtype(auto, CPU, "tiny-gpt2", work="rl") == "float32"
+    monkeypatch.setattr(precision, "cpu_info", lambda: ("New CPU", ZEN5))
     save_model(load_causal_lm("gpt2:layers=1,hidden=256,heads=4", TOK), TOK, tmp_path / "m")
     assert hidden_size(tmp_path / "m") == 256
     assert common.compute_dtype(auto, CPU, str(tmp_path / "m")) == "bfloat16"
@@ -114,6 +128,23 @@ def test_setup_prints_the_stage_and_its_precision(monkeypatch, capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "[sft] precision: bfloat16 (auto: the CPU (New CPU) has avx512_bf16)" in out
+
+
+def test_the_default_is_auto_and_the_rl_stage_weighs_its_own_work(monkeypatch, capsys):
+    """run.dtype defaults to auto; on an AMX CPU a d=128 model trains SFT/RM steps in bf16 but
+    runs the RL stage in float32 (benchmarks/train_steps_ab.py, interleaved_ab.py), and the RL
+    stage's setup line says why."""
+    assert RunConfig().dtype == "auto"
+    monkeypatch.setattr(precision, "cpu_info", lambda: ("AMX CPU", SAPPHIRE_RAPIDS))
+    threads = torch.get_num_threads()
+    try:
+        common.setup(RunConfig(device="cpu", threads=1), stage="sft", model="tiny-gpt2")
+        common.setup(RunConfig(device="cpu", threads=1), stage="ppo", model="tiny-gpt2", work="rl")
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "[sft] precision: bfloat16" in out and "training steps measured faster from hidden size 128" in out
+    assert "[ppo] precision: float32" in out and "RL iterations measured no faster" in out
 
 
 @pytest.mark.parametrize("dtype, expected", [("bfloat16", torch.bfloat16), ("float32", torch.float32),
@@ -319,3 +350,19 @@ def test_hf_attention_runs_in_float32_under_cpu_bf16_autocast(preset, monkeypatc
     with torch.no_grad():  # float32 calls are untouched
         policy(input_ids=ids, attention_mask=mask.long())
     assert seen and all(dtype == torch.float32 for dtype, _ in seen)
+
+
+def test_rl_trainer_resolves_auto_as_rl_work(rl_dirs, monkeypatch):
+    """The RL stage asks for the "rl" threshold, not the training one: with the AMX "rl" threshold
+    raised above this d=256 policy, auto gives float32, where "train" would give bf16."""
+    from ppo_rlhf.config import PPOConfig, build_config
+    from ppo_rlhf.stages import rl
+
+    monkeypatch.setattr(precision, "cpu_info", lambda: ("AMX CPU", SAPPHIRE_RAPIDS))
+    monkeypatch.setitem(precision.BF16_MIN_HIDDEN, ("amx_bf16", "rl"), 512)
+    cfg = build_config(PPOConfig, overrides=[
+        f"policy={rl_dirs / 'sft'}", f"reward_model={rl_dirs / 'rm'}", f"prompts_file={rl_dirs / 'prompts.jsonl'}",
+        f"out_dir={rl_dirs / 'out_auto'}", "run.tensorboard=false"])
+    assert cfg.run.dtype == "auto"
+    assert common.compute_dtype(cfg.run, CPU, cfg.policy) == "bfloat16"
+    assert rl.RLTrainer(cfg, CPU).dtype == "float32"

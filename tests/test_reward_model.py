@@ -63,7 +63,7 @@ def test_a_training_step_minimises_the_mean_pair_loss_of_its_global_batch(model,
     losses = []
     for grad_accum in (1, 4):
         cfg = RewardConfig(batch_size=8, grad_accum=grad_accum, bucket_batches=1)
-        cfg.run.device = "cpu"
+        cfg.run.device, cfg.run.dtype = "cpu", "float32"  # the plain float32 scores below are the reference
         m = load_scalar_model("tiny-gpt2", make_tokenizer(), init_from_causal_lm=True, head_init_std=0.5, seed=0)
         stage = reward.RewardStage(cfg, m, padded_pairs(data, pad_id=0), None, torch.device("cpu"), 3)
         disable_dropout(m)  # so that the plain scores match the training forward

@@ -107,11 +107,12 @@ class RunConfig:
     wandb_project: str = opt("", "Weights & Biases project to log to (needs `pip install wandb`); empty = off.")
     threads: int = opt(0, "torch CPU threads; 0 = torch's default.", min=0)
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
-    dtype: str = opt("float32", "Compute precision: float32; bfloat16 = bf16 autocast (CPU or CUDA) "
-                     "with float32 weights, optimizer state, log-softmax and losses; auto = "
-                     "bfloat16 on CUDA devices that support it, and on CPUs with AMX or "
-                     "AVX512-BF16 for models of hidden size >= 256, where it measured faster; else "
-                     "float32 (each stage prints its choice and why).",
+    dtype: str = opt("auto", "Compute precision: auto = bfloat16 where it was measured faster: on CUDA "
+                     "devices that support it, and on CPUs with native bf16 products by model width "
+                     "and stage (AMX: SFT, reward model and DPO from hidden size 128, the RL stage "
+                     "from 256; AVX512-BF16 without AMX: from 256); else float32 (each stage prints "
+                     "its choice and why). float32; bfloat16 = bf16 autocast (CPU or CUDA) with "
+                     "float32 weights, optimizer state, log-softmax and losses.",
                      choices=("auto", "float32", "bfloat16"))
     onednn: bool = opt(True, "Run float32 CPU linear layers through oneDNN where the product is "
                        "large enough to gain (about 2x on AMD CPUs with AVX-512, which MKL's path "

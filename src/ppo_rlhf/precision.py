@@ -23,15 +23,21 @@ if TYPE_CHECKING:
 # Rapids and later) or AVX512-BF16 dot products (Intel Cooper Lake, AMD Zen 4 and later).
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
-# The narrowest model (hidden size) for which `auto` picks bf16 on a CPU with that flag, from
-# measurements on 2-core VMs (benchmarks/README.md, "On an Intel Xeon with AMX"):
-# - amx_bf16, Xeon, torch 2.13, float32 through MKL, bf16 and float32 alternating update by update
-#   in one process (benchmarks/interleaved_ab.py; float32 time / bf16 time): PPO update 4L d=256
-#   B=32 1.22x, B=8 0.90x; 2L d=128 B=64 0.89x; 2L d=64 0.95-1.03x. (Against float32 through
-#   oneDNN, the slower float32 path there, bf16 had looked faster from d=64.)
+# The narrowest model (hidden size) for which `auto` picks bf16 on a CPU with that flag, by the kind
+# of work (`WORKS`), from measurements on 2-core VMs (benchmarks/README.md, "On an Intel Xeon with
+# AMX"; float32 time / bf16 time, A and B alternating in one process):
+# - amx_bf16, Xeon, torch 2.13, float32 through MKL, exact GELU:
+#   - "train" (SFT, reward model): tiny-gpt2 (2L d=128) SFT step 1.13-1.25x, RM step 1.18x
+#     (benchmarks/train_steps_ab.py, 2 threads), at the same learning (arithmetic pipeline, 3 seeds);
+#   - "rl" (sampling, scoring and the PPO update): 2L d=128 B=64 1.01x, 4L d=256 B=32 1.53x
+#     (benchmarks/interleaved_ab.py; with the tanh GELU 2L d=64 0.95-1.03x, d=128 0.89x).
 # - avx512_bf16 without AMX, AMD EPYC Zen 5: tiny-gpt2 (d=128) steps 1.19x slower and its SFT
 #   about 2x slower, small-gpt2 (d=256) 1.31x faster.
-BF16_MIN_HIDDEN = {"amx_bf16": 256, "avx512_bf16": 256}
+WORKS = ("train", "rl")
+"""What a stage runs: "train" = teacher-forced forward and backward over whole sequences (SFT,
+reward model, DPO); "rl" = token-by-token sampling, scoring and small updates (the RL stage)."""
+BF16_MIN_HIDDEN = {("amx_bf16", "train"): 128, ("amx_bf16", "rl"): 256,
+                   ("avx512_bf16", "train"): 256, ("avx512_bf16", "rl"): 256}
 
 
 @functools.cache
@@ -62,25 +68,31 @@ def cpu_vendor() -> str:
     return (_cpuinfo() or {}).get("vendor_id", "")
 
 
-def cpu_dtype_choice(model: str, flags: frozenset[str] | set[str], hidden: int | None = None) -> tuple[str, str]:
+def cpu_dtype_choice(model: str, flags: frozenset[str] | set[str], hidden: int | None = None,
+                     work: str = "train") -> tuple[str, str]:
     """`run.dtype=auto` on a CPU: ("bfloat16", reason) where it has native bf16 products
-    (`BF16_CPU_FLAGS`) and the model's hidden size is at least that kind's `BF16_MIN_HIDDEN`
-    (an unknown size counts as wide enough), else ("float32", reason). A pure function."""
+    (`BF16_CPU_FLAGS`) and the model's hidden size is at least that kind's `BF16_MIN_HIDDEN` for
+    `work` (an unknown size counts as wide enough), else ("float32", reason). A pure function."""
+    if work not in WORKS:
+        raise ValueError(f"work={work!r}: one of {WORKS}")
     cpu = model or "unknown"
     found = [flag for flag in BF16_CPU_FLAGS if flag in flags]
     if not found:
         return "float32", f"auto: the CPU ({cpu}) has no native bf16 products ({' or '.join(BF16_CPU_FLAGS)})"
-    need = BF16_MIN_HIDDEN[found[0]]  # AMX first: the faster unit decides
+    need = BF16_MIN_HIDDEN[found[0], work]  # AMX first: the faster unit decides
+    what = "training steps" if work == "train" else "RL iterations"
     if hidden is not None and hidden < need:
         return "float32", (f"auto: the CPU ({cpu}) has {'+'.join(found)}, but at hidden size {hidden} "
-                           f"(< {need}) bf16 measured no faster than float32 on such a CPU")
-    size = f", hidden size {hidden} >= {need}" if hidden is not None else ""
+                           f"(< {need}) bf16 {what} measured no faster than float32 on such a CPU")
+    size = f", and bf16 {what} measured faster from hidden size {need} (this model: {hidden})" \
+        if hidden is not None else ""
     return "bfloat16", f"auto: the CPU ({cpu}) has {'+'.join(found)}{size}"
 
 
-def dtype_choice(requested: str, device: torch.device, hidden: int | None = None) -> tuple[str, str]:
+def dtype_choice(requested: str, device: torch.device, hidden: int | None = None,
+                 work: str = "train") -> tuple[str, str]:
     """(dtype, reason) for the config value `run.dtype` ('auto', 'float32' or 'bfloat16'), for a
-    model of `hidden` width (None: unknown)."""
+    model of `hidden` width (None: unknown) doing `work` (`WORKS`)."""
     if requested != "auto":
         return requested, "run.dtype"
     if device.type == "cuda":
@@ -89,7 +101,7 @@ def dtype_choice(requested: str, device: torch.device, hidden: int | None = None
             return "bfloat16", f"auto: {name} supports bf16"
         return "float32", f"auto: {name} does not support bf16"
     if device.type == "cpu":
-        return cpu_dtype_choice(*cpu_info(), hidden=hidden)
+        return cpu_dtype_choice(*cpu_info(), hidden=hidden, work=work)
     return "float32", f"auto: bf16 autocast is not used on {device.type}"
 
 

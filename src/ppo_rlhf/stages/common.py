@@ -56,26 +56,27 @@ def linear_path(device: torch.device) -> str:
     return f"; float32 linears: torch's default{why}"
 
 
-def compute_dtype(run: RunConfig, device: torch.device, model: str | None = None) -> str:
+def compute_dtype(run: RunConfig, device: torch.device, model: str | None = None, work: str = "train") -> str:
     """The precision a stage computes in, "float32" or "bfloat16", for the model it trains (a
-    preset, size spec or directory; `run.dtype=auto` weighs its hidden size)."""
-    return _dtype_choice(run, device, model)[0]
+    preset, size spec or directory) and the kind of work it does (`precision.WORKS`: "train" for
+    SFT, RM and DPO, "rl" for the RL stage); `run.dtype=auto` weighs both."""
+    return _dtype_choice(run, device, model, work)[0]
 
 
-def _dtype_choice(run: RunConfig, device: torch.device, model: str | None) -> tuple[str, str]:
-    return dtype_choice(run.dtype, device, hidden_size(model) if model else None)
+def _dtype_choice(run: RunConfig, device: torch.device, model: str | None, work: str) -> tuple[str, str]:
+    return dtype_choice(run.dtype, device, hidden_size(model) if model else None, work)
 
 
-def setup(run: RunConfig, stage: str = "run", model: str | None = None) -> torch.device:
+def setup(run: RunConfig, stage: str = "run", model: str | None = None, work: str = "train") -> torch.device:
     """Threads, seeds, device and (under torchrun) the process group; prints the precision chosen
-    for `model` (see `compute_dtype`; once, on the main rank: `[stage] precision: ...`)."""
+    for `model` and `work` (see `compute_dtype`; once, on the main rank: `[stage] precision: ...`)."""
     if run.threads:
         torch.set_num_threads(run.threads)
     onednn.set_enabled(run.onednn and onednn.pays_here())
     device = resolve_device(run.device)
     dist.init_distributed(device)
     seed_everything(run.seed)
-    dtype, reason = _dtype_choice(run, device, model)
+    dtype, reason = _dtype_choice(run, device, model, work)
     if dist.is_main():
         print(f"[{stage}] precision: {dtype} ({reason}){linear_path(device)}")
     return device

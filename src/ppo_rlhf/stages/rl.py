@@ -217,7 +217,7 @@ class RLTrainer:
         tok = self.tokenizer = load_tokenizer(cfg.policy)
         self.task = get_task(cfg.task) if cfg.task else None
         self.max_new_tokens = cfg.rollout.max_new_tokens or (self.task.default_max_new_tokens if self.task else 32)
-        self.dtype = common.compute_dtype(cfg.run, device, cfg.policy)
+        self.dtype = common.compute_dtype(cfg.run, device, cfg.policy, work="rl")
         self.total_steps = cfg.train.updates
 
         # -- models ---------------------------------------------------------------------------
@@ -960,7 +960,7 @@ def run_rl(cfg: PPOConfig, resume: bool = False, reward_functions: Sequence[Call
     (the Python API's way to pass them).
     """
     out_dir = Path(common.require(cfg.out_dir, "out_dir", "where to write the RL policy"))
-    device = common.setup(cfg.run, cfg.algo.name, model=cfg.policy)
+    device = common.setup(cfg.run, cfg.algo.name, model=cfg.policy, work="rl")
     t_start = time.time()
     trainer = RLTrainer(cfg, device, reward_functions)
     loop = StageLoop(trainer, out_dir, cfg.run)
