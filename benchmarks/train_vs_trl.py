@@ -62,9 +62,10 @@ def prepare(root: Path, seed: int = 0) -> dict:
         subprocess.run(cli + ["data", "--task", "arithmetic", "--out", str(data_dir), f"seed={seed}"], check=True,
                        capture_output=True)
     tok = load_tokenizer(str(tok_dir))
-    if not (init_dir / "config.json").is_file():
-        load_causal_lm("tiny-gpt2", tok, seed=seed).save_pretrained(init_dir)
-        tok.save_pretrained(init_dir)
+    # saved afresh every invocation (it takes a moment): a cached copy would keep an older preset's
+    # config, e.g. the tanh GELU that GPT-2 presets used before they switched to the exact one
+    load_causal_lm("tiny-gpt2", tok, seed=seed).save_pretrained(init_dir)
+    tok.save_pretrained(init_dir)
     sft_cfg, rm_cfg = SFTConfig(), RewardConfig()
     sft_path, rm_path = root / "sft_tokens.json", root / "rm_tokens.json"
     if not sft_path.is_file():
