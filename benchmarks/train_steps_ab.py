@@ -3,10 +3,12 @@
     python benchmarks/train_steps_ab.py                       # tiny-gpt2: float32 vs bfloat16, SFT and RM
     python benchmarks/train_steps_ab.py --settings tiny-gpt2@float32@32@1 tiny-gpt2@float32@32@8 \\
         --stages sft                                          # length bucketing (sft.bucket_batches)
+    python benchmarks/train_steps_ab.py --stages dpo          # offline DPO steps (policy + reference)
 
 Each setting is MODEL@DTYPE@BATCH@BUCKET: a preset or size spec, float32 or bfloat16, sequences
-(SFT) or pairs (RM) per step, and `bucket_batches`. Every setting gets its own stage object
-(stages/sft.py's SFTStage, stages/reward.py's RewardStage) over the default pipeline's data of
+(SFT) or pairs (RM, DPO) per step, and `bucket_batches`. Every setting gets its own stage object
+(stages/sft.py's SFTStage, stages/reward.py's RewardStage, stages/dpo.py's DPOStage, whose policy is
+the preset saved once to the work directory) over the default pipeline's data of
 `--task`, and the stages take turns, `--steps` optimizer steps at a time, for `--rounds` rounds
 (the first two are warm-up). Why alternate: on a shared 2-core VM the machine's speed drifts by
 30% over minutes, and drift hits every setting alike this way (benchmarks/README.md).
@@ -56,29 +58,37 @@ def prepare_data(task: str, work: Path) -> Path:
 def build_stages(stage: str, settings, work: Path) -> list:
     import torch
 
-    from ppo_rlhf.config import RewardConfig, SFTConfig
+    from ppo_rlhf.config import DPOConfig, RewardConfig, SFTConfig, build_config
     from ppo_rlhf.data.collate import padded_pairs, padded_sft
     from ppo_rlhf.data.encode import encode_pairs, encode_sft
     from ppo_rlhf.data.jsonl import read_preferences, read_sft
-    from ppo_rlhf.models import load_causal_lm, load_scalar_model
+    from ppo_rlhf.models import load_causal_lm, load_scalar_model, save_model
+    from ppo_rlhf.stages.dpo import DPOStage
     from ppo_rlhf.stages.reward import RewardStage
     from ppo_rlhf.stages.sft import SFTStage
     from ppo_rlhf.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(work / "tokenizer"))
     cpu = torch.device("cpu")
-    if stage == "sft":
-        rows, _ = encode_sft(tok, read_sft(work / "data" / "sft_train.jsonl")[0], 64, 128)
-    else:
-        rows, _ = encode_pairs(tok, read_preferences(work / "data" / "prefs_train.jsonl")[0], 64, 128)
     stages = []
-    for model, dtype, batch, bucket in settings:
+    for i, (model, dtype, batch, bucket) in enumerate(settings):
+        if stage == "dpo":  # the stage loads its policy and reference from a directory
+            policy = work / f"dpo-policy-{i}"
+            save_model(load_causal_lm(model, tok, seed=0), tok, policy)
+            cfg = build_config(DPOConfig, overrides=[
+                f"out_dir={work / f'dpo-out-{i}'}", f"policy={policy}", f"batch_size={batch}",
+                f"train_file={work / 'data' / 'prefs_train.jsonl'}", f"bucket_batches={bucket}",
+                f"run.dtype={dtype}", "run.tensorboard=false", "max_steps=1000000"])
+            stages.append(DPOStage(cfg, cpu))
+            continue
         cfg = SFTConfig() if stage == "sft" else RewardConfig()
         cfg.batch_size, cfg.bucket_batches, cfg.run.dtype, cfg.model.path = batch, bucket, dtype, model
         if stage == "sft":
+            rows, _ = encode_sft(tok, read_sft(work / "data" / "sft_train.jsonl")[0], 64, 128)
             net = load_causal_lm(model, tok, seed=0)
             stages.append(SFTStage(cfg, net, padded_sft(rows, tok.pad_token_id), None, cpu, 10**6))
         else:
+            rows, _ = encode_pairs(tok, read_preferences(work / "data" / "prefs_train.jsonl")[0], 64, 128)
             net = load_scalar_model(model, tok, init_from_causal_lm=True, seed=0)
             stages.append(RewardStage(cfg, net, padded_pairs(rows, tok.pad_token_id), None, cpu, 10**6))
     return stages
@@ -105,7 +115,7 @@ def time_alternating(stages, steps: int, rounds: int) -> list[list[float]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="arithmetic")
-    ap.add_argument("--stages", default="sft,reward", help="comma-separated: sft, reward")
+    ap.add_argument("--stages", default="sft,reward", help="comma-separated: sft, reward, dpo")
     ap.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), help="MODEL@DTYPE@BATCH@BUCKET")
     ap.add_argument("--steps", type=int, default=10, help="steps of one setting per turn")
     ap.add_argument("--rounds", type=int, default=12, help="turns per setting (the first 2 are warm-up)")
@@ -132,8 +142,8 @@ def main() -> int:
           f"through {'oneDNN' if onednn.is_enabled() else 'MKL'}")
     results = {}
     for stage in args.stages.split(","):
-        if stage not in ("sft", "reward"):
-            raise SystemExit(f"--stages: {stage!r} is neither sft nor reward")
+        if stage not in ("sft", "reward", "dpo"):
+            raise SystemExit(f"--stages: {stage!r} is not one of sft, reward, dpo")
         stages = build_stages(stage, settings, work)
         before = bc.cpu_jiffies()
         t0 = time.time()

@@ -27,8 +27,9 @@ BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 # of work (`WORKS`), from measurements on 2-core VMs (benchmarks/README.md, "On an Intel Xeon with
 # AMX"; float32 time / bf16 time, A and B alternating in one process):
 # - amx_bf16, Xeon, torch 2.13, float32 through MKL, exact GELU:
-#   - "train" (SFT, reward model): tiny-gpt2 (2L d=128) SFT step 1.13-1.25x, RM step 1.18x
-#     (benchmarks/train_steps_ab.py, 2 threads), at the same learning (arithmetic pipeline, 3 seeds);
+#   - "train" (SFT, reward model, DPO): tiny-gpt2 (2L d=128) SFT step 1.13-1.33x, RM step 1.18x,
+#     DPO step 1.40x (benchmarks/train_steps_ab.py, 2 threads), at the same learning (arithmetic
+#     pipeline, 3 seeds);
 #   - "rl" (sampling, scoring and the PPO update): 2L d=128 B=64 1.01x, 4L d=256 B=32 1.53x
 #     (benchmarks/interleaved_ab.py; with the tanh GELU 2L d=64 0.95-1.03x, d=128 0.89x).
 # - avx512_bf16 without AMX, AMD EPYC Zen 5: tiny-gpt2 (d=128) steps 1.19x slower and its SFT
