@@ -40,7 +40,7 @@ def main() -> int:
 
     import bench_common as bc
     import torch
-    from grpo_vs_trl import SETTINGS
+    from grpo_vs_trl import SETTINGS, ours_overrides
 
     from ppo_rlhf.config import PPOConfig, build_config
     from ppo_rlhf.guards import NonFiniteGuard
@@ -50,17 +50,9 @@ def main() -> int:
 
     s = SETTINGS
     cfg = build_config(PPOConfig, overrides=[
-        f"out_dir={tempfile.mkdtemp(prefix='grpo-floor-')}", "algo=grpo", "algo.kl_in=loss",
-        "reward.kl_estimator=k3", f"reward.kl_coef={s['beta']}", "reward.normalize=false",
-        f"policy={args.base / 'sft' / 'model'}", f"prompts_file={args.base / 'data' / 'prompts_train.jsonl'}",
-        "reward.functions=ppo_rlhf.tasks.arithmetic:gold", "train.updates=100",
-        f"rollout.batch_size={s['prompts_per_update']}", f"algo.samples_per_prompt={s['samples_per_prompt']}",
-        f"rollout.temperature={s['temperature']}", f"train.ppo_epochs={s['ppo_epochs']}",
-        f"train.num_minibatches={s['num_minibatches']}", f"optim.lr={s['lr']}", "optim.schedule=constant",
-        "optim.warmup_steps=0", f"optim.adam_beta2={s['adam_beta2']}", f"loss.clip_eps={s['clip_eps']}",
-        f"run.dtype={args.dtype}", f"run.threads={args.threads}", "run.eval_every=0", "run.save_every=0",
-        "run.tensorboard=false"])
-    trainer = RLTrainer(cfg, common.setup(cfg.run, work="rl"))
+        f"out_dir={tempfile.mkdtemp(prefix='grpo-floor-')}", "run.tensorboard=false",
+        *ours_overrides("arithmetic", args.base, "bf16" if args.dtype == "bfloat16" else "fp32", 0, 100, args.threads)])
+    trainer = RLTrainer(cfg, common.setup(cfg.run, work=RLTrainer.work))
     guard = NonFiniteGuard(5)
     for i in range(3):
         trainer.step(StepContext(i + 1, guard, None))

@@ -61,20 +61,26 @@ def evaluate(policy: Path, base: Path, task: str, out: Path, log: Path) -> dict:
     return res
 
 
+def ours_overrides(task: str, base: Path, precision: str, seed: int, updates: int, threads: int) -> list[str]:
+    """`ppo-rlhf rl` keys of our side of the matched work (SETTINGS) from `base`'s SFT model and
+    prompts, with the gold as the only reward (grpo_step_floor.py builds its trainer from them too)."""
+    s = SETTINGS
+    return ["algo=grpo", "algo.kl_in=loss", "reward.kl_estimator=k3", f"reward.kl_coef={s['beta']}",
+            "reward.normalize=false", f"policy={base / 'sft' / 'model'}",
+            f"prompts_file={base / 'data' / 'prompts_train.jsonl'}", f"reward.functions=ppo_rlhf.tasks.{task}:gold",
+            f"train.updates={updates}", f"rollout.batch_size={s['prompts_per_update']}",
+            f"algo.samples_per_prompt={s['samples_per_prompt']}", f"rollout.temperature={s['temperature']}",
+            f"train.ppo_epochs={s['ppo_epochs']}", f"train.num_minibatches={s['num_minibatches']}",
+            f"optim.lr={s['lr']}", "optim.schedule=constant", "optim.warmup_steps=0",
+            f"optim.adam_beta2={s['adam_beta2']}", f"loss.clip_eps={s['clip_eps']}",
+            f"run.dtype={'bfloat16' if precision == 'bf16' else 'float32'}", f"run.seed={seed}",
+            f"run.threads={threads}", "run.eval_every=0", "run.save_every=0"]
+
+
 def run_ours(task: str, base: Path, out: Path, precision: str, seed: int, updates: int, threads: int,
              log: Path) -> dict:
-    s = SETTINGS
     if not (out / "summary.json").is_file():
-        cli("rl", "--out", out, "algo=grpo", "algo.kl_in=loss", "reward.kl_estimator=k3",
-            f"reward.kl_coef={s['beta']}", "reward.normalize=false", f"policy={base / 'sft' / 'model'}",
-            f"prompts_file={base / 'data' / 'prompts_train.jsonl'}",
-            f"reward.functions=ppo_rlhf.tasks.{task}:gold", f"train.updates={updates}",
-            f"rollout.batch_size={s['prompts_per_update']}", f"algo.samples_per_prompt={s['samples_per_prompt']}",
-            f"rollout.temperature={s['temperature']}", f"train.ppo_epochs={s['ppo_epochs']}",
-            f"train.num_minibatches={s['num_minibatches']}", f"optim.lr={s['lr']}", "optim.schedule=constant",
-            "optim.warmup_steps=0", f"optim.adam_beta2={s['adam_beta2']}", f"loss.clip_eps={s['clip_eps']}",
-            f"run.dtype={'bfloat16' if precision == 'bf16' else 'float32'}", f"run.seed={seed}",
-            f"run.threads={threads}", "run.eval_every=0", "run.save_every=0", log=log)
+        cli("rl", "--out", out, *ours_overrides(task, base, precision, seed, updates, threads), log=log)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     per = [r for r in rows if "perf/seconds_per_update" in r]
     phases = {k: sum(r.get(f"time/{k}", 0.0) for r in per) for k in ("generate", "score", "train")}

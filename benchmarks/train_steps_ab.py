@@ -14,8 +14,9 @@ the preset saved once to the work directory) over the default pipeline's data of
 30% over minutes, and drift hits every setting alike this way (benchmarks/README.md).
 
 Prints the median ms per step of each setting and its ratio to the first, with the CPU model and
-flags and the CPU time the hypervisor took meanwhile (steal); `--out` writes them as JSON. This is
-where `precision.BF16_MIN_HIDDEN`'s "train" figures come from.
+flags and the cores that other processes and the hypervisor (steal) took meanwhile
+(`bench_common.OtherLoad`); `--out` writes them as JSON. This is where
+`precision.BF16_MIN_HIDDEN`'s "train" figures come from.
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ def build_stages(stage: str, settings, work: Path) -> list:
 
     tok = load_tokenizer(str(work / "tokenizer"))
     cpu = torch.device("cpu")
+    if stage == "sft":
+        rows = padded_sft(encode_sft(tok, read_sft(work / "data" / "sft_train.jsonl")[0], 64, 128)[0],
+                          tok.pad_token_id)
+    elif stage == "reward":
+        rows = padded_pairs(encode_pairs(tok, read_preferences(work / "data" / "prefs_train.jsonl")[0], 64, 128)[0],
+                            tok.pad_token_id)
     stages = []
     for i, (model, dtype, batch, bucket) in enumerate(settings):
         if stage == "dpo":  # the stage loads its policy and reference from a directory
@@ -84,13 +91,10 @@ def build_stages(stage: str, settings, work: Path) -> list:
         cfg = SFTConfig() if stage == "sft" else RewardConfig()
         cfg.batch_size, cfg.bucket_batches, cfg.run.dtype, cfg.model.path = batch, bucket, dtype, model
         if stage == "sft":
-            rows, _ = encode_sft(tok, read_sft(work / "data" / "sft_train.jsonl")[0], 64, 128)
-            net = load_causal_lm(model, tok, seed=0)
-            stages.append(SFTStage(cfg, net, padded_sft(rows, tok.pad_token_id), None, cpu, 10**6))
+            stages.append(SFTStage(cfg, load_causal_lm(model, tok, seed=0), rows, None, cpu, 10**6))
         else:
-            rows, _ = encode_pairs(tok, read_preferences(work / "data" / "prefs_train.jsonl")[0], 64, 128)
             net = load_scalar_model(model, tok, init_from_causal_lm=True, seed=0)
-            stages.append(RewardStage(cfg, net, padded_pairs(rows, tok.pad_token_id), None, cpu, 10**6))
+            stages.append(RewardStage(cfg, net, rows, None, cpu, 10**6))
     return stages
 
 
@@ -145,22 +149,17 @@ def main() -> int:
         if stage not in ("sft", "reward", "dpo"):
             raise SystemExit(f"--stages: {stage!r} is not one of sft, reward, dpo")
         stages = build_stages(stage, settings, work)
-        before = bc.cpu_jiffies()
-        t0 = time.time()
-        times = time_alternating(stages, args.steps, args.rounds)
-        after = bc.cpu_jiffies()
-        wall = time.time() - t0
-        steal = (after["steal"] - before["steal"]) / os.sysconf("SC_CLK_TCK") / wall
+        with bc.OtherLoad() as load:
+            times = time_alternating(stages, args.steps, args.rounds)
         medians = [statistics.median(t) for t in times]
         unit = "sequences" if stage == "sft" else "pairs"
-        print(f"[{stage}] {args.steps} steps per turn, {args.rounds - 2} timed turns per setting; "
-              f"hypervisor steal {steal:.3f} cores")
-        for text, med, t in zip(args.settings, medians, times):
-            batch = parse_setting(text)[2]
+        print(f"[{stage}] {args.steps} steps per turn, {args.rounds - 2} timed turns per setting; other "
+              f"processes {load.cores:.3f} cores, hypervisor steal {load.steal_cores:.3f} cores")
+        for text, (_, _, batch, _), med, t in zip(args.settings, settings, medians, times):
             print(f"  {text:<36} {med:7.2f} ms/step  {batch / med * 1000:6.0f} {unit}/s  "
                   f"first/this {medians[0] / med:.2f}x   each: {' '.join(f'{x:.1f}' for x in t)}")
         results[stage] = {"settings": args.settings, "ms_per_step": times, "median_ms": medians,
-                          "steal_cores": steal}
+                          "other_load_cores": load.cores, "steal_cores": load.steal_cores}
     if args.out:
         Path(args.out).write_text(json.dumps({"task": args.task, "cpu": cpu, "flags": flags,
                                               "threads": args.threads, "results": results,

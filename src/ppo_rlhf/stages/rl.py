@@ -206,6 +206,7 @@ class RLTrainer:
     controllers; `step()` is one iteration (the `Stage` of loop.py)."""
 
     command, unit = "rl", "update"
+    work = "rl"  # what run.dtype=auto weighs (precision.WORKS)
 
     def __init__(self, cfg: PPOConfig, device: torch.device, reward_functions: Sequence[Callable] | None = None):
         self.name = cfg.algo.name  # what runs: the console prefix and the metrics' stage
@@ -217,7 +218,7 @@ class RLTrainer:
         tok = self.tokenizer = load_tokenizer(cfg.policy)
         self.task = get_task(cfg.task) if cfg.task else None
         self.max_new_tokens = cfg.rollout.max_new_tokens or (self.task.default_max_new_tokens if self.task else 32)
-        self.dtype = common.compute_dtype(cfg.run, device, cfg.policy, work="rl")
+        self.dtype = common.compute_dtype(cfg.run, device, cfg.policy, work=self.work)
         self.total_steps = cfg.train.updates
 
         # -- models ---------------------------------------------------------------------------
@@ -960,7 +961,7 @@ def run_rl(cfg: PPOConfig, resume: bool = False, reward_functions: Sequence[Call
     (the Python API's way to pass them).
     """
     out_dir = Path(common.require(cfg.out_dir, "out_dir", "where to write the RL policy"))
-    device = common.setup(cfg.run, cfg.algo.name, model=cfg.policy, work="rl")
+    device = common.setup(cfg.run, cfg.algo.name, model=cfg.policy, work=RLTrainer.work)
     t_start = time.time()
     trainer = RLTrainer(cfg, device, reward_functions)
     loop = StageLoop(trainer, out_dir, cfg.run)
